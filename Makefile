@@ -1,0 +1,39 @@
+# Fermion: `make serve` runs the gateway on the demo model, `make test` runs the checks.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STORE ?= model_store
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test lint typecheck pytest bench demo clean
+
+$(BIN)/.fermion-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[compile,ray,loadtest,test]'
+	touch $@
+
+demo: $(BIN)/.fermion-installed
+	$(BIN)/fermion demo --store $(STORE) --if-missing
+
+serve: demo
+	$(BIN)/fermion serve --store $(STORE) --host $(HOST) --port $(PORT)
+
+lint: $(BIN)/.fermion-installed
+	$(BIN)/ruff check serving compilers model_store loadtest bench tests
+	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests
+
+typecheck: $(BIN)/.fermion-installed
+	$(BIN)/mypy serving compilers model_store loadtest bench tests
+
+pytest: $(BIN)/.fermion-installed
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: demo
+	bash bench/run.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

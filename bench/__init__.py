@@ -1,0 +1,1 @@
+"""Benchmarks that measure Fermion side by side with a bare endpoint, in one run."""

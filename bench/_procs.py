@@ -1,0 +1,172 @@
+"""Server subprocesses, and what /proc says about them: CPU time, RSS, loaded libraries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = [
+    "ServerProcess",
+    "cpu_seconds",
+    "free_port",
+    "loaded",
+    "machine_cpu_ticks",
+    "process_tree",
+    "rss_bytes",
+    "tcp_retransmits",
+]
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """One HTTP server run as a subprocess, its output kept in a log file."""
+
+    def __init__(self, name: str, argv: list[str], base_url: str, log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.base_url = base_url
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not started")
+        return self._proc.pid
+
+    def start(self) -> None:
+        """Start the server; its own process group, so that stopping reaches its children."""
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, path: str = "/v2/health/ready", timeout: float = 120.0) -> None:
+        """Block until ``GET path`` answers 200; raise with the log's tail if it never does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited before ready:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + path, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines the server wrote."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the server (graceful), then SIGKILL its process group if it lingers."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its living descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _read(f"/proc/{entry}/stat")
+        if stat is None:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` and its descendants, in seconds."""
+    total = 0
+    for p in process_tree(pid):
+        stat = _read(f"/proc/{p}/stat")
+        if stat is not None:
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of ``pid`` plus its descendants (shared pages counted once per process)."""
+    total = 0
+    for p in process_tree(pid):
+        for line in (_read(f"/proc/{p}/status") or "").splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def loaded(pid: int, needle: str) -> list[str]:
+    """Mapped files of ``pid`` and its descendants whose path contains ``needle``."""
+    found: set[str] = set()
+    for p in process_tree(pid):
+        for line in (_read(f"/proc/{p}/maps") or "").splitlines():
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and needle in parts[5]:
+                found.add(parts[5].strip())
+    return sorted(found)
+
+
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
+    fields = [int(v) for v in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
+    idle = sum(fields[3:5])  # idle, iowait
+    total = sum(fields[:8])  # guest time is already inside user/nice
+    return total - idle, total
+
+
+def tcp_retransmits() -> int:
+    """TCP segments the kernel retransmitted since boot (all sockets), from /proc/net/snmp.
+
+    On loopback a retransmit means a stall of at least the 200 ms minimum RTO: a cell
+    that saw some has its tail shaped by TCP timers, not by the server alone.
+    """
+    rows = [line.split() for line in (_read("/proc/net/snmp") or "").splitlines()]
+    tcp = [row[1:] for row in rows if row and row[0] == "Tcp:"]
+    if len(tcp) < 2 or "RetransSegs" not in tcp[0]:
+        return 0
+    return int(tcp[1][tcp[0].index("RetransSegs")])

@@ -1,0 +1,82 @@
+"""Typed errors with an HTTP status; the gateway turns them into V2 error bodies."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DeadlineExceeded",
+    "FermionError",
+    "InferenceFailed",
+    "InvalidInput",
+    "ModelNotFound",
+    "ModelNotReady",
+    "Overloaded",
+    "PayloadTooLarge",
+]
+
+
+class FermionError(Exception):
+    """Base of every error a client can see: a message and an HTTP status."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers for this error."""
+        return {}
+
+
+class InvalidInput(FermionError):
+    """The request is malformed or does not match the model's signature (400)."""
+
+    status_code = 400
+
+
+class ModelNotFound(FermionError):
+    """Unknown model or version (404)."""
+
+    status_code = 404
+
+
+class PayloadTooLarge(FermionError):
+    """The request body is over the configured limit (413)."""
+
+    status_code = 413
+
+
+class InferenceFailed(FermionError):
+    """The model failed while computing this request's batch (500)."""
+
+    status_code = 500
+
+
+class ModelNotReady(FermionError):
+    """The model version exists but is not ready to serve (503)."""
+
+    status_code = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class Overloaded(FermionError):
+    """The queue is full; the client should retry later (503 with Retry-After)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class DeadlineExceeded(FermionError):
+    """The request's deadline passed before it was computed (504)."""
+
+    status_code = 504

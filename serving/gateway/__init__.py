@@ -1,0 +1,1 @@
+"""The HTTP gateway: a Starlette app speaking KServe V2."""

@@ -1,0 +1,94 @@
+"""Small pure-ASGI middleware: request ids and the body size limit."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.codec import encode_error
+from serving.errors import PayloadTooLarge
+
+__all__ = ["BodySizeLimitMiddleware", "RequestIdMiddleware"]
+
+_REQUEST_ID = b"x-request-id"
+
+
+class RequestIdMiddleware:
+    """Echo the client's ``x-request-id`` (or a new one) on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for key, value in scope["headers"]:
+            if key == _REQUEST_ID:
+                request_id = value[:128]
+                break
+        if not request_id or not request_id.isascii():
+            request_id = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (_REQUEST_ID, request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, before reading them whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    await self._reject(send, declared)
+                    return
+                break
+        limit = self.max_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, send: Send, declared: int) -> None:
+        body = encode_error(
+            f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
