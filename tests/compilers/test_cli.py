@@ -11,8 +11,8 @@ import pytest
 from compilers.cli import add_build_parser, add_demo_parser, parse_tensor_spec
 from compilers.errors import BuildError
 from model_store.store import ModelStore
-from tests.conftest import PublishedDemo
 from tests.compilers.tiny_models import write_matmul_onnx
+from tests.conftest import PublishedDemo
 
 
 def _run(argv: list[str]) -> int:
