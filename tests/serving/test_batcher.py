@@ -136,13 +136,13 @@ async def test_cancelled_request_is_not_computed() -> None:
 
 async def test_queue_delay_gathers_a_batch_when_idle() -> None:
     model = _DoubleModel(delay_s=0)
-    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.02)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.5)
 
     async def later(v: float, wait: float) -> dict[str, np.ndarray]:
         await asyncio.sleep(wait)
         return await batcher.submit(_req(v), 1)
 
-    await asyncio.gather(later(1.0, 0), later(2.0, 0.005), later(3.0, 0.01))
+    await asyncio.gather(later(1.0, 0), later(2.0, 0.01), later(3.0, 0.02))
     assert model.batches == [3]
 
 
