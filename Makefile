@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STORE ?= model_store
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
+KEYS ?= .fermion/keys.json
 
 .PHONY: serve test lint typecheck pytest bench demo clean
 
@@ -18,7 +20,8 @@ demo: $(BIN)/.fermion-installed
 	$(BIN)/fermion demo --store $(STORE) --if-missing
 
 serve: demo
-	$(BIN)/fermion serve --store $(STORE) --host $(HOST) --port $(PORT)
+	$(BIN)/fermion serve --store $(STORE) --host $(HOST) --port $(PORT) \
+		--keys-file $(KEYS) --demo-key demo
 
 lint: $(BIN)/.fermion-installed
 	$(BIN)/ruff check serving compilers model_store loadtest bench tests

@@ -13,6 +13,9 @@ from pathlib import Path
 
 __all__ = [
     "ServerProcess",
+    "background_cores",
+    "busiest_others",
+    "cpu_by_process",
     "cpu_seconds",
     "free_port",
     "loaded",
@@ -20,6 +23,7 @@ __all__ = [
     "process_tree",
     "rss_bytes",
     "tcp_retransmits",
+    "wait_quiet",
 ]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -130,6 +134,19 @@ def cpu_seconds(pid: int) -> float:
     return total / _CLK_TCK
 
 
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far by every living process: ``{pid: (command, seconds)}``."""
+    snapshot = {}
+    for entry in os.listdir("/proc"):
+        stat = _read(f"/proc/{entry}/stat") if entry.isdigit() else None
+        if stat is None:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        snapshot[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / _CLK_TCK)
+    return snapshot
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of ``pid`` plus its descendants (shared pages counted once per process)."""
     total = 0
@@ -170,3 +187,40 @@ def tcp_retransmits() -> int:
     if len(tcp) < 2 or "RetransSegs" not in tcp[0]:
         return 0
     return int(tcp[1][tcp[0].index("RetransSegs")])
+
+
+def busiest_others(
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    server_pid: int,
+    wall: float,
+) -> list[str]:
+    """The processes, other than the server's and this one, that used the most CPU."""
+    mine = set(process_tree(server_pid)) | {os.getpid()}
+    used = [
+        (after[pid][1] - before[pid][1], f"{name}[{pid}]")
+        for pid, (name, _) in after.items()
+        if pid in before and pid not in mine
+    ]
+    used.sort(reverse=True)
+    return [f"{who} {cpu / wall:.0%}" for cpu, who in used[:3] if cpu / wall >= 0.05]
+
+
+def background_cores(seconds: float = 1.0) -> float:
+    """Cores busy on the whole machine over the next ``seconds`` (sleeping meanwhile)."""
+    busy0, total0 = machine_cpu_ticks()
+    time.sleep(seconds)
+    busy1, total1 = machine_cpu_ticks()
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def wait_quiet(max_wait: float, threshold: float) -> float:
+    """Wait up to ``max_wait`` s for other processes to use under ``threshold`` cores.
+
+    Returns the cores they used in the last second.
+    """
+    deadline = time.monotonic() + max_wait
+    background = background_cores()
+    while background > threshold and time.monotonic() < deadline:
+        background = background_cores()
+    return background

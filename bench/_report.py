@@ -34,6 +34,10 @@ class Cell:
     machine_busy: float = 0.0
     #: TCP segments retransmitted machine-wide during the run (each a >= 200 ms stall).
     tcp_retransmits: int = 0
+    #: The busiest other processes during the run, e.g. ``"pytest[812] 85%"``.
+    other_top: list[str] = field(default_factory=list)
+    #: How many times the cell was measured (more than once when the machine was busy).
+    attempts: int = 1
     error: str | None = None
 
     @property
@@ -53,6 +57,7 @@ class Cell:
             "server": self.server,
             "body": self.body,
             "concurrency": self.concurrency,
+            "attempts": self.attempts,
             "error": self.error,
         }
         r = self.result
@@ -68,6 +73,7 @@ class Cell:
                 "machine_busy_cores": round(self.machine_busy, 3),
                 "other_cpu_cores": round(self.other_cpu, 3),
                 "tcp_retransmits": self.tcp_retransmits,
+                "other_processes": self.other_top,
             }
             b = bare.result if bare is not None else None
             if b is not None:
@@ -289,6 +295,11 @@ def format_cells(cells: list[Cell]) -> str:
         f"  other processes (noise; '!' marks a cell over {OTHER_CPU_MAX:.0%}). retx: TCP",
         "  retransmits on the whole machine during the cell (on loopback each is a stall of",
         "  at least 200 ms: where nonzero they shape p99).",
+    ]
+    lines += [
+        f"  ! {c.label} c={c.concurrency}: {', '.join(c.other_top) or 'short-lived processes'}"
+        for c in cells
+        if c.result is not None and c.other_cpu > OTHER_CPU_MAX
     ]
     return "\n".join(lines)
 

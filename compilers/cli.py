@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +13,14 @@ from compilers.errors import BuildError
 from model_store.manifest import ModelManifest, TensorSpec
 from model_store.store import ModelStore
 
-__all__ = ["add_build_parser", "add_demo_parser", "parse_tensor_spec", "run_build", "run_demo"]
+__all__ = [
+    "add_build_parser",
+    "add_demo_parser",
+    "parse_target_option",
+    "parse_tensor_spec",
+    "run_build",
+    "run_demo",
+]
 
 _DEFAULT_STORE = "model_store"
 
@@ -29,6 +38,28 @@ def parse_tensor_spec(text: str) -> TensorSpec:
         return TensorSpec(name=name, datatype=datatype.upper(), shape=shape)  # type: ignore[arg-type]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"bad tensor spec {text!r}: {exc}") from None
+
+
+def parse_target_option(text: str) -> tuple[str, str, Any]:
+    """Parse ``TARGET.KEY=VALUE``; VALUE is read as JSON (``64``, ``true``) or else a string."""
+    name, sep, raw = text.partition("=")
+    target, dot, key = name.partition(".")
+    if not (sep and dot and target and key):
+        raise argparse.ArgumentTypeError(
+            f"expected TARGET.KEY=VALUE (e.g. tensorrt.precision=fp16), got {text!r}"
+        )
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return target, key, value
+
+
+def _target_options(options: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    by_target: dict[str, dict[str, Any]] = {}
+    for target, key, value in options:
+        by_target.setdefault(target, {})[key] = value
+    return by_target
 
 
 def _names(text: str) -> list[str]:
@@ -70,6 +101,15 @@ def add_build_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     parser.add_argument(
         "--targets", type=_names, default=["onnxruntime"], help="comma-separated compile targets"
+    )
+    parser.add_argument(
+        "--option",
+        dest="target_options",
+        action="append",
+        type=parse_target_option,
+        default=[],
+        metavar="TARGET.KEY=VALUE",
+        help="a target option, e.g. torch.device=cuda or tensorrt.precision=int8 (repeatable)",
     )
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument(
@@ -166,6 +206,7 @@ def run_build(args: argparse.Namespace) -> int:
         inputs=args.inputs or None,
         output_names=args.outputs or None,
         targets=args.targets,
+        target_options=_target_options(args.target_options),
         max_batch_size=args.max_batch_size,
         samples=samples,
         extra_files={p.name: p for p in args.files},

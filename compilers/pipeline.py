@@ -13,7 +13,7 @@ from torch import nn
 from compilers.errors import BuildError
 from compilers.export import DEFAULT_OPSET, export_module, import_onnx
 from compilers.signature import ModelSignature, check_inputs, random_inputs
-from compilers.targets import CompileTarget, get_target
+from compilers.targets import BuildSource, CompileTarget, get_target
 from compilers.validate import (
     Reference,
     check_parity,
@@ -95,10 +95,17 @@ def build_model(
                 f"and outputs {list(signature.outputs)}"
             )
         sample_inputs = _sample_inputs(signature, samples, max_batch_size)
+        build_source = BuildSource(
+            onnx_path=source,
+            signature=signature,
+            max_batch_size=max_batch_size,
+            module=module,
+            files=files,
+        )
         artifacts = [
             _compile_and_check(
                 target,
-                source,
+                build_source,
                 work / target.name,
                 signature,
                 reference,
@@ -146,7 +153,7 @@ def _sample_inputs(
 
 def _compile_and_check(
     target: CompileTarget,
-    source: Path,
+    source: BuildSource,
     out_dir: Path,
     signature: ModelSignature,
     reference: Reference,
@@ -157,7 +164,7 @@ def _compile_and_check(
     atol: float | None,
     rtol: float | None,
 ) -> ArtifactSource:
-    compiled = target.compile(source, out_dir, signature, options)
+    compiled = target.build(source, out_dir, options)
     tolerance = tolerance_for(str(compiled.options.get("precision", "fp32")), atol=atol, rtol=rtol)
     n = next(iter(samples.values())).shape[0]
     parity = check_parity(

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from model_store.store import ModelStore, StoreError
+from serving.auth.cli import add_keys_parser
 from serving.config import ConfigError, load_config
+from serving.rollout_cli import add_rollout_parsers
 
 __all__ = ["main"]
 
@@ -39,7 +41,14 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["server.port"] = args.port
     if args.backend is not None:
         overrides["backend"] = args.backend
+    if args.keys_file is not None:
+        overrides["auth.keys_file"] = str(args.keys_file)
     config = load_config(args.config, overrides)
+    demo_key = _demo_key(args.demo_key, config.auth.keys_file) if args.demo_key else None
+    if config.server.access_log:
+        from serving.access_log import configure_access_logger
+
+        configure_access_logger()
     logging.basicConfig(
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -56,20 +65,29 @@ def _serve(args: argparse.Namespace) -> int:
             versions = repo.versions(name)
         except Exception:
             return
-        print(usage_text(repo.store, versions[max(versions)].manifest, base_url), flush=True)
+        manifest = versions[max(versions)].manifest
+        print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
 
-    app = create_app(config, on_ready=on_ready)
+    app = create_app(config, on_ready=on_ready, config_path=args.config)
     uvicorn.run(
         app,
         host=config.server.host,
         port=config.server.port,
         log_level=config.server.log_level,
-        access_log=config.server.access_log,
+        access_log=False,  # server.access_log writes Fermion's own JSON lines instead
         loop="uvloop",
         http="httptools",
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def _demo_key(name: str, keys_file: Path | None) -> str:
+    from serving.auth import create_key
+
+    if keys_file is None:
+        raise ConfigError("--demo-key needs a keys file (--keys-file or auth.keys_file)")
+    return create_key(keys_file, name, ["infer:*", "read"], replace=True)
 
 
 def _models_list(args: argparse.Namespace) -> int:
@@ -123,6 +141,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument("--port", type=int, help="listen port (server.port)")
     serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
+    serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
+    serve.add_argument(
+        "--demo-key",
+        metavar="NAME",
+        help="(re)create key NAME (infer:*,read) in the keys file and print it with the examples",
+    )
     serve.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="list, show, push and remove published models")
@@ -151,6 +175,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     store_arg(p)
     p.set_defaults(func=_models_rm)
 
+    add_rollout_parsers(sub)
+    add_keys_parser(sub)
+
     # The compile side (torch, onnx) is imported only when one of its commands runs.
     for name, spec in _COMPILE_COMMANDS.items():
         if name != command:
@@ -164,6 +191,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
             stub.set_defaults(func=_missing_extra(name, str(e)))
             continue
         add(sub)
+
+    # fermion loadtest: imported only when it runs (locust itself runs in subprocesses).
+    if command == "loadtest":
+        from loadtest.cli import add_loadtest_parser
+
+        add_loadtest_parser(sub)
+    else:
+        sub.add_parser("loadtest", help="load-test a gateway (loadtest extra); see -h")
     return parser
 
 

@@ -6,18 +6,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model_store.manifest import validate_model_name
 
 __all__ = [
+    "AuthConfig",
     "BatchingConfig",
     "ConfigError",
     "ExecutorConfig",
     "FermionConfig",
     "LocalBackendConfig",
     "ModelConfig",
+    "RayAutoscalingConfig",
+    "RayBackendConfig",
+    "RayDeploymentConfig",
+    "RolloutBounds",
+    "RouteConfig",
     "ServerConfig",
+    "ShadowConfig",
+    "StickyConfig",
     "StoreConfig",
     "load_config",
 ]
@@ -39,7 +54,7 @@ class ServerConfig(_Strict):
     #: Largest request body, after gzip decompression (413 above it).
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    #: Log one line per request (uvicorn's access log).
+    #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
 
 
@@ -61,6 +76,17 @@ class BatchingConfig(_Strict):
     max_queue_size: int = Field(default=2048, ge=1)
     #: Batches computed at the same time per model version.
     max_concurrent_batches: int = Field(default=1, ge=1, le=64)
+    #: Priority levels of the queue (Triton's queue policy): 1 is served first.
+    #: 0 or 1: one level, the V2 ``priority`` parameter is ignored.
+    priority_levels: int = Field(default=0, ge=0, le=16)
+    #: The level of requests without a priority; 0: the lowest level.
+    default_priority_level: int = Field(default=0, ge=0, le=16)
+
+    @model_validator(mode="after")
+    def _check_default_level(self) -> BatchingConfig:
+        if self.default_priority_level > max(self.priority_levels, 1):
+            raise ValueError("default_priority_level must be at most priority_levels")
+        return self
 
 
 class ExecutorConfig(_Strict):
@@ -68,8 +94,86 @@ class ExecutorConfig(_Strict):
 
     #: Threads inside one ONNX Runtime run (intra-op); 0 lets the runtime choose.
     intra_op_threads: int = Field(default=1, ge=0)
-    #: Artifact targets in order of preference; the first that fits the host wins.
-    prefer: list[str] = Field(default_factory=lambda: ["tensorrt", "torch", "onnxruntime"])
+    #: Artifact targets (``torch``) or targets on a device (``torch:cuda``) in order of
+    #: preference; the first that fits the host wins. GPU first; on a CPU, ONNX Runtime
+    #: before torch, which would load torch into the server.
+    prefer: list[str] = Field(
+        default_factory=lambda: ["tensorrt", "torch:cuda", "onnxruntime", "torch"]
+    )
+
+
+class RayAutoscalingConfig(_Strict):
+    """How many replicas one model version's Ray Serve deployment runs."""
+
+    #: Fewest replicas. 0 scales to zero when idle; a request arriving then waits
+    #: (within ``ray.request_timeout_s``) for a replica to start instead of failing.
+    min_replicas: int = Field(default=1, ge=0)
+    #: Most replicas.
+    max_replicas: int = Field(default=1, ge=1)
+    #: Replicas started at load. None: max(1, min_replicas), so that the artifact is
+    #: loaded and warmed up once before the version is ready, even with min_replicas 0.
+    initial_replicas: int | None = Field(default=None, ge=0)
+    #: Batches in flight per replica the autoscaler aims for. Counted in batches: the
+    #: gateway batches before the hop and each remote call carries one whole batch.
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    #: Load must stay above target this long before replicas are added.
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    #: Load must stay below target this long before replicas are removed.
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    #: How often replicas and the gateway report their load to the autoscaler.
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    #: Window over which the reported load is averaged.
+    look_back_period_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> RayAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must be between min_replicas and max_replicas")
+        return self
+
+
+class RayDeploymentConfig(_Strict):
+    """One model version's Ray Serve deployment: replica resources and autoscaling."""
+
+    #: CPUs reserved per replica (fractions allowed).
+    num_cpus: float = Field(default=1.0, ge=0)
+    #: GPUs per replica. None: 1 when the artifact ``executor.prefer`` ranks first
+    #: needs a GPU (tensorrt) and the cluster has one, else 0.
+    num_gpus: float | None = Field(default=None, ge=0)
+    #: Memory reserved per replica in MiB, for Ray's scheduler. None: none reserved.
+    memory_mb: int | None = Field(default=None, ge=1)
+    #: Batches one replica accepts at once. None: the version's
+    #: ``batching.max_concurrent_batches`` + 1 (a gateway's batches in flight, plus one).
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    autoscaling: RayAutoscalingConfig = Field(default_factory=RayAutoscalingConfig)
+
+
+class RayBackendConfig(_Strict):
+    """Backend ``ray``: the cluster to use and the defaults of every deployment."""
+
+    #: None: start a local cluster on 127.0.0.1, stopped with the gateway. Otherwise
+    #: join this cluster ("auto", "10.0.0.5:6379", "ray://head:10001") and never stop it.
+    address: str | None = None
+    #: Ray namespace of the gateway; it also names the deployments (applications
+    #: ``<namespace>.<model>.<version>``), so gateways with one namespace share them.
+    namespace: str = Field(default="fermion", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    #: Local cluster only: CPUs it offers to replicas. None: every core.
+    num_cpus: int | None = Field(default=None, ge=1)
+    #: Local cluster only: run Ray's dashboard (Ray's state API and ``ray list`` need it).
+    include_dashboard: bool = False
+    #: Longest wait for the cluster to start, or to accept the gateway.
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    #: Longest wait for a version's replicas to load their artifact and warm up.
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    #: Longest wait for one batch's answer, retry and a replica started from zero included;
+    #: past it the batch's requests get 503.
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    #: Every model's deployment, unless ``models.<name>.ray`` replaces it.
+    deployment: RayDeploymentConfig = Field(default_factory=RayDeploymentConfig)
 
 
 class ModelConfig(_Strict):
@@ -79,6 +183,75 @@ class ModelConfig(_Strict):
     versions: Literal["all", "latest"] | list[int] = "all"
     batching: BatchingConfig | None = None
     executor: ExecutorConfig | None = None
+    #: Backend ray: this model's deployments (replaces ``ray.deployment`` whole).
+    ray: RayDeploymentConfig | None = None
+
+
+class StickyConfig(_Strict):
+    """Sticky assignment: requests with the same key always get the same version."""
+
+    #: Take the key from this request header (e.g. ``x-user-id``)...
+    header: str | None = None
+    #: ...or from this request-level V2 parameter (e.g. ``user_id``).
+    parameter: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StickyConfig:
+        if (self.header is None) == (self.parameter is None):
+            raise ValueError("give exactly one of header or parameter")
+        if self.header is not None:
+            self.header = self.header.lower()
+        return self
+
+
+class ShadowConfig(_Strict):
+    """Mirror a share of a route's requests to another version and compare outputs."""
+
+    version: int = Field(ge=1)
+    #: Share of requests mirrored, in percent.
+    percent: float = Field(default=100.0, ge=0.0, le=100.0)
+    #: Shed shadow work while the shadow's (or the primary's) queue holds this many requests.
+    max_queue_depth: int = Field(default=4, ge=1)
+    #: Shadow requests in flight at most; more are shed.
+    max_in_flight: int = Field(default=64, ge=1)
+
+
+class RolloutBounds(_Strict):
+    """What an automatic canary must keep to, candidate against baseline, per interval."""
+
+    #: Candidate error rate may exceed the baseline's by at most this (0.01 = 1 point).
+    max_error_rate_increase: float = Field(default=0.01, ge=0.0, le=1.0)
+    #: Candidate p99 latency may be at most this times the baseline's, plus the slack.
+    max_p99_ratio: float = Field(default=1.5, ge=1.0)
+    p99_slack_ms: float = Field(default=10.0, ge=0.0)
+    #: Shadow phase: top-1 agreement with the baseline at least this (None: not checked).
+    min_top1_agreement: float | None = Field(default=None, ge=0.0, le=1.0)
+    #: Shadow phase: largest absolute output difference at most this (None: not checked).
+    max_abs_diff: float | None = Field(default=None, ge=0.0)
+    #: Requests the candidate (and, below 100%, the baseline) need before an interval is
+    #: judged; with fewer the step waits another interval.
+    min_requests: int = Field(default=20, ge=1)
+
+
+class RouteConfig(_Strict):
+    """A public model name served by weighted versions of that model."""
+
+    #: Version -> weight (any non-negative numbers; shares are weight / sum).
+    split: dict[int, float]
+    sticky: StickyConfig | None = None
+    shadow: ShadowConfig | None = None
+    rollout: RolloutBounds = Field(default_factory=RolloutBounds)
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, split: dict[int, float]) -> dict[int, float]:
+        if any(v < 1 for v in split):
+            raise ValueError("versions are numbers from 1")
+        if any(w < 0 or w != w or w == float("inf") for w in split.values()):
+            raise ValueError("weights must be finite and non-negative")
+        if sum(split.values()) <= 0:
+            raise ValueError("at least one version needs a positive weight")
+        return split
 
 
 class LocalBackendConfig(_Strict):
@@ -88,6 +261,107 @@ class LocalBackendConfig(_Strict):
     inference_threads: int = Field(default=2, ge=1, le=256)
 
 
+#: JWT algorithms accepted: asymmetric only, so a public key can never act as an HMAC secret.
+_ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class JwtConfig(_Strict):
+    """JWT bearer tokens, verified against one public key or a JWKS file."""
+
+    #: PEM public key file (exactly one of public_key_file and jwks_file).
+    public_key_file: Path | None = None
+    #: JWKS file (``{"keys": [...]}``); the token's ``kid`` picks the key.
+    jwks_file: Path | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    #: Required ``iss`` and ``aud`` (None: not checked).
+    issuer: str | None = None
+    audience: str | None = None
+    #: Claim holding the scopes: a space-separated string or a list.
+    scopes_claim: str = "scope"
+    #: Claim naming the caller in logs and rate limits.
+    name_claim: str = "sub"
+    leeway_s: float = Field(default=0.0, ge=0.0, le=300.0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, algorithms: list[str]) -> list[str]:
+        bad = [a for a in algorithms if a not in _ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(
+                f"algorithms {bad} not accepted; use asymmetric ones: "
+                f"{', '.join(sorted(_ASYMMETRIC_ALGORITHMS))}"
+            )
+        return algorithms
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtConfig:
+        if (self.public_key_file is None) == (self.jwks_file is None):
+            raise ValueError("set exactly one of public_key_file and jwks_file")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Who may call what. Auth is on when a keys file or JWT is configured."""
+
+    #: API keys file written by ``fermion keys`` (hashes only); reloaded when it changes.
+    keys_file: Path | None = None
+    jwt: JwtConfig | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when any credential source is configured."""
+        return self.keys_file is not None or self.jwt is not None
+
+
+class RateLimitRule(_Strict):
+    """A token bucket per caller, for inference on the models matching ``models``."""
+
+    #: Glob over key names (JWT: the name claim; no auth: ``ip:<address>``).
+    keys: str = "*"
+    #: Glob over model names.
+    models: str = "*"
+    #: Sustained requests per second, and the burst allowed above it.
+    rate: float = Field(gt=0.0)
+    burst: int = Field(default=1, ge=1)
+
+
+class LimitsConfig(_Strict):
+    """Per-request limits, rate limits and deadlines."""
+
+    rate_limits: list[RateLimitRule] = Field(default_factory=list)
+    #: Most tensor elements (all inputs together) in one request (400 above it).
+    max_elements: int | None = Field(default=None, ge=1)
+    #: Most rows (dim 0) in one request (400 above it).
+    max_batch: int | None = Field(default=None, ge=1)
+    #: Deadline of requests that carry none (None: no deadline).
+    default_timeout_ms: float | None = Field(default=None, gt=0.0)
+    #: Cap on any request's deadline (``fermion-timeout-ms`` or the V2 ``timeout``).
+    max_timeout_ms: float = Field(default=60_000.0, gt=0.0)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces."""
+
+    exporter: Literal["none", "console", "otlp-http"] = "none"
+    #: OTLP/HTTP traces endpoint.
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: Share of new traces recorded (requests with a sampled parent always are).
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    service_name: str = "fermion"
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics."""
+
+    enabled: bool = True
+    path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_/.-]*$")
+    #: Open to anyone even when auth is on; false: needs the ``read`` scope.
+    public: bool = True
+
+
 class FermionConfig(_Strict):
     """The whole gateway configuration (``fermion.yaml``)."""
 
@@ -95,14 +369,21 @@ class FermionConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     backend: Literal["local", "ray"] = "local"
     local: LocalBackendConfig = Field(default_factory=LocalBackendConfig)
+    ray: RayBackendConfig = Field(default_factory=RayBackendConfig)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     #: Models to serve. Empty: every model in the store, with the defaults above.
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    #: A/B routes: public model name -> weighted versions, stickiness, shadow, canary bounds.
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
 
-    @field_validator("models")
+    @field_validator("models", "routes")
     @classmethod
-    def _check_names(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    def _check_names(cls, models: dict[str, Any]) -> dict[str, Any]:
         for name in models:
             validate_model_name(name)
         return models
@@ -116,6 +397,11 @@ class FermionConfig(_Strict):
         """The executor settings of ``model``."""
         mc = self.models.get(model)
         return mc.executor if mc and mc.executor else self.executor
+
+    def ray_deployment_for(self, model: str) -> RayDeploymentConfig:
+        """The Ray Serve deployment settings of ``model`` (backend ray)."""
+        mc = self.models.get(model)
+        return mc.ray if mc and mc.ray else self.ray.deployment
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "DeadlineExceeded",
     "FermionError",
+    "Forbidden",
     "InferenceFailed",
     "InvalidInput",
     "ModelNotFound",
     "ModelNotReady",
     "Overloaded",
     "PayloadTooLarge",
+    "RateLimited",
+    "Unauthorized",
 ]
 
 
@@ -34,6 +39,34 @@ class InvalidInput(FermionError):
     """The request is malformed or does not match the model's signature (400)."""
 
     status_code = 400
+
+
+class Unauthorized(FermionError):
+    """No credentials, or credentials that are not valid (401)."""
+
+    status_code = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(FermionError):
+    """Valid credentials without the scope this request needs (403)."""
+
+    status_code = 403
+
+
+class RateLimited(FermionError):
+    """Over the caller's rate limit (429 with Retry-After)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class ModelNotFound(FermionError):

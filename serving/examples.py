@@ -46,8 +46,13 @@ def example_request(store: ModelStore, manifest: ModelManifest) -> tuple[dict[st
     return {"inputs": inputs}, label
 
 
-def usage_text(store: ModelStore, manifest: ModelManifest, base_url: str) -> str:
-    """Write an example body to a temp file and return curl + Python examples using it."""
+def usage_text(
+    store: ModelStore, manifest: ModelManifest, base_url: str, *, api_key: str | None = None
+) -> str:
+    """Write an example body to a temp file and return curl + Python examples using it.
+
+    With ``api_key`` the examples send it as a bearer token, and the text shows it.
+    """
     request, label = example_request(store, manifest)
     folder = Path(tempfile.gettempdir()) / "fermion-examples"
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,17 +60,22 @@ def usage_text(store: ModelStore, manifest: ModelManifest, base_url: str) -> str
     path.write_bytes(orjson.dumps(request))
     url = f"{base_url}/v2/models/{manifest.name}/infer"
     expect = f"  (its label: {label})" if label is not None else ""
+    auth = key_line = py_auth = ""
+    if api_key is not None:
+        key_line = f"\n  API key (scopes infer:*, read; shown once): {api_key}\n"
+        auth = f" -H 'Authorization: Bearer {api_key}'"
+        py_auth = f', "Authorization": "Bearer {api_key}"'
     return f"""\
 Fermion is ready at {base_url}   model {manifest.name}, versions up to {manifest.version}
-
-  curl -s {base_url}/v2/models/{manifest.name}
-  curl -s -X POST {url} \\
+{key_line}
+  curl -s{auth} {base_url}/v2/models/{manifest.name}
+  curl -s -X POST {url}{auth} \\
        -H 'Content-Type: application/json' -d @{path}
 
   python3 - <<'PY'
 import json, urllib.request
 body = open("{path}", "rb").read()
-req = urllib.request.Request("{url}", body, {{"Content-Type": "application/json"}})
+req = urllib.request.Request("{url}", body, {{"Content-Type": "application/json"{py_auth}}})
 out = json.load(urllib.request.urlopen(req))["outputs"][0]
 print(out["name"], out["data"], "argmax:", out["data"].index(max(out["data"])))
 PY

@@ -12,6 +12,7 @@ import numpy as np
 
 from model_store.manifest import Artifact, ModelManifest, TensorSpec
 from model_store.store import ModelStore
+from serving import hosts
 from serving.codec import DATATYPE_TO_NUMPY
 from serving.executors import EXECUTORS, Executor, ExecutorOptions, HostInfo, load_executor_class
 
@@ -34,25 +35,30 @@ class ArtifactChoice:
 
 
 def detect_host() -> HostInfo:
-    """Describe this host without importing heavy runtimes that are not installed."""
-    import importlib.metadata as md
+    """Describe this host (GPUs, installed runtimes, CPU flags) without importing a runtime."""
+    return hosts.detect_host()
 
-    runtimes: dict[str, str] = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "torch"):
-        try:
-            runtimes[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return HostInfo(runtimes=runtimes)
+
+def _preference(artifact: Artifact, rank: Mapping[str, int]) -> int:
+    # "target:device" (e.g. "torch:cuda") ranks before a bare "target" entry.
+    device = str(artifact.options.get("device", "cpu"))
+    qualified = rank.get(f"{artifact.target}:{device}")
+    return qualified if qualified is not None else rank.get(artifact.target, len(rank))
 
 
 def select_artifact(
     manifest: ModelManifest, prefer: Sequence[str], host: HostInfo
 ) -> ArtifactChoice:
-    """Pick the first artifact, in order of ``prefer`` then manifest order, that fits ``host``."""
-    rank = {t: i for i, t in enumerate(prefer)}
+    """Pick the first artifact, in order of ``prefer`` then manifest order, that fits ``host``.
+
+    An entry of ``prefer`` is a target (``torch``) or a target on a device
+    (``torch:cuda``, ``torch:cpu``; an artifact without a device runs on the CPU).
+    """
+    rank: dict[str, int] = {}
+    for i, entry in enumerate(prefer):
+        rank.setdefault(entry, i)
     ordered = sorted(
-        enumerate(manifest.artifacts), key=lambda ia: (rank.get(ia[1].target, len(rank)), ia[0])
+        enumerate(manifest.artifacts), key=lambda ia: (_preference(ia[1], rank), ia[0])
     )
     skipped: dict[str, str] = {}
     for _, artifact in ordered:
@@ -124,6 +130,8 @@ class ModelReplica:
             "target": self.choice.artifact.target,
             "file": self.choice.artifact.file,
             "executor": self.choice.executor.__name__,
+            "options": dict(self.choice.artifact.options),
+            "runtime": self._executor.describe(),
             "skipped": dict(self.choice.skipped),
             "load_seconds": round(self.load_seconds, 4),
             "warmup_seconds": round(self.warmup_seconds, 4),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore, StoreError
 from serving.backends import Backend
-from serving.batcher import DynamicBatcher
+from serving.batcher import BatchObserver, DynamicBatcher
 from serving.config import FermionConfig
 from serving.errors import ModelNotFound, ModelNotReady
 
@@ -51,10 +52,19 @@ class ServedVersion:
 class ModelRepository:
     """Keeps the served versions of every model and their batchers, over one backend."""
 
-    def __init__(self, config: FermionConfig, store: ModelStore, backend: Backend) -> None:
+    def __init__(
+        self,
+        config: FermionConfig,
+        store: ModelStore,
+        backend: Backend,
+        *,
+        observers: Callable[[str, int], BatchObserver] | None = None,
+    ) -> None:
         self._config = config
         self._store = store
         self._backend = backend
+        #: (model, version) -> what receives that version's batch timings (e.g. metrics).
+        self._observers = observers
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
@@ -149,6 +159,11 @@ class ModelRepository:
             max_queue_size=b.max_queue_size,
             max_concurrent_batches=b.max_concurrent_batches,
             batched=batched,
+            priority_levels=b.priority_levels,
+            default_priority_level=b.default_priority_level,
+            model=name,
+            version=str(version),
+            observer=self._observers(name, version) if self._observers else None,
         )
         sv.state = VersionState.READY
         sv.reason = ""
@@ -171,6 +186,10 @@ class ModelRepository:
             for version in list(versions):
                 await self._unload_version(versions, version)
             self._models.pop(name, None)
+
+    def served(self) -> list[ServedVersion]:
+        """Every served version of every model, in any state."""
+        return [sv for versions in self._models.values() for sv in versions.values()]
 
     def versions(self, name: str) -> dict[int, ServedVersion]:
         """Every served version of ``name`` (404 when the model is not served)."""

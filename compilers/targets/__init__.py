@@ -11,15 +11,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from compilers.errors import UnknownTargetError
 from compilers.signature import ModelSignature
 
+if TYPE_CHECKING:
+    from torch import nn
+
 __all__ = [
     "COMPILE_TARGETS",
+    "BuildSource",
     "CompileTarget",
     "CompiledArtifact",
     "Runner",
@@ -29,6 +33,8 @@ __all__ = [
 #: Target name -> "module:Class" of its CompileTarget.
 COMPILE_TARGETS: dict[str, str] = {
     "onnxruntime": "compilers.targets.onnxruntime:OnnxRuntimeTarget",
+    "torch": "compilers.targets.torch:TorchTarget",
+    "tensorrt": "compilers.targets.tensorrt:TensorRtTarget",
 }
 
 #: Runs a loaded artifact: input name -> array in, output name -> array out.
@@ -41,6 +47,21 @@ class CompiledArtifact:
 
     path: Path
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildSource:
+    """Everything a build has beside the ONNX graph, for targets that need more of it."""
+
+    #: The exported (or given) ONNX graph.
+    onnx_path: Path
+    signature: ModelSignature
+    #: The most rows a batch may have (0: the model takes no batch axis).
+    max_batch_size: int
+    #: The torch module the graph was exported from; None when built from an ONNX file.
+    module: nn.Module | None = None
+    #: Extra files published with the version, by stored name (e.g. calibration sets).
+    files: Mapping[str, Path] = field(default_factory=dict)
 
 
 class CompileTarget(ABC):
@@ -58,6 +79,12 @@ class CompileTarget(ABC):
         options: Mapping[str, Any] | None = None,
     ) -> CompiledArtifact:
         """Compile ``onnx_path`` into a new file under ``out_dir``."""
+
+    def build(
+        self, source: BuildSource, out_dir: Path, options: Mapping[str, Any] | None = None
+    ) -> CompiledArtifact:
+        """Compile from everything the build has; by default, from the ONNX graph alone."""
+        return self.compile(source.onnx_path, out_dir, source.signature, options)
 
     @abstractmethod
     def load(self, artifact_path: Path) -> Runner:

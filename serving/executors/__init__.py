@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ __all__ = [
 #: Artifact target -> "module:Class". Nothing here is imported until a target is chosen.
 EXECUTORS: dict[str, str] = {
     "onnxruntime": "serving.executors.onnxruntime:OnnxRuntimeExecutor",
+    "torch": "serving.executors.torch:TorchExecutor",
+    "tensorrt": "serving.executors.tensorrt:TensorRtExecutor",
 }
 
 
@@ -30,8 +33,12 @@ EXECUTORS: dict[str, str] = {
 class HostInfo:
     """What this host can run: GPUs (compute capabilities) and installed runtimes."""
 
+    #: One entry per GPU, e.g. ``("9.0", "8.6")``.
     cuda_compute_capabilities: tuple[str, ...] = ()
+    #: Installed distribution -> version, e.g. ``{"torch": "2.13.0+cu128"}``.
     runtimes: Mapping[str, str] = field(default_factory=dict)
+    #: CPU instruction-set flags (lower case, as in /proc/cpuinfo), e.g. ``avx2``.
+    cpu_flags: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,10 @@ class Executor(ABC):
     @abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Compute every output for one batch. Thread-safe for concurrent batches."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where and how this executor runs, for the model config endpoint (empty by default)."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
         """Release the runtime's resources."""

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,13 +16,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from model_store.store import ModelStore
+from serving import tracing
+from serving.access_log import AccessLogMiddleware
+from serving.auth import ApiKeys, AuthMiddleware, JwtVerifier
 from serving.backends import Backend, create_backend
 from serving.codec import encode_error
 from serving.config import FermionConfig
+from serving.config_file import RouteFile
 from serving.errors import FermionError
+from serving.gateway.admin import admin_mount
+from serving.gateway.fastpath import InferenceFastPath
 from serving.gateway.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
 from serving.gateway.routes import routes
+from serving.limits import RateLimiter, RateLimitMiddleware, RequestLimits
+from serving.metrics import GatewayMetrics, metrics_route
 from serving.repository import ModelRepository
+from serving.rollout import RolloutController
+from serving.router import Router
+from serving.shadow import ShadowMirror
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["create_app"]
 
@@ -52,20 +68,80 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _error("internal server error", 500)
 
 
+def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[Middleware]:
+    """The request path, outermost first; a feature that is off adds nothing to it."""
+    reject = metrics.reject if metrics is not None else None
+    auth, rules = config.auth, config.limits.rate_limits
+    keys = ApiKeys(auth.keys_file) if auth.keys_file is not None else None
+    jwt = JwtVerifier(auth.jwt) if auth.jwt is not None else None
+    public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
+    tracer = tracing.current_tracer()
+    layers = [
+        Middleware(RequestIdMiddleware),
+        Middleware(tracing.TracingMiddleware, tracer=tracer) if tracer is not None else None,
+        Middleware(AccessLogMiddleware) if config.server.access_log else None,
+        Middleware(
+            AuthMiddleware, keys=keys, jwt=jwt, public_paths=frozenset(public), on_reject=reject
+        )
+        if auth.enabled
+        else None,
+        Middleware(RateLimitMiddleware, limiter=RateLimiter(rules), on_reject=reject)
+        if rules
+        else None,
+        Middleware(BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes),
+        Middleware(InferenceFastPath),
+    ]
+    return [layer for layer in layers if layer is not None]
+
+
 def create_app(
     config: FermionConfig,
     *,
     store: ModelStore | None = None,
     backend: Backend | None = None,
     on_ready: Callable[[ModelRepository], None] | None = None,
+    config_path: Path | None = None,
+    span_exporter: SpanExporter | None = None,
 ) -> Starlette:
     """The gateway app: loads models in the background at start, drains them at shutdown.
 
     ``on_ready`` is called once every configured model has been loaded (or failed).
+    ``config_path`` is the file that route changes are written back to; rollout state
+    is kept next to it (``<name>.rollouts.json``). Without it both live in memory.
+    ``span_exporter`` receives the spans instead of the configured exporter.
     """
     store = store or ModelStore(config.store.root)
     backend = backend or create_backend(config, store)
-    repository = ModelRepository(config, store, backend)
+    metrics: GatewayMetrics | None = None
+    if config.metrics.enabled:
+        metrics = GatewayMetrics(
+            lambda: (
+                (sv.name, sv.version, sv.batcher.queue_depth)
+                for sv in repository.served()
+                if sv.batcher is not None
+            ),
+            artifacts=lambda: (
+                (
+                    sv.name,
+                    sv.version,
+                    str(sv.replica.get("target", "")),
+                    str(sv.replica.get("options", {}).get("device", "cpu")),
+                )
+                for sv in repository.served()
+                if sv.replica
+            ),
+        )
+    repository = ModelRepository(
+        config, store, backend, observers=metrics.version if metrics is not None else None
+    )
+    tracing.configure(config.tracing, exporter=span_exporter)
+    router = Router(config.routes, ShadowMirror(repository))
+    rollouts = RolloutController(
+        router,
+        repository,
+        RouteFile(config_path),
+        config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -73,6 +149,7 @@ def create_app(
 
         async def load_all() -> None:
             await repository.start()
+            await rollouts.start()
             if on_ready is not None:
                 on_ready(repository)
 
@@ -84,15 +161,16 @@ def create_app(
                 loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
+            await rollouts.stop()
+            await router.shadow.stop()
             await repository.stop()
             await backend.stop()
+            tracing.shutdown()
 
+    extra_routes = [metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
-        routes=routes,
-        middleware=[
-            Middleware(RequestIdMiddleware),
-            Middleware(BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes),
-        ],
+        routes=[*routes, admin_mount, *extra_routes],
+        middleware=_middleware(config, metrics),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -102,4 +180,8 @@ def create_app(
     )
     app.state.config = config
     app.state.repository = repository
+    app.state.metrics = metrics
+    app.state.limits = RequestLimits(config.limits)
+    app.state.router = router
+    app.state.rollouts = rollouts
     return app

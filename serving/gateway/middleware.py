@@ -1,17 +1,37 @@
-"""Small pure-ASGI middleware: request ids and the body size limit."""
+"""Small pure-ASGI middleware: request ids and the body size limit; errors from middleware."""
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.codec import encode_error
-from serving.errors import PayloadTooLarge
+from serving.errors import FermionError, PayloadTooLarge
 
-__all__ = ["BodySizeLimitMiddleware", "RequestIdMiddleware"]
+__all__ = ["BodySizeLimitMiddleware", "RequestIdMiddleware", "send_error"]
 
 _REQUEST_ID = b"x-request-id"
+# Unique per process start (random prefix) and per request (counter): cheaper than uuid4.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> bytes:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}".encode()
+
+
+async def send_error(send: Send, error: FermionError) -> None:
+    """Answer with ``error`` as a V2 error body, from middleware outside the app's handlers."""
+    body = encode_error(error.message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestIdMiddleware:
@@ -30,7 +50,7 @@ class RequestIdMiddleware:
                 request_id = value[:128]
                 break
         if not request_id or not request_id.isascii():
-            request_id = uuid.uuid4().hex.encode()
+            request_id = _new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_id(message: Message) -> None:

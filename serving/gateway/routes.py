@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from typing import Any
 
@@ -10,11 +11,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.codec import HEADER_LENGTH, decode_request, encode_response
+from serving.batcher import DynamicBatcher
+from serving.codec import HEADER_LENGTH, InferRequest, decode_request, encode_response
 from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge
+from serving.limits import TIMEOUT_HEADER, RequestLimits
+from serving.metrics import GatewayMetrics
 from serving.repository import ModelRepository, ServedVersion, VersionState
+from serving.router import VERSION_HEADER, ModelRoute, Router
+from serving.tracing import recording_tracer
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "routes"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer_body", "routes"]
 
 SERVER_NAME = "fermion"
 SERVER_VERSION = "0.1.0"
@@ -202,8 +208,40 @@ async def _read_body(request: Request) -> bytes:
 
 
 async def infer(request: Request) -> Response:
+    """POST .../infer through Starlette's router (the fast path in fastpath.py serves it first)."""
+    content, headers = await infer_body(request)
+    return Response(content, headers=headers)
+
+
+async def infer_body(request: Request) -> tuple[bytes, dict[str, str]]:
+    """Run one V2 inference request: the response body and headers, or a FermionError."""
+    started_ns = time.perf_counter_ns()
+    metrics: GatewayMetrics | None = request.app.state.metrics
+    if metrics is None:
+        return await _infer(request, started_ns)
+    state = request.scope.setdefault("state", {})
+    return await metrics.track(
+        _infer(request, started_ns), request.path_params["model"], state, started_ns
+    )
+
+
+async def _infer(request: Request, started_ns: int) -> tuple[bytes, dict[str, str]]:
     name = request.path_params["model"]
-    sv, batcher = _repo(request).resolve(name, request.path_params.get("version"))
+    pinned = request.path_params.get("version")
+    repo = _repo(request)
+    route: ModelRoute | None = None if pinned is not None else request.app.state.router.get(name)
+    tracer = recording_tracer()
+    if tracer is None:
+        sv, batcher = repo.resolve(name, pinned if route is None else route.pick(request.headers))
+    else:
+        with tracer.start_as_current_span("fermion.route") as span:
+            sv, batcher = repo.resolve(
+                name, pinned if route is None else route.pick(request.headers)
+            )
+            span.set_attributes({"fermion.model": name, "fermion.version": sv.version})
+    state = request.scope.setdefault("state", {})
+    state["served"] = (name, sv.version)
+    limits: RequestLimits = request.app.state.limits
     body = await _read_body(request)
     header_length: int | None = None
     raw = request.headers.get(HEADER_LENGTH)
@@ -212,14 +250,65 @@ async def infer(request: Request) -> Response:
             header_length = int(raw)
         except ValueError:
             raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
-    req = decode_request(
-        body, sv.manifest, header_length=header_length, max_batch_size=batcher.max_batch_size
-    )
-    outputs = await batcher.submit(req.inputs, req.batch_size)
+    max_batch = batcher.max_batch_size
+    if limits.max_batch is not None:
+        max_batch = min(max_batch, limits.max_batch)
+    req = decode_request(body, sv.manifest, header_length=header_length, max_batch_size=max_batch)
+    limits.check_elements(req.inputs)
+    if route is None:
+        outputs = await batcher.submit(
+            req.inputs,
+            req.batch_size,
+            deadline_ns=limits.deadline_ns(
+                request.headers.get(TIMEOUT_HEADER), req.parameters, started_ns
+            ),
+            priority=limits.priority(req.parameters),
+        )
+    else:
+        if route.parameter is not None:
+            sv, batcher, req = _stick_by_parameter(
+                route, repo, sv, batcher, req, body, header_length
+            )
+            state["served"] = (name, sv.version)
+        router: Router = request.app.state.router
+        outputs = await router.submit(
+            route,
+            sv,
+            batcher,
+            req.inputs,
+            req.batch_size,
+            deadline_ns=limits.deadline_ns(
+                request.headers.get(TIMEOUT_HEADER), req.parameters, started_ns
+            ),
+            priority=limits.priority(req.parameters),
+        )
     content, headers = encode_response(
         req, outputs, model_name=name, model_version=str(sv.version), manifest=sv.manifest
     )
-    return Response(content, headers=headers)
+    headers[VERSION_HEADER] = str(sv.version)
+    return content, headers
+
+
+def _stick_by_parameter(
+    route: ModelRoute,
+    repo: ModelRepository,
+    sv: ServedVersion,
+    batcher: DynamicBatcher,
+    req: InferRequest,
+    body: bytes,
+    header_length: int | None,
+) -> tuple[ServedVersion, DynamicBatcher, InferRequest]:
+    """Move a request to its sticky version once its parameters are known."""
+    version = route.pick_by_parameter(req.parameters)
+    if version is None or version == str(sv.version):
+        return sv, batcher, req
+    sticky, sticky_batcher = repo.resolve(route.name, version)
+    m, n = sv.manifest, sticky.manifest
+    if m.inputs != n.inputs or m.outputs != n.outputs or m.max_batch_size != n.max_batch_size:
+        req = decode_request(
+            body, n, header_length=header_length, max_batch_size=sticky_batcher.max_batch_size
+        )
+    return sticky, sticky_batcher, req
 
 
 async def repository_index(request: Request) -> Response:
@@ -240,6 +329,9 @@ _M = "/v2/models/{model}"
 _MV = "/v2/models/{model}/versions/{version}"
 
 routes = [
+    # Inference first: the router tries routes in order, and these take the traffic.
+    Route(_M + "/infer", infer, methods=["POST"]),
+    Route(_MV + "/infer", infer, methods=["POST"]),
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", live, methods=["GET"]),
     Route("/v2/health/ready", ready, methods=["GET"]),
@@ -252,8 +344,6 @@ routes = [
     Route(_MV + "/config", model_config, methods=["GET"]),
     Route(_M + "/stats", model_stats, methods=["GET"]),
     Route(_MV + "/stats", model_stats, methods=["GET"]),
-    Route(_M + "/infer", infer, methods=["POST"]),
-    Route(_MV + "/infer", infer, methods=["POST"]),
     Route("/v2/repository/index", repository_index, methods=["POST"]),
     Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
     Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),

@@ -1,0 +1,24 @@
+"""Authentication and authorization: API keys, JWT bearer tokens, scopes, the middleware."""
+
+from __future__ import annotations
+
+from serving.auth.keys import ApiKeys, KeyRecord, create_key, hash_key, read_keys, revoke_key
+from serving.auth.middleware import AuthMiddleware, RejectHook
+from serving.auth.scopes import Principal, infer_model, parse_scopes, required_scope
+from serving.auth.tokens import JwtVerifier
+
+__all__ = [
+    "ApiKeys",
+    "AuthMiddleware",
+    "JwtVerifier",
+    "KeyRecord",
+    "Principal",
+    "RejectHook",
+    "create_key",
+    "hash_key",
+    "infer_model",
+    "parse_scopes",
+    "read_keys",
+    "required_scope",
+    "revoke_key",
+]

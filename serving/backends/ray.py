@@ -1,0 +1,380 @@
+"""Backend ``ray``: every served model version is an autoscaling Ray Serve deployment.
+
+All of Fermion's Ray calls live in this module. The gateway keeps HTTP, the V2
+codec and batching; a whole batch crosses to a replica in one remote call
+through a ``DeploymentHandle``. Ray is imported only when this backend starts,
+after the environment it reads at import time is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from model_store.manifest import ModelManifest
+from model_store.store import ModelStore
+from serving.backends import Backend
+from serving.config import FermionConfig, RayDeploymentConfig
+from serving.errors import InferenceFailed, ModelNotReady, Overloaded
+from serving.executors import ExecutorOptions
+from serving.replica import ModelReplica
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+__all__ = ["RayBackend", "ReplicaDeployment"]
+
+log = logging.getLogger("fermion.backends.ray")
+
+#: Artifact targets that run only on a GPU: a replica of such an artifact asks Ray for one.
+_GPU_TARGETS = frozenset({"tensorrt"})
+#: Below this much time left before the deadline, a batch is not retried.
+_MIN_RETRY_S = 0.05
+#: How often a load polls Ray Serve for the state of its deployment.
+_POLL_S = 0.2
+
+
+class ReplicaDeployment:
+    """What runs inside one Ray Serve replica: one model version, loaded and warmed up.
+
+    The constructor returns (and Serve reports the replica healthy) only after the
+    artifact was verified, loaded and a warm-up batch ran.
+    """
+
+    def __init__(
+        self, store_root: str, manifest_json: str, prefer: list[str], intra_op_threads: int
+    ) -> None:
+        manifest = ModelManifest.model_validate_json(manifest_json)
+        options = ExecutorOptions(intra_op_threads=intra_op_threads)
+        self._replica = ModelReplica(
+            ModelStore(store_root), manifest, prefer=prefer, options=options
+        )
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Compute one batch."""
+        return self._replica.run(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        """The artifact this replica chose, and its load and warm-up times."""
+        return self._replica.describe()
+
+
+class _ReplicaGone(Exception):
+    """The replica computing a batch died or became unreachable."""
+
+
+@dataclass
+class _Deployment:
+    app: str
+    handle: DeploymentHandle[Any]
+    #: The handle bound to ``infer``, made once (not per batch).
+    infer: DeploymentHandle[Any]
+    #: Deployed by this gateway (deleted on unload); False when another gateway's was reused.
+    owned: bool
+
+
+class RayBackend(Backend):
+    """Replicas as Ray Serve deployments, one per model version, on a local or joined cluster."""
+
+    def __init__(self, config: FermionConfig, store: ModelStore) -> None:
+        self._config = config
+        self._ray_config = config.ray
+        self._store = store
+        self._deployments: dict[tuple[str, int], _Deployment] = {}
+        self._connecting: asyncio.Task[None] | None = None
+        self._connected = False
+        self._started_cluster = False
+        self._gone_errors: tuple[type[BaseException], ...] = ()
+        self._task_error: type[BaseException] = Exception
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start (or join) the cluster in the background: ``ray.init`` blocks for seconds."""
+        timeout = self._ray_config.start_timeout_s
+        self._connecting = asyncio.create_task(
+            asyncio.wait_for(asyncio.to_thread(self._connect), timeout)
+        )
+
+    def _connect(self) -> None:
+        rc = self._ray_config
+        if rc.address is None:
+            # Read by Ray at import: bind the local cluster to loopback, not eth0.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+        from ray import serve
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self._gone_errors = (RayActorError,)
+        self._task_error = RayTaskError
+        started = time.perf_counter()
+        common: dict[str, Any] = {
+            "namespace": rc.namespace,
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        if rc.address is None:
+            ray.init(
+                address="local",
+                num_cpus=rc.num_cpus,
+                include_dashboard=rc.include_dashboard,
+                dashboard_host="127.0.0.1",
+                **common,
+            )
+            self._started_cluster = True
+        else:
+            ray.init(address=rc.address, **common)
+        serve.start(proxy_location="Disabled")
+        self._connected = True
+        where = "started a local cluster" if self._started_cluster else f"joined {rc.address}"
+        log.info("ray: %s in %.1fs", where, time.perf_counter() - started)
+
+    async def _wait_connected(self) -> None:
+        if self._connecting is None:
+            raise ModelNotReady("backend ray is not started")
+        try:
+            await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise ModelNotReady(
+                f"the Ray cluster did not start within {self._ray_config.start_timeout_s}s"
+            ) from None
+        except Exception as e:
+            raise ModelNotReady(f"cannot start or join the Ray cluster: {e}") from e
+
+    async def stop(self) -> None:
+        """Remove this gateway's deployments; stop the cluster only if this gateway started it."""
+        if self._connecting is not None:
+            try:
+                await self._connecting
+            except Exception as e:  # nothing to release if the cluster never came up
+                log.warning("ray: cluster was not up: %s", e)
+        for name, version in list(self._deployments):
+            await self.unload(name, version)
+        if self._connected:
+            # On the loop's own thread: Ray's driver aborts at exit when shut down from
+            # a worker thread. Traffic is over by now, so the short block is harmless.
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        import ray
+
+        # A cluster this gateway started goes with it; a joined one only loses this driver.
+        ray.shutdown()
+        self._connected = False
+
+    # -- deployments -----------------------------------------------------------------------
+
+    def _app_name(self, manifest: ModelManifest) -> str:
+        return f"{self._ray_config.namespace}.{manifest.name}.{manifest.version}"
+
+    async def load(self, manifest: ModelManifest) -> dict[str, Any]:
+        await self._wait_connected()
+        settings = self._config.ray_deployment_for(manifest.name)
+        deadline = time.monotonic() + self._ray_config.load_timeout_s
+        deployment, info = await asyncio.to_thread(self._deploy, manifest, settings, deadline)
+        key = (manifest.name, manifest.version)
+        self._deployments[key] = deployment
+        return info
+
+    def _deployment_options(
+        self, manifest: ModelManifest, settings: RayDeploymentConfig
+    ) -> dict[str, Any]:
+        batching = self._config.batching_for(manifest.name)
+        actor: dict[str, Any] = {
+            "num_cpus": settings.num_cpus,
+            "num_gpus": self._gpus_for(manifest, settings),
+        }
+        if settings.memory_mb is not None:
+            actor["memory"] = settings.memory_mb * 1024 * 1024
+        a = settings.autoscaling
+        options: dict[str, Any] = {
+            "name": f"{manifest.name}-v{manifest.version}",
+            "ray_actor_options": actor,
+            "max_ongoing_requests": settings.max_ongoing_requests
+            or batching.max_concurrent_batches + 1,
+            "graceful_shutdown_wait_loop_s": 0.5,
+            "graceful_shutdown_timeout_s": 10.0,
+            "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
+        }
+        initial = a.initial_replicas if a.initial_replicas is not None else max(1, a.min_replicas)
+        if a.min_replicas == a.max_replicas == initial:
+            options["num_replicas"] = a.max_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "initial_replicas": initial,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+                "metrics_interval_s": a.metrics_interval_s,
+                "look_back_period_s": a.look_back_period_s,
+            }
+        return options
+
+    def _gpus_for(self, manifest: ModelManifest, settings: RayDeploymentConfig) -> float:
+        if settings.num_gpus is not None:
+            return settings.num_gpus
+        prefer = self._config.executor_for(manifest.name).prefer
+        rank = {t: i for i, t in enumerate(prefer)}
+        targets = sorted(
+            (a.target for a in manifest.artifacts), key=lambda t: rank.get(t, len(rank))
+        )
+        if not targets or targets[0] not in _GPU_TARGETS:
+            return 0.0
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]
+        return 1.0 if gpus > 0 else 0.0
+
+    def _deploy(
+        self, manifest: ModelManifest, settings: RayDeploymentConfig, deadline: float
+    ) -> tuple[_Deployment, dict[str, Any]]:
+        from ray import serve
+
+        app = self._app_name(manifest)
+        key = (manifest.name, manifest.version)
+        current = serve.status().applications.get(app)
+        options = self._deployment_options(manifest, settings)
+        if current is not None and current.status == "RUNNING" and key not in self._deployments:
+            # Another gateway with the same namespace deployed it: share it, never delete it.
+            handle = serve.get_app_handle(app)
+            owned = False
+        else:
+            executor = self._config.executor_for(manifest.name)
+            bound = serve.deployment(**options)(ReplicaDeployment).bind(
+                str(self._store.root.resolve()),
+                manifest.model_dump_json(),
+                list(executor.prefer),
+                executor.intra_op_threads,
+            )
+            handle = serve._run(bound, name=app, route_prefix=None, _blocking=False)
+            owned = True
+            try:
+                self._wait_running(app, deadline)
+            except Exception:
+                serve.delete(app, _blocking=False)
+                raise
+        timeout = max(1.0, deadline - time.monotonic())
+        described: dict[str, Any] = handle.describe.remote().result(timeout_s=timeout)
+        deployment = _Deployment(app, handle, handle.options(method_name="infer"), owned)
+        info: dict[str, Any] = {
+            "backend": "ray",
+            "application": app,
+            "deployment": options["name"],
+            "shared": not owned,
+            "replicas": options.get("autoscaling_config")
+            or {"num_replicas": options.get("num_replicas")},
+            "resources": options["ray_actor_options"],
+            "max_ongoing_requests": options["max_ongoing_requests"],
+            **described,
+        }
+        return deployment, info
+
+    def _wait_running(self, app: str, deadline: float) -> None:
+        from ray import serve
+
+        while True:
+            status = serve.status().applications.get(app)
+            state = "" if status is None else str(getattr(status.status, "value", status.status))
+            if state == "RUNNING":
+                return
+            detail = "" if status is None else _status_message(status)
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"deployment {app} failed: {detail}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"replicas of {app} not ready after {self._ray_config.load_timeout_s:.0f}s"
+                    f" ({state or 'not created'}): {detail}"
+                )
+            time.sleep(_POLL_S)
+
+    async def unload(self, name: str, version: int) -> None:
+        deployment = self._deployments.pop((name, version), None)
+        if deployment is None or not deployment.owned:
+            return
+        deadline = time.monotonic() + self._ray_config.load_timeout_s
+        await asyncio.to_thread(self._delete, deployment.app, deadline)
+
+    def _delete(self, app: str, deadline: float) -> None:
+        from ray import serve
+
+        serve.delete(app, _blocking=False)
+        while app in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    async def infer_batch(
+        self, name: str, version: int, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        deployment = self._deployments.get((name, version))
+        if deployment is None:
+            raise ModelNotReady(f"model {name} version {version} has no deployment")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ray_config.request_timeout_s
+        try:
+            return await self._call(deployment, name, version, inputs, deadline)
+        except _ReplicaGone as e:
+            if deadline - loop.time() < _MIN_RETRY_S:
+                raise ModelNotReady(
+                    f"a replica of model {name} version {version} died computing this batch "
+                    f"and no time was left to retry ({e})"
+                ) from None
+            log.warning("ray: %s; retrying the batch once on another replica", e)
+        try:
+            return await self._call(deployment, name, version, inputs, deadline)
+        except _ReplicaGone as e:
+            raise ModelNotReady(
+                f"replicas of model {name} version {version} died twice computing this batch "
+                f"({e}); retry later"
+            ) from None
+
+    async def _call(
+        self,
+        deployment: _Deployment,
+        name: str,
+        version: int,
+        inputs: dict[str, np.ndarray],
+        deadline: float,
+    ) -> dict[str, np.ndarray]:
+        response = deployment.infer.remote(inputs)
+        try:
+            async with asyncio.timeout_at(deadline):
+                outputs: dict[str, np.ndarray] = await response
+                return outputs
+        except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]
+            raise Overloaded(
+                f"no replica of model {name} version {version} answered within "
+                f"{self._ray_config.request_timeout_s:g}s"
+            ) from None
+        except self._gone_errors as e:
+            raise _ReplicaGone(f"replica unavailable: {_first_line(e)}") from None
+        except self._task_error as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, self._gone_errors):
+                raise _ReplicaGone(f"replica unavailable: {_first_line(cause)}") from None
+            raise InferenceFailed(
+                f"inference failed on a replica of model {name} version {version}: "
+                f"{_first_line(cause if cause is not None else e)}"
+            ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _status_message(status: Any) -> str:
+    parts: list[str] = [str(status.message)] if status.message else []
+    deployments: Sequence[Any] = list(getattr(status, "deployments", {}).values())
+    parts += [str(d.message) for d in deployments if getattr(d, "message", "")]
+    return " ".join(parts) or "no message from Ray Serve"

@@ -1,0 +1,166 @@
+"""Figures the gateway records about routed traffic, read and reset once per canary interval.
+
+Per model version: requests, server-side errors and a bounded sample of latencies.
+Per shadow pair (model, primary version, shadow version): mirrored requests, shadow
+errors, shed copies, compared rows, top-1 agreement and the largest output difference.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+__all__ = ["LATENCY_SAMPLES", "LatencyFigures", "ShadowFigures", "ShadowWindow", "VersionWindow"]
+
+#: Latencies kept per window; above it, a uniform reservoir sample of them.
+LATENCY_SAMPLES = 20_000
+
+
+@dataclass(frozen=True)
+class LatencyFigures:
+    """Requests, errors and latencies of one version over a window."""
+
+    requests: int = 0
+    errors: int = 0
+    latencies_ms: tuple[float, ...] = ()
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request (0 with no request)."""
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def p99_ms(self) -> float | None:
+        """The 99th percentile latency of successful requests (None with none)."""
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def merge(self, other: LatencyFigures) -> LatencyFigures:
+        """Both windows as one."""
+        return LatencyFigures(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            self.latencies_ms + other.latencies_ms,
+        )
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The figures as JSON-ready numbers."""
+        p99 = self.p99_ms
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 6),
+            "p99_ms": None if p99 is None else round(p99, 3),
+        }
+
+
+class VersionWindow:
+    """Accumulates one version's figures until ``take`` reads and resets them."""
+
+    __slots__ = ("_latencies", "_seen", "errors", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self._latencies: list[float] = []
+        self._seen = 0
+
+    def record(self, latency_s: float) -> None:
+        """One successful request that took ``latency_s``."""
+        self.requests += 1
+        ms = latency_s * 1000.0
+        self._seen += 1
+        if len(self._latencies) < LATENCY_SAMPLES:
+            self._latencies.append(ms)
+        else:
+            slot = random.randrange(self._seen)
+            if slot < LATENCY_SAMPLES:
+                self._latencies[slot] = ms
+
+    def record_error(self) -> None:
+        """One request that failed on the server's side."""
+        self.requests += 1
+        self.errors += 1
+
+    def take(self) -> LatencyFigures:
+        """The figures since the last ``take``; the window starts afresh."""
+        figures = LatencyFigures(self.requests, self.errors, tuple(self._latencies))
+        self.requests = self.errors = self._seen = 0
+        self._latencies = []
+        return figures
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """How a shadow version compared with the primary over a window."""
+
+    mirrored: int = 0
+    errors: int = 0
+    shed: int = 0
+    rows: int = 0
+    #: Rows whose top-1 class agreed (classifier outputs only).
+    agree_rows: int = 0
+    #: Rows compared for top-1 agreement.
+    top1_rows: int = 0
+    max_abs_diff: float | None = None
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Share of rows whose top-1 class agreed (None without classifier rows)."""
+        return self.agree_rows / self.top1_rows if self.top1_rows else None
+
+    @property
+    def error_rate(self) -> float:
+        """Shadow errors per mirrored request."""
+        return self.errors / self.mirrored if self.mirrored else 0.0
+
+    def merge(self, other: ShadowFigures) -> ShadowFigures:
+        """Both windows as one."""
+        diffs = [d for d in (self.max_abs_diff, other.max_abs_diff) if d is not None]
+        return ShadowFigures(
+            self.mirrored + other.mirrored,
+            self.errors + other.errors,
+            self.shed + other.shed,
+            self.rows + other.rows,
+            self.agree_rows + other.agree_rows,
+            self.top1_rows + other.top1_rows,
+            max(diffs) if diffs else None,
+        )
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The figures as JSON-ready numbers."""
+        agreement = self.top1_agreement
+        return {
+            "mirrored": self.mirrored,
+            "errors": self.errors,
+            "shed": self.shed,
+            "rows": self.rows,
+            "top1_agreement": None if agreement is None else round(agreement, 6),
+            "max_abs_diff": self.max_abs_diff,
+        }
+
+
+class ShadowWindow:
+    """Accumulates one shadow pair's comparisons: since start, and since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._total = ShadowFigures()
+        self._window = ShadowFigures()
+
+    def add(self, figures: ShadowFigures) -> None:
+        """Count one mirrored, shed or failed request (as figures of its own)."""
+        self._total = self._total.merge(figures)
+        self._window = self._window.merge(figures)
+
+    @property
+    def total(self) -> ShadowFigures:
+        """Every comparison since the gateway started."""
+        return self._total
+
+    def take(self) -> ShadowFigures:
+        """The figures since the last ``take``; the window starts afresh."""
+        figures, self._window = self._window, ShadowFigures()
+        return figures

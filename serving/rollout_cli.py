@@ -1,0 +1,216 @@
+"""``fermion rollout`` and ``fermion route``: talk to a running gateway's admin API over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+__all__ = ["add_rollout_parsers", "parse_duration"]
+
+_DEFAULT_URL = "http://127.0.0.1:8000"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``500ms``, ``60s``, ``2m``, ``1h`` or a bare number of seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 2m, 500ms)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _percent_list(text: str) -> list[float]:
+    try:
+        return [float(p.strip().rstrip("%")) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of percents: {text!r}") from None
+
+
+def _split(text: str) -> dict[str, float]:
+    split: dict[str, float] = {}
+    for part in text.split(","):
+        version, sep, weight = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            split[str(int(version))] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a split: {text!r} (e.g. 1=90,2=10: version=weight, ...)"
+            ) from None
+    return split
+
+
+class _AdminError(Exception):
+    pass
+
+
+def _call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"} if data is not None else {},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            message = json.loads(raw).get("error", raw.decode(errors="replace"))
+        except ValueError:
+            message = raw.decode(errors="replace")
+        raise _AdminError(f"{method} {path}: {e.code} {message}") from None
+    except urllib.error.URLError as e:
+        raise _AdminError(f"cannot reach the gateway at {url}: {e.reason}") from None
+
+
+def _figures(f: dict[str, Any]) -> str:
+    p99 = f.get("p99_ms")
+    return f"{f['requests']} req, {f['error_rate']:.2%} err, p99 " + (
+        "-" if p99 is None else f"{p99:.1f} ms"
+    )
+
+
+def _print_state(s: dict[str, Any]) -> None:
+    steps = ",".join(f"{p:g}" for p in s["steps"])
+    where = (
+        "shadow phase" if s["step_index"] < 0 else f"step {s['step_index'] + 1}/{len(s['steps'])}"
+    )
+    print(
+        f"{s['model']}: version {s['baseline']} -> {s['candidate']}  {s['status'].upper()}  "
+        f"{where}, candidate at {s['percent']:g}%  (steps {steps}, interval {s['interval_s']:g}s)"
+    )
+    if s["reason"]:
+        print(f"  reason: {s['reason']}")
+    for h in s["history"]:
+        line = (
+            f"  {h['phase']:6} {h['percent']:>5g}%  {h['verdict']:6}  "
+            f"candidate {_figures(h['candidate'])}; baseline {_figures(h['baseline'])}"
+        )
+        if h.get("shadow"):
+            sh = h["shadow"]
+            line += (
+                f"; shadow {sh['mirrored']} mirrored, top-1 agreement "
+                f"{sh['top1_agreement']}, max abs diff {sh['max_abs_diff']}"
+            )
+        print(line)
+
+
+def _run(args: argparse.Namespace, fn: Any) -> int:
+    try:
+        result = fn(args)
+    except _AdminError as e:
+        print(f"fermion: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _start(args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {
+        "to": args.to,
+        "steps": args.steps,
+        "interval_s": args.interval,
+        "shadow_percent": args.shadow_percent,
+    }
+    if args.baseline is not None:
+        body["from"] = args.baseline
+    state = _call(args.url, "POST", f"/admin/rollouts/{args.model}", body)
+    if not args.json:
+        _print_state(state)
+    return state
+
+
+def _status(args: argparse.Namespace) -> Any:
+    if args.model:
+        states = [_call(args.url, "GET", f"/admin/rollouts/{args.model}")]
+    else:
+        states = _call(args.url, "GET", "/admin/rollouts")["rollouts"]
+    if not args.json:
+        for state in states:
+            _print_state(state)
+        if not states:
+            print("no rollout has run")
+    return states if not args.model else states[0]
+
+
+def _stop(args: argparse.Namespace) -> Any:
+    state = _call(args.url, "POST", f"/admin/rollouts/{args.model}/stop")
+    if not args.json:
+        _print_state(state)
+    return state
+
+
+def _route_show(args: argparse.Namespace) -> Any:
+    if args.model:
+        routes = [_call(args.url, "GET", f"/admin/routes/{args.model}")]
+    else:
+        routes = _call(args.url, "GET", "/admin/routes")["routes"]
+    if not args.json:
+        for r in routes:
+            shares = ", ".join(f"v{v} {s:.1%}" for v, s in r["shares"].items())
+            print(f"{r['model']}: {shares}")
+    return routes
+
+
+def _route_set(args: argparse.Namespace) -> Any:
+    route = _call(args.url, "PUT", f"/admin/routes/{args.model}/split", {"split": args.split})
+    if not args.json:
+        shares = ", ".join(f"v{v} {s:.1%}" for v, s in route["shares"].items())
+        print(f"{route['model']}: {shares}")
+    return route
+
+
+def add_rollout_parsers(sub: Any) -> None:
+    """Add ``rollout`` (start, status, stop) and ``route`` (show, set) to the ``fermion`` parser."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=_DEFAULT_URL, help=f"gateway URL (default {_DEFAULT_URL})")
+        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+
+    def runner(fn: Any) -> Any:
+        return lambda args: _run(args, fn)
+
+    rollout = sub.add_parser("rollout", help="automatic canary rollouts on a running gateway")
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True)
+    p = rsub.add_parser("start", help="raise a version's share step by step, with rollback")
+    p.add_argument("model")
+    p.add_argument("--to", type=int, required=True, help="the candidate version")
+    p.add_argument("--from", dest="baseline", type=int, help="the baseline (default: the route's)")
+    p.add_argument("--steps", type=_percent_list, default=[1.0, 5.0, 25.0, 50.0, 100.0])
+    p.add_argument("--interval", type=parse_duration, default=60.0, help="per step (60s, 2m)")
+    p.add_argument(
+        "--shadow-percent", type=float, default=0.0, help="mirror this share first (0: no phase)"
+    )
+    common(p)
+    p.set_defaults(func=runner(_start))
+    p = rsub.add_parser("status", help="the step, the figures and the verdict")
+    p.add_argument("model", nargs="?")
+    common(p)
+    p.set_defaults(func=runner(_status))
+    p = rsub.add_parser("stop", help="stop a rollout and roll the candidate back to 0%%")
+    p.add_argument("model")
+    common(p)
+    p.set_defaults(func=runner(_stop))
+
+    route = sub.add_parser("route", help="read or change a route's traffic split at run time")
+    tsub = route.add_subparsers(dest="route_command", required=True)
+    p = tsub.add_parser("show", help="every route, or one, with its shares")
+    p.add_argument("model", nargs="?")
+    common(p)
+    p.set_defaults(func=runner(_route_show))
+    p = tsub.add_parser("set", help="replace a route's split atomically (persisted)")
+    p.add_argument("model")
+    p.add_argument("split", type=_split, help="version=weight,... e.g. 1=90,2=10")
+    common(p)
+    p.set_defaults(func=runner(_route_set))

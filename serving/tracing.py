@@ -1,0 +1,176 @@
+"""OpenTelemetry traces: setup from config, the request span middleware, batch helpers.
+
+Off by default (``tracing.exporter: none``): then nothing is added to the request
+path and ``current_tracer()`` is None, which every helper's caller checks first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context, trace
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.config import TracingConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = [
+    "TracingMiddleware",
+    "configure",
+    "current_tracer",
+    "recording_tracer",
+    "shutdown",
+    "start_batch_spans",
+    "start_queue_span",
+]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_CARRIER_HEADERS = (b"traceparent", b"tracestate")
+
+
+class _State:
+    tracer: Tracer | None = None
+    provider: TracerProvider | None = None
+
+
+def current_tracer() -> Tracer | None:
+    """The gateway's tracer, or None while tracing is off."""
+    return _State.tracer
+
+
+def recording_tracer() -> Tracer | None:
+    """The tracer when the current span records (a sampled request), else None.
+
+    Child spans of a request that was sampled out are never created.
+    """
+    tracer = _State.tracer
+    if tracer is None or not trace.get_current_span().is_recording():
+        return None
+    return tracer
+
+
+def _exporter(config: TracingConfig) -> SpanExporter:
+    if config.exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers))
+
+
+def configure(
+    config: TracingConfig, *, exporter: SpanExporter | None = None
+) -> TracerProvider | None:
+    """Set up this process's tracer from ``config`` (or with ``exporter``); None when off.
+
+    Replaces any earlier setup, which is shut down first.
+    """
+    shutdown()
+    if exporter is None and config.exporter == "none":
+        return None
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": config.service_name}),
+        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+    )
+    if exporter is not None or config.exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(exporter or _exporter(config)))
+    else:
+        provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
+    _State.provider = provider
+    _State.tracer = provider.get_tracer("fermion.gateway")
+    return provider
+
+
+def shutdown() -> None:
+    """Flush and stop the tracer set up by ``configure``; tracing is off afterwards."""
+    provider, _State.provider, _State.tracer = _State.provider, None, None
+    if provider is not None:
+        provider.shutdown()
+
+
+def start_queue_span(tracer: Tracer, attributes: Mapping[str, Any]) -> tuple[Span, Span]:
+    """The current (request) span, and a new queue-wait span under it."""
+    return trace.get_current_span(), tracer.start_span("fermion.queue", attributes=attributes)
+
+
+def start_batch_spans(
+    tracer: Tracer, requests: Sequence[Span], attributes: Mapping[str, Any]
+) -> tuple[Span, Span]:
+    """A batch span (child of the first request, linked to all) and its executor-run span."""
+    links = [Link(s.get_span_context()) for s in requests if s.get_span_context().is_valid]
+    batch = tracer.start_span(
+        "fermion.batch",
+        context=trace.set_span_in_context(requests[0]),
+        links=links,
+        attributes=attributes,
+    )
+    run = tracer.start_span(
+        "fermion.execute", context=trace.set_span_in_context(batch), attributes=attributes
+    )
+    return batch, run
+
+
+class TracingMiddleware:
+    """One server span per HTTP request, continuing an incoming W3C ``traceparent``.
+
+    The trace id is left in ``scope["state"]["trace_id"]`` for the access log.
+    """
+
+    def __init__(self, app: ASGIApp, *, tracer: Tracer) -> None:
+        self.app = app
+        self._tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        carrier: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            if key in _CARRIER_HEADERS:
+                carrier[key.decode()] = value.decode("latin-1")
+        parent = _PROPAGATOR.extract(carrier) if carrier else None
+        method, path = scope["method"], scope["path"]
+        state = scope.setdefault("state", {})
+        span = self._tracer.start_span(
+            f"{method} {path}",
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+        )
+        ctx = span.get_span_context()
+        if ctx.is_valid:
+            state["trace_id"] = format(ctx.trace_id, "032x")
+        if "request_id" in state:
+            span.set_attribute("fermion.request_id", state["request_id"])
+        token = context.attach(trace.set_span_in_context(span, parent))
+        status = 500
+
+        async def send_traced(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_traced)
+        except BaseException as e:
+            span.record_exception(e)
+            raise
+        finally:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            context.detach(token)
+            span.end()

@@ -1,0 +1,135 @@
+"""``fermion loadtest`` against the real gateway: short real locust runs, single and
+distributed, whose per-version counts agree with the server's own statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from model_store.store import ModelStore
+from tests.conftest import REPO_ROOT, RunningServer
+
+pytestmark = pytest.mark.e2e
+
+
+def served(server: RunningServer) -> dict[str, int]:
+    """Successful requests per version, by the server's own count."""
+    stats = httpx.get(f"{server.url}/v2/models/digits/stats", timeout=10).json()
+    return {
+        row["version"]: row["inference_stats"]["success"]["count"] for row in stats["model_stats"]
+    }
+
+
+def fermion(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_counts(summary: dict[str, Any], before: dict[str, int], after: dict[str, int]) -> None:
+    assert summary["failures"] == 0, summary["errors"]
+    assert summary["requests"] > 0
+    for version in after:
+        measured = summary["versions"].get(version, {}).get("requests", 0)
+        assert measured == after[version] - before.get(version, 0), (version, summary["versions"])
+
+
+def test_run_reports_what_the_server_served_and_gates_on_slo(
+    server: RunningServer, demo_store: ModelStore, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    before = served(server)
+    done = fermion(
+        "loadtest",
+        *("--url", server.url, "--model", "digits", "--users", "4", "--duration", "3s"),
+        *("--store", str(demo_store.root), "--out", str(out)),
+        *("--slo", "errors<50%,p50<0.001ms"),
+    )
+    after = served(server)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "SLO missed: p50<0.001ms: measured" in done.stderr
+    assert "SLO met    errors<50%" in done.stdout
+    for name in ("summary.json", "history.csv", "report.html", "locust_stats.csv"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    check_counts(summary, before, after)
+    assert summary["versions"]["2"]["share"] == 1.0  # latest version answers unpinned requests
+    assert summary["config"]["samples"].endswith("samples.npz")
+    assert [r["ok"] for r in summary["slo"]] == [True, False]
+    with (out / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sum(int(r["requests_per_s"]) for r in rows) == summary["requests"]
+    assert max(int(r["users"] or 0) for r in rows) == 4
+
+
+def test_distributed_run_merges_two_workers_into_one_report(
+    server: RunningServer, demo_store: ModelStore, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    before = served(server)
+    done = fermion(
+        "loadtest",
+        *("--url", server.url, "--model", "digits", "--model-version", "1"),
+        *("--users", "4", "--duration", "2s", "--workers", "2", "--binary"),
+        *("--store", str(demo_store.root), "--out", str(out), "--slo", "errors<1%"),
+    )
+    after = served(server)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "workers on other hosts: fermion loadtest worker --master-host 127.0.0.1" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2  # both workers' measurements reached the master
+    check_counts(summary, before, after)
+    assert set(summary["versions"]) == {"1"}
+    assert (out / "worker-1.log").is_file() and (out / "worker-2.log").is_file()
+    assert "report.html" in done.stdout
+
+
+def test_locustfile_runs_with_plain_locust(server: RunningServer, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locust",
+            *("-f", str(REPO_ROOT / "loadtest" / "locustfile.py"), "--headless", "--only-summary"),
+            *("-H", server.url, "-u", "2", "-r", "2", "-t", "2s", "--model", "digits"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "infer v2" in done.stdout + done.stderr
+
+
+def test_failed_requests_are_reported_by_status_and_message(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    done = fermion(
+        "loadtest",
+        *("--url", server.url, "--model", "digits", "--users", "2", "--duration", "1s"),
+        *("--binary", "--batch-size", "100", "--out", str(out)),  # over the max batch size
+    )
+    assert done.returncode == 0, done.stdout + done.stderr  # no SLO: failures do not fail it
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] == summary["failures"] > 0
+    assert summary["versions"] == {}
+    (error,) = summary["errors"]
+    assert error["status"] == 400 and "max batch size" in error["message"]
+    assert error["count"] == summary["requests"]
+    assert f"error: 400 {error['message']}: {error['count']}" in done.stdout

@@ -1,0 +1,286 @@
+"""Backend ray end to end: a real local Ray cluster, a real gateway joining it.
+
+One Ray cluster (started here, with the dashboard so that Ray's state API works)
+and one gateway serve every test of this module; the backend-local gateway of the
+session is the reference for predictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from model_store.store import ModelStore
+from tests.conftest import RunningServer, start_server, stop_server
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+NAMESPACE = "fermion-test"
+#: The gateway's bound on one batch's remote call (retry and replica restart included).
+REQUEST_TIMEOUT_S = 15.0
+#: A client waits this long at most; a request still open then has hung.
+CLIENT_TIMEOUT_S = REQUEST_TIMEOUT_S + 5.0
+
+CONFIG = """
+backend: ray
+batching:
+  max_batch_size: 64
+  max_concurrent_batches: 4
+ray:
+  address: "{address}"
+  namespace: {namespace}
+  request_timeout_s: {timeout}
+  load_timeout_s: 60
+  deployment:
+    num_cpus: 0.25
+models:
+  digits:
+    ray:
+      num_cpus: 0.25
+      autoscaling:
+        min_replicas: 1
+        max_replicas: 2
+        target_ongoing_requests: 1
+        upscale_delay_s: 0.5
+        downscale_delay_s: 2
+        metrics_interval_s: 0.25
+        look_back_period_s: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A local Ray cluster on loopback, owned by this test process; its GCS address."""
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    # Loopback only; the gateway inherits it, so that it joins as a local driver.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    context = ray.init(
+        address="local",
+        num_cpus=4,
+        namespace="fermion-tests",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield str(context.address_info["gcs_address"])  # type: ignore[attr-defined]
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
+
+
+@pytest.fixture(scope="module")
+def ray_store(demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """Both demo versions of ``digits`` and ``other`` (a copy of version 1, not served at start)."""
+    store = ModelStore(tmp_path_factory.mktemp("ray-store"))
+    for version in demo_store.versions("digits"):
+        store.push(demo_store.version_dir("digits", version))
+    store.push(demo_store.version_dir("digits", 1), name="other")
+    return store
+
+
+@pytest.fixture(scope="module")
+def ray_server(
+    ray_cluster: str, ray_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    config = CONFIG.format(address=ray_cluster, namespace=NAMESPACE, timeout=REQUEST_TIMEOUT_S)
+    running = start_server(ray_store.root, tmp_path_factory.mktemp("ray"), config, timeout_s=120)
+    yield running
+    stop_server(running)
+
+
+def _samples(store: ModelStore) -> np.ndarray:
+    manifest = store.manifest("digits", 1)
+    entry = next(f for f in manifest.files if f.file == "samples.npz")
+    with np.load(store.artifact_path(manifest, entry)) as npz:
+        x: np.ndarray = npz["input"][:16].astype(np.float32)
+        return x
+
+
+def _body(x: np.ndarray) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+
+
+def _logits(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+def _replicas(model: str, version: int) -> list[str]:
+    """Actor ids of the ALIVE replicas of one version's deployment, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    class_name = f"ServeReplica:{NAMESPACE}.{model}.{version}:{model}-v{version}"
+    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return sorted(a.actor_id for a in actors)
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"not {what} within {timeout}s")
+
+
+@dataclass
+class _Load:
+    """Closed-loop clients posting one body until told to stop; what each request got."""
+
+    url: str
+    body: dict[str, Any]
+    clients: int
+    results: list[tuple[int, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _client(self, http: httpx.AsyncClient) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                response = await http.post(self.url, json=self.body)
+            except httpx.HTTPError as e:
+                self.errors.append(f"{type(e).__name__} after {time.monotonic() - started:.1f}s")
+                continue
+            self.results.append((response.status_code, time.monotonic() - started))
+
+    async def run(self, during: Any) -> Any:
+        """Run the clients while the coroutine ``during`` runs; return what it returned."""
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as http:
+            tasks = [asyncio.create_task(self._client(http)) for _ in range(self.clients)]
+            try:
+                return await during
+            finally:
+                self.stop.set()
+                await asyncio.gather(*tasks)
+
+    def statuses(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for status, _ in self.results:
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+def test_predictions_equal_backend_local(
+    ray_server: RunningServer, server: RunningServer, ray_store: ModelStore
+) -> None:
+    x = _samples(ray_store)
+    config = httpx.get(f"{ray_server.url}/v2/models/digits/config").json()
+    assert config["backend"] == "ray"
+    assert config["artifact"]["application"] == f"{NAMESPACE}.digits.2"
+    assert config["artifact"]["warmup_seconds"] >= 0
+    assert httpx.get(f"{ray_server.url}/v2/health/ready").status_code == 200
+    for version in (1, 2):
+        path = f"/v2/models/digits/versions/{version}/infer"
+        for batch in (x[:1], x[:16]):
+            ray_out = _logits(httpx.post(ray_server.url + path, json=_body(batch), timeout=30))
+            local_out = _logits(httpx.post(server.url + path, json=_body(batch), timeout=30))
+            np.testing.assert_allclose(ray_out, local_out, rtol=1e-5, atol=1e-5)
+
+
+def test_autoscaling_up_under_load_and_back_down(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    assert len(_replicas("digits", 2)) == 1
+    load = _Load(
+        f"{ray_server.url}/v2/models/digits/versions/2/infer", _body(_samples(ray_store)[:1]), 32
+    )
+
+    async def scaled_up() -> None:
+        await asyncio.to_thread(
+            _wait_for, lambda: len(_replicas("digits", 2)) == 2, 40, "scaled up to 2 replicas"
+        )
+
+    asyncio.run(load.run(scaled_up()))
+    assert load.errors == []
+    assert set(load.statuses()) == {200}, load.statuses()
+    _wait_for(lambda: len(_replicas("digits", 2)) == 1, 40, "scaled back down to 1 replica")
+
+
+def test_load_and_unload_while_another_model_serves(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    x = _samples(ray_store)[:1]
+    load = _Load(f"{ray_server.url}/v2/models/digits/versions/2/infer", _body(x), 8)
+
+    async def load_use_unload() -> None:
+        async with httpx.AsyncClient(base_url=ray_server.url, timeout=90) as http:
+            assert (await http.post("/v2/repository/models/other/load")).status_code == 200
+            index = (await http.post("/v2/repository/index")).json()
+            assert {"name": "other", "version": "1", "state": "READY"} in index
+            other = _logits(await http.post("/v2/models/other/infer", json=_body(x)))
+            digits_v1 = _logits(
+                await http.post("/v2/models/digits/versions/1/infer", json=_body(x))
+            )
+            np.testing.assert_allclose(other, digits_v1, rtol=1e-6, atol=1e-6)
+            assert (await http.post("/v2/repository/models/other/unload")).status_code == 200
+            assert (await http.post("/v2/models/other/infer", json=_body(x))).status_code == 404
+
+    asyncio.run(load.run(load_use_unload()))
+    assert load.errors == []
+    assert set(load.statuses()) == {200}, load.statuses()
+    assert len(load.results) > 20
+    assert _replicas("other", 1) == []
+
+
+def test_killed_replica_fails_no_request_and_comes_back(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    import ray
+
+    before = _replicas("digits", 1)
+    assert before
+    load = _Load(
+        f"{ray_server.url}/v2/models/digits/versions/1/infer", _body(_samples(ray_store)[:1]), 8
+    )
+
+    async def kill_one() -> None:
+        await asyncio.sleep(1.5)
+        from ray.util.state import get_actor
+
+        state = get_actor(before[0])
+        assert state is not None and state.name
+        ray.kill(ray.get_actor(state.name, namespace=state.ray_namespace))
+        await asyncio.sleep(4.0)
+
+    asyncio.run(load.run(kill_one()))
+    assert load.errors == [], load.errors  # no request hung past the client's timeout
+    statuses = load.statuses()
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.get(200, 0) > 20
+    assert all(elapsed <= REQUEST_TIMEOUT_S + 2 for _, elapsed in load.results)
+    _wait_for(
+        lambda: bool(_replicas("digits", 1)) and before[0] not in _replicas("digits", 1),
+        40,
+        "a new replica alive in place of the killed one",
+    )
+    response = httpx.post(
+        f"{ray_server.url}/v2/models/digits/versions/1/infer", json=_body(_samples(ray_store)[:1])
+    )
+    assert response.status_code == 200
