@@ -16,6 +16,8 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
+from serving.codec import DATATYPE_TO_NUMPY
+
 __all__ = [
     "HEADER_LENGTH",
     "VERSION_HEADER",
@@ -35,19 +37,9 @@ VERSION_HEADER: Final = "fermion-model-version"
 #: The file the model store publishes samples in.
 SAMPLES_FILE: Final = "samples.npz"
 
+#: V2 datatype -> numpy dtype, the codec's own table (BYTES excluded: built separately).
 _DTYPES: Final[dict[str, np.dtype[Any]]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+    k: v for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"
 }
 
 

@@ -15,6 +15,7 @@ import random
 from collections.abc import Mapping
 
 import numpy as np
+from opentelemetry import trace
 
 from serving.batcher import DynamicBatcher
 from serving.config import ShadowConfig
@@ -27,6 +28,7 @@ from serving.rollout_metrics import (
     SHADOW_ROWS,
     SHADOW_TOP1_AGREEMENT,
 )
+from serving.tracing import current_tracer
 
 __all__ = ["ShadowMirror", "compare_outputs"]
 
@@ -145,17 +147,39 @@ class ShadowMirror:
         rows: int,
         primary_outputs: dict[str, np.ndarray],
     ) -> None:
-        try:
-            # The lowest priority level: with priority queues, clients go first.
-            outputs = await batcher.submit(inputs, rows, priority=batcher.priority_levels)
-            figures = compare_outputs(primary_outputs, outputs)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a failing shadow only counts as a failure
-            window.add(_FAILED)
-            SHADOW_REQUESTS.labels(*labels, "error").inc()
-            log.debug("shadow %s version %s failed: %s", labels[0], labels[2], e)
-            return
+        # The request's span may have ended (the client has its answer): follow its
+        # sampling decision rather than whether it still records.
+        tracer = current_tracer()
+        if (
+            tracer is not None
+            and not trace.get_current_span().get_span_context().trace_flags.sampled
+        ):
+            tracer = None
+        span = (
+            tracer.start_as_current_span(
+                "fermion.shadow",
+                attributes={
+                    "fermion.model": labels[0],
+                    "fermion.version": labels[1],
+                    "fermion.shadow_version": labels[2],
+                    "fermion.rows": rows,
+                },
+            )
+            if tracer is not None
+            else contextlib.nullcontext()
+        )
+        with span:
+            try:
+                # The lowest priority level: with priority queues, clients go first.
+                outputs = await batcher.submit(inputs, rows, priority=batcher.priority_levels)
+                figures = compare_outputs(primary_outputs, outputs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failing shadow only counts as a failure
+                window.add(_FAILED)
+                SHADOW_REQUESTS.labels(*labels, "error").inc()
+                log.debug("shadow %s version %s failed: %s", labels[0], labels[2], e)
+                return
         window.add(figures)
         SHADOW_REQUESTS.labels(*labels, "ok").inc()
         if figures.max_abs_diff is not None:

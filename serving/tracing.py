@@ -24,6 +24,8 @@ __all__ = [
     "TracingMiddleware",
     "configure",
     "current_tracer",
+    "extract_context",
+    "inject_context",
     "recording_tracer",
     "shutdown",
     "start_batch_spans",
@@ -91,6 +93,23 @@ def configure(
     _State.provider = provider
     _State.tracer = provider.get_tracer("fermion.gateway")
     return provider
+
+
+def inject_context() -> dict[str, str]:
+    """The current trace context as W3C headers, to carry across a process hop.
+
+    Empty when tracing is off or the current request was sampled out.
+    """
+    if _State.tracer is None or not trace.get_current_span().is_recording():
+        return {}
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier
+
+
+def extract_context(carrier: dict[str, str]) -> context.Context:
+    """The trace context that ``inject_context`` put in ``carrier``."""
+    return _PROPAGATOR.extract(carrier)
 
 
 def shutdown() -> None:

@@ -41,12 +41,19 @@ class RunningServer:
 
 
 def start_server(
-    store: Path, tmp: Path, config_yaml: str = "", timeout_s: float = 60.0
+    store: Path,
+    tmp: Path,
+    config_yaml: str = "",
+    timeout_s: float = 60.0,
+    *,
+    config_path: Path | None = None,
 ) -> RunningServer:
     """Start ``fermion serve`` on a free port and wait until it is ready."""
     port = free_port()
-    config = tmp / f"fermion-{port}.yaml"
-    config.write_text(config_yaml)
+    if config_path is None:  # else: a file the caller keeps across restarts
+        config_path = tmp / f"fermion-{port}.yaml"
+        config_path.write_text(config_yaml)
+    config = config_path
     log_path = tmp / f"server-{port}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log_path.open("wb") as log:

@@ -20,8 +20,9 @@ import numpy as np
 
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
+from serving import tracing
 from serving.backends import Backend
-from serving.config import FermionConfig, RayDeploymentConfig
+from serving.config import FermionConfig, RayDeploymentConfig, TracingConfig
 from serving.errors import InferenceFailed, ModelNotReady, Overloaded
 from serving.executors import ExecutorOptions
 from serving.replica import ModelReplica
@@ -49,21 +50,48 @@ class ReplicaDeployment:
     """
 
     def __init__(
-        self, store_root: str, manifest_json: str, prefer: list[str], intra_op_threads: int
+        self,
+        store_root: str,
+        manifest_json: str,
+        prefer: list[str],
+        intra_op_threads: int,
+        tracing_json: str | None = None,
     ) -> None:
         manifest = ModelManifest.model_validate_json(manifest_json)
         options = ExecutorOptions(intra_op_threads=intra_op_threads)
+        if tracing_json is not None and tracing.current_tracer() is None:
+            # The replica's process exports its own spans, as the gateway's are configured.
+            tracing.configure(TracingConfig.model_validate_json(tracing_json))
+        self._attributes: dict[str, str | int] = {
+            "fermion.model": manifest.name,
+            "fermion.version": manifest.version,
+        }
         self._replica = ModelReplica(
             ModelStore(store_root), manifest, prefer=prefer, options=options
         )
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Compute one batch."""
-        return self._replica.run(inputs)
+    def infer(
+        self, inputs: dict[str, np.ndarray], carrier: dict[str, str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Compute one batch; ``carrier`` holds the gateway's trace context (W3C headers)."""
+        tracer = tracing.current_tracer()
+        if tracer is None or not carrier:
+            return self._replica.run(inputs)
+        parent = tracing.extract_context(carrier)
+        with tracer.start_as_current_span(
+            "fermion.replica.execute", context=parent, attributes=self._attributes
+        ) as span:
+            span.set_attribute("fermion.batch.rows", _rows(inputs))
+            return self._replica.run(inputs)
 
     def describe(self) -> dict[str, Any]:
         """The artifact this replica chose, and its load and warm-up times."""
         return self._replica.describe()
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 class _ReplicaGone(Exception):
@@ -254,6 +282,9 @@ class RayBackend(Backend):
                 manifest.model_dump_json(),
                 list(executor.prefer),
                 executor.intra_op_threads,
+                self._config.tracing.model_dump_json()
+                if self._config.tracing.exporter != "none"
+                else None,
             )
             handle = serve._run(bound, name=app, route_prefix=None, _blocking=False)
             owned = True
@@ -345,7 +376,10 @@ class RayBackend(Backend):
         inputs: dict[str, np.ndarray],
         deadline: float,
     ) -> dict[str, np.ndarray]:
-        response = deployment.infer.remote(inputs)
+        carrier = tracing.inject_context()
+        response = (
+            deployment.infer.remote(inputs, carrier) if carrier else deployment.infer.remote(inputs)
+        )
         try:
             async with asyncio.timeout_at(deadline):
                 outputs: dict[str, np.ndarray] = await response

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 
 from model_store.store import ModelStore
 from serving.config import load_config
-from tests.conftest import REPO_ROOT, RunningServer, free_port, stop_server
+from tests.conftest import REPO_ROOT, RunningServer, start_server, stop_server
 from tests.serving.ab_models import FAIL_AT, MODEL, build_ab_store, expected_logits
 
 pytestmark = pytest.mark.e2e
@@ -34,34 +33,9 @@ routes:
 """
 
 
-def _serve(store: Path, config_path: Path, timeout_s: float = 60.0) -> RunningServer:
+def _serve(store: Path, config_path: Path) -> RunningServer:
     """``fermion serve --config config_path`` on a free port (the same file across restarts)."""
-    port = free_port()
-    log_path = config_path.with_name(f"server-{port}.log")
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)),
-                *("--store", str(store), "--host", "127.0.0.1", "--port", str(port)),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", port, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout_s}s:\n{server.log()}")
+    return start_server(store, config_path.parent, config_path=config_path)
 
 
 @dataclass

@@ -176,3 +176,30 @@ async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -
     }
     assert services == {"fermion-test"}
     assert set(_Receiver.headers_seen) == {"blue"}
+
+
+async def test_shadow_call_is_a_span_of_its_request(demo_store: ModelStore) -> None:
+    exporter = InMemorySpanExporter()
+    config = FermionConfig.model_validate(
+        {"routes": {"digits": {"split": {1: 100}, "shadow": {"version": 2, "percent": 100}}}}
+    )
+    async with serve_in_process(config, demo_store, span_exporter=exporter) as gw:
+        r = await gw.client.post(
+            "/v2/models/digits/infer", json=digits_body(), headers={"traceparent": TRACEPARENT}
+        )
+        assert r.status_code == 200
+        assert r.headers["fermion-model-version"] == "1"
+        for _ in range(200):  # the shadow runs after the client's answer
+            if any(s.name == "fermion.shadow" for s in exporter.get_finished_spans()):
+                break
+            await asyncio.sleep(0.01)
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)]
+    server = _by_name(spans)["POST /v2/models/digits/infer"]
+    shadow = _by_name(spans)["fermion.shadow"]
+    assert _parent_id(shadow) == server.context.span_id
+    assert shadow.attributes is not None
+    assert shadow.attributes["fermion.version"] == "1"
+    assert shadow.attributes["fermion.shadow_version"] == "2"
+    # The shadow's own batch runs inside the shadow span.
+    batches = [s for s in spans if s.name == "fermion.batch"]
+    assert any(_parent_id(b) == shadow.context.span_id for b in batches)
