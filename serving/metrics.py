@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client import REGISTRY, CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -141,8 +141,6 @@ class GatewayMetrics:
         self._versions: dict[tuple[str, int], VersionMetrics] = {}
         self._rejected: dict[tuple[str, str], int] = {}
         self._inflight: dict[str, int] = {}
-        self._shadow: dict[tuple[str, str], _Histogram] = {}
-        self._rollout: dict[str, float] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -194,17 +192,6 @@ class GatewayMetrics:
         """Count a request refused before it was computed (``model`` "" when unknown)."""
         key = (model, reason)
         self._rejected[key] = self._rejected.get(key, 0) + 1
-
-    def observe_shadow(self, model: str, version: int, divergence: float) -> None:
-        """Record how far a shadow version's outputs were from the served ones."""
-        h = self._shadow.get((model, str(version)))
-        if h is None:
-            h = self._shadow[(model, str(version))] = _Histogram(_DIVERGENCE)
-        h.observe(divergence)
-
-    def set_rollout_step(self, model: str, step: float) -> None:
-        """The current step of ``model``'s rollout (e.g. the canary's traffic share)."""
-        self._rollout[model] = step
 
     def collect(self) -> Iterator[Metric]:
         """Prometheus families of every metric (the registry calls this on scrape)."""
@@ -258,22 +245,27 @@ class GatewayMetrics:
         for (model, reason), count in sorted(self._rejected.items()):
             rejected.add_metric([model, reason], count)
         yield rejected
-        yield _histogram(
-            "fermion_shadow_divergence",
-            "Largest absolute difference between shadow and served outputs.",
-            mv,
-            [([m, v], h) for (m, v), h in sorted(self._shadow.items())],
-        )
-        rollout = GaugeMetricFamily(
-            "fermion_rollout_step", "Current step of a model's rollout.", labels=["model"]
-        )
-        for model, step in sorted(self._rollout.items()):
-            rollout.add_metric([model], step)
-        yield rollout
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric.
+
+        The gateway's own families, then the ``fermion_*`` families that other
+        modules (routing, shadow, rollouts) keep in prometheus_client's default
+        registry.
+        """
+        return generate_latest(self.registry) + generate_latest(_DEFAULT_FERMION)
+
+
+class _FermionFamilies:
+    """The ``fermion_*`` families of prometheus_client's default registry."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("fermion_"):
+                yield family
+
+
+_DEFAULT_FERMION = _FermionFamilies()
 
 
 def metrics_route(metrics: GatewayMetrics, path: str = "/metrics") -> Route:

@@ -16,7 +16,15 @@ from serving import hosts
 from serving.codec import DATATYPE_TO_NUMPY
 from serving.executors import EXECUTORS, Executor, ExecutorOptions, HostInfo, load_executor_class
 
-__all__ = ["ArtifactChoice", "ModelReplica", "NoFittingArtifact", "detect_host", "select_artifact"]
+__all__ = [
+    "ArtifactChoice",
+    "ModelReplica",
+    "NoFittingArtifact",
+    "detect_host",
+    "needs_gpu",
+    "preference_order",
+    "select_artifact",
+]
 
 log = logging.getLogger("fermion.replica")
 
@@ -46,6 +54,22 @@ def _preference(artifact: Artifact, rank: Mapping[str, int]) -> int:
     return qualified if qualified is not None else rank.get(artifact.target, len(rank))
 
 
+def preference_order(manifest: ModelManifest, prefer: Sequence[str]) -> list[Artifact]:
+    """The manifest's artifacts in order of ``prefer``, then manifest order."""
+    rank: dict[str, int] = {}
+    for i, entry in enumerate(prefer):
+        rank.setdefault(entry, i)
+    ordered = sorted(
+        enumerate(manifest.artifacts), key=lambda ia: (_preference(ia[1], rank), ia[0])
+    )
+    return [artifact for _, artifact in ordered]
+
+
+def needs_gpu(artifact: Artifact) -> bool:
+    """Whether ``artifact`` runs only on a CUDA GPU."""
+    return artifact.target == "tensorrt" or artifact.options.get("device") == "cuda"
+
+
 def select_artifact(
     manifest: ModelManifest, prefer: Sequence[str], host: HostInfo
 ) -> ArtifactChoice:
@@ -54,14 +78,8 @@ def select_artifact(
     An entry of ``prefer`` is a target (``torch``) or a target on a device
     (``torch:cuda``, ``torch:cpu``; an artifact without a device runs on the CPU).
     """
-    rank: dict[str, int] = {}
-    for i, entry in enumerate(prefer):
-        rank.setdefault(entry, i)
-    ordered = sorted(
-        enumerate(manifest.artifacts), key=lambda ia: (_preference(ia[1], rank), ia[0])
-    )
     skipped: dict[str, str] = {}
-    for _, artifact in ordered:
+    for artifact in preference_order(manifest, prefer):
         key = f"{artifact.target}:{artifact.file}"
         if artifact.target not in EXECUTORS:
             skipped[key] = f"no executor for target {artifact.target!r} in this build"

@@ -25,7 +25,7 @@ from serving.backends import Backend
 from serving.config import FermionConfig, RayDeploymentConfig, TracingConfig
 from serving.errors import InferenceFailed, ModelNotReady, Overloaded
 from serving.executors import ExecutorOptions
-from serving.replica import ModelReplica
+from serving.replica import ModelReplica, needs_gpu, preference_order
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -35,7 +35,6 @@ __all__ = ["RayBackend", "ReplicaDeployment"]
 log = logging.getLogger("fermion.backends.ray")
 
 #: Artifact targets that run only on a GPU: a replica of such an artifact asks Ray for one.
-_GPU_TARGETS = frozenset({"tensorrt"})
 #: Below this much time left before the deadline, a batch is not retried.
 _MIN_RETRY_S = 0.05
 #: How often a load polls Ray Serve for the state of its deployment.
@@ -250,12 +249,8 @@ class RayBackend(Backend):
     def _gpus_for(self, manifest: ModelManifest, settings: RayDeploymentConfig) -> float:
         if settings.num_gpus is not None:
             return settings.num_gpus
-        prefer = self._config.executor_for(manifest.name).prefer
-        rank = {t: i for i, t in enumerate(prefer)}
-        targets = sorted(
-            (a.target for a in manifest.artifacts), key=lambda t: rank.get(t, len(rank))
-        )
-        if not targets or targets[0] not in _GPU_TARGETS:
+        ordered = preference_order(manifest, self._config.executor_for(manifest.name).prefer)
+        if not ordered or not needs_gpu(ordered[0]):
             return 0.0
         import ray
 

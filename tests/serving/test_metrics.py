@@ -10,6 +10,7 @@ from model_store.store import ModelStore
 from serving.auth import create_key
 from serving.config import AuthConfig, FermionConfig, MetricsConfig
 from serving.metrics import GatewayMetrics
+from serving.rollout_metrics import ROUTE_REQUESTS
 from tests.serving.inprocess import digits_body, serve_in_process
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -77,22 +78,21 @@ async def test_metric_values_after_known_requests(demo_store: ModelStore, tmp_pa
     assert any(name.startswith("process_") for name, _ in s)
 
 
-def test_histogram_buckets_and_rollout_metrics() -> None:
+def test_histogram_buckets_and_routing_metrics() -> None:
     m = GatewayMetrics()
     vm = m.version("m", 3)
     for seconds in (0.0004, 0.002, 0.002, 30.0):
         vm.latency.observe(seconds)
     vm.ok = 4
-    m.observe_shadow("m", 3, 0.5)
-    m.set_rollout_step("m", 0.25)
+    ROUTE_REQUESTS.labels("m", "3", "ok").inc(2)
     s = _samples(m.render().decode())
     labels = {"model": "m", "version": "3"}
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0005") == 1
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0025") == 3
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="10.0") == 3
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="+Inf") == 4
-    assert _value(s, "fermion_shadow_divergence_count", **labels) == 1
-    assert _value(s, "fermion_rollout_step", model="m") == 0.25
+    # Routing, shadow and rollout metrics live in prometheus_client's default registry.
+    assert _value(s, "fermion_route_requests_total", **labels, outcome="ok") >= 2
 
 
 async def test_metrics_off_or_protected(demo_store: ModelStore, tmp_path: Path) -> None:
