@@ -1,7 +1,7 @@
 """The admin API under ``/admin/``: read and replace routes, start, stop and watch rollouts.
 
-Until authentication exists, only loopback clients (127.0.0.1, ::1) may use it;
-others get 403.
+With auth off, only loopback clients (127.0.0.1, ::1) may use it and others get
+403; with auth on, it needs the ``admin`` scope (checked by the auth middleware).
 """
 
 from __future__ import annotations
@@ -161,18 +161,20 @@ async def stop_rollout(request: Request) -> Response:
     return _json(state.model_dump(mode="json"))
 
 
-admin_mount = Mount(
-    "/admin",
-    routes=[
-        Route("/routes", list_routes, methods=["GET"]),
-        Route("/routes/{model}", get_route, methods=["GET"]),
-        Route("/routes/{model}", put_route, methods=["PUT"]),
-        Route("/routes/{model}", delete_route, methods=["DELETE"]),
-        Route("/routes/{model}/split", put_split, methods=["PUT"]),
-        Route("/rollouts", list_rollouts, methods=["GET"]),
-        Route("/rollouts/{model}", get_rollout, methods=["GET"]),
-        Route("/rollouts/{model}", start_rollout, methods=["POST"]),
-        Route("/rollouts/{model}/stop", stop_rollout, methods=["POST"]),
-    ],
-    middleware=[Middleware(LoopbackOnlyMiddleware)],
-)
+_ADMIN_ROUTES = [
+    Route("/routes", list_routes, methods=["GET"]),
+    Route("/routes/{model}", get_route, methods=["GET"]),
+    Route("/routes/{model}", put_route, methods=["PUT"]),
+    Route("/routes/{model}", delete_route, methods=["DELETE"]),
+    Route("/routes/{model}/split", put_split, methods=["PUT"]),
+    Route("/rollouts", list_rollouts, methods=["GET"]),
+    Route("/rollouts/{model}", get_rollout, methods=["GET"]),
+    Route("/rollouts/{model}", start_rollout, methods=["POST"]),
+    Route("/rollouts/{model}/stop", stop_rollout, methods=["POST"]),
+]
+
+
+def admin_mount(*, loopback_only: bool) -> Mount:
+    """The admin routes under ``/admin``; ``loopback_only`` refuses other clients (403)."""
+    middleware = [Middleware(LoopbackOnlyMiddleware)] if loopback_only else []
+    return Mount("/admin", routes=_ADMIN_ROUTES, middleware=middleware)

@@ -169,7 +169,7 @@ def create_app(
 
     extra_routes = [metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
-        routes=[*routes, admin_mount, *extra_routes],
+        routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
         middleware=_middleware(config, metrics),
         exception_handlers={
             FermionError: _fermion_error,

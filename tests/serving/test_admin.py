@@ -1,4 +1,4 @@
-"""The admin API answers loopback clients only (until authentication exists)."""
+"""The admin API: loopback clients only with auth off; the admin scope with auth on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from model_store.store import ModelStore
-from serving.config import FermionConfig
+from serving.auth import create_key
+from serving.config import AuthConfig, FermionConfig
 from serving.gateway.app import create_app
 
 
@@ -37,3 +38,18 @@ async def test_admin_routes_refuse_clients_off_loopback(
             assert r.json() == {"error": "no route 'digits'"}
         # The V2 API is not restricted.
         assert (await http.get("/v2/health/live")).status_code == 200
+
+
+async def test_with_auth_on_the_admin_scope_opens_it_to_any_client(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    admin = create_key(keys, "ops", ["admin"])
+    reader = create_key(keys, "dash", ["read"])
+    config = FermionConfig(auth=AuthConfig(keys_file=keys))
+    app = create_app(config, store=ModelStore(tmp_path / "store"))
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        assert (await http.get("/admin/routes")).status_code == 401
+        denied = await http.get("/admin/routes", headers={"x-api-key": reader})
+        assert denied.status_code == 403
+        r = await http.get("/admin/routes", headers={"x-api-key": admin})
+        assert r.status_code == 200, r.text
