@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,7 +30,12 @@ from serving.errors import (
     Overloaded,
 )
 
-__all__ = ["BatchObserver", "BatchRunner", "BatcherStats", "DynamicBatcher"]
+__all__ = ["BatchObserver", "BatchRunner", "BatcherStats", "DynamicBatcher", "batch_deadline_ns"]
+
+#: While a batch runs: the last deadline (``time.perf_counter_ns``) of its requests,
+#: or None when one of them has none. Past it nobody waits for the batch, so a
+#: backend can stop waiting for a remote answer then.
+batch_deadline_ns: ContextVar[int | None] = ContextVar("fermion_batch_deadline_ns", default=None)
 
 #: Computes one batch: named inputs with the batch in dim 0 -> named outputs.
 BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
@@ -313,6 +319,9 @@ class DynamicBatcher:
                 attributes = {**self._attributes, "fermion.batch.rows": rows}
                 attributes["fermion.batch.requests"] = len(live)
                 spans = _tracing.start_batch_spans(tracer, traced, attributes)
+            # Each batch runs in its own task: setting the variable here stays here.
+            deadlines = [p.deadline_ns for p in live]  # 0: no deadline
+            batch_deadline_ns.set(None if 0 in deadlines else max(deadlines))
             try:
                 try:
                     outputs = await self._run_batch(inputs)

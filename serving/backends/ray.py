@@ -22,8 +22,9 @@ from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving import tracing
 from serving.backends import Backend
+from serving.batcher import batch_deadline_ns
 from serving.config import FermionConfig, RayDeploymentConfig, TracingConfig
-from serving.errors import InferenceFailed, ModelNotReady, Overloaded
+from serving.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from serving.executors import ExecutorOptions
 from serving.replica import ModelReplica, needs_gpu, preference_order
 
@@ -346,6 +347,10 @@ class RayBackend(Backend):
             raise ModelNotReady(f"model {name} version {version} has no deployment")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ray_config.request_timeout_s
+        requested = batch_deadline_ns.get()
+        if requested is not None:
+            # Nobody waits for the batch past its requests' own deadline.
+            deadline = min(deadline, loop.time() + (requested - time.perf_counter_ns()) / 1e9)
         try:
             return await self._call(deployment, name, version, inputs, deadline)
         except _ReplicaGone as e:
@@ -381,6 +386,11 @@ class RayBackend(Backend):
                 return outputs
         except TimeoutError:
             response.cancel()  # type: ignore[no-untyped-call]
+            requested = batch_deadline_ns.get()
+            if requested is not None and time.perf_counter_ns() >= requested:
+                raise DeadlineExceeded(
+                    f"deadline passed while model {name} version {version} computed the batch"
+                ) from None
             raise Overloaded(
                 f"no replica of model {name} version {version} answered within "
                 f"{self._ray_config.request_timeout_s:g}s"

@@ -209,16 +209,20 @@ def test_a_failing_or_slow_shadow_never_reaches_the_client(gateway: _Gateway) ->
     heavy = np.ones((2, 4), np.float32)
     heavy[:, 3] = 300.0  # version 4 spins about a second per batch on these
     latencies = []
+    began = time.perf_counter()
     with httpx.Client(timeout=10) as client:
         for _ in range(20):
             started = time.perf_counter()
             r = _infer(client, url, heavy)
             latencies.append(time.perf_counter() - started)
             assert r.status_code == 200 and r.headers["fermion-model-version"] == "1"
-    # Bound: no request waits for the shadow (~1 s); 300 ms leaves room for a busy CI host.
-    assert max(latencies) < 0.3, latencies
+    elapsed = time.perf_counter() - began
+    # Bound: no request waits for the shadow (~1 s a batch); 600 ms leaves room for a
+    # busy 2-core CI host, where the spinning shadow takes one of the cores.
+    assert max(latencies) < 0.6, latencies
     figures = _admin(url, "GET", f"/routes/{MODEL}")["shadow_figures"]["1->4"]
-    assert figures["shed"] >= 15, figures
+    # One ~1 s shadow runs at a time and at most 2 wait: everything else is shed.
+    assert figures["shed"] >= max(1, 20 - int(elapsed + 3)), (figures, elapsed)
     _admin(
         url,
         "PUT",

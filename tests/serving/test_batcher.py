@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
-from serving.batcher import DynamicBatcher
+from serving.batcher import DynamicBatcher, batch_deadline_ns
 from serving.errors import InferenceFailed, InvalidInput, Overloaded
 
 
@@ -154,3 +155,30 @@ async def test_close_finishes_queued_requests() -> None:
     await batcher.close()
     results = await asyncio.gather(*tasks)
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(7)]
+
+
+async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
+    seen: list[int | None] = []
+
+    async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(batch_deadline_ns.get())
+        await asyncio.sleep(0.02)
+        return {"y": inputs["x"]}
+
+    batcher = DynamicBatcher(run, max_batch_size=8)
+    now = time.perf_counter_ns()
+    soon, later = now + 5_000_000_000, now + 9_000_000_000
+    first = asyncio.ensure_future(batcher.submit(_req(0.0), 1, deadline_ns=soon))
+    await asyncio.sleep(0.005)  # the first batch runs alone; these two share the next
+    await asyncio.gather(
+        batcher.submit(_req(1.0), 1, deadline_ns=soon),
+        batcher.submit(_req(2.0), 1, deadline_ns=later),
+        first,
+    )
+    await asyncio.gather(
+        batcher.submit(_req(3.0), 1, deadline_ns=soon), batcher.submit(_req(4.0), 1)
+    )
+    assert seen[0] == soon
+    assert seen[1] == later
+    assert seen[-1] is None  # a request without a deadline waits for the batch however long
+    assert batch_deadline_ns.get() is None  # set only inside the batch's own task
