@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from serving.config import ConfigError, RouteConfig
+from serving.files import write_atomically
 
 __all__ = ["RouteFile", "route_to_yaml"]
 
@@ -57,9 +57,4 @@ class RouteFile:
         if not routes:
             data.pop("routes")
         text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, text)

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from serving.config import RolloutBounds, RouteConfig, ShadowConfig
 from serving.config_file import RouteFile
 from serving.errors import FermionError, InvalidInput, ModelNotFound
 from serving.figures import LatencyFigures, ShadowFigures
+from serving.files import write_atomically
 from serving.repository import ModelRepository
 from serving.rollout_metrics import ROLLOUT_ROLLBACKS, ROLLOUT_STEP
 from serving.router import Router
@@ -413,17 +413,8 @@ class RolloutController:
         if self._state_path is None:
             return
         text = _StateFile(rollouts=self.states()).model_dump_json(indent=2)
-        await asyncio.to_thread(_write_atomically, self._state_path, text)
+        await asyncio.to_thread(write_atomically, self._state_path, text)
 
 
 class _StateFile(BaseModel):
     rollouts: list[RolloutState]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -47,8 +47,9 @@ def start_server(
     timeout_s: float = 60.0,
     *,
     config_path: Path | None = None,
+    ready_path: str = "/v2/health/ready",
 ) -> RunningServer:
-    """Start ``fermion serve`` on a free port and wait until it is ready."""
+    """Start ``fermion serve`` on a free port and wait until ``ready_path`` answers 200."""
     port = free_port()
     if config_path is None:  # else: a file the caller keeps across restarts
         config_path = tmp / f"fermion-{port}.yaml"
@@ -83,13 +84,13 @@ def start_server(
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
         try:
-            if httpx.get(f"{server.url}/v2/health/ready", timeout=1.0).status_code == 200:
+            if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
                 return server
         except httpx.TransportError:
             pass
         time.sleep(0.1)
     stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout_s}s:\n{server.log()}")
+    raise RuntimeError(f"{ready_path} not 200 after {timeout_s}s:\n{server.log()}")
 
 
 def stop_server(server: RunningServer) -> None:

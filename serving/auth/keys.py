@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.auth.scopes import Principal, parse_scopes
+from serving.files import write_atomically
 
 __all__ = [
     "ApiKeys",
@@ -113,18 +113,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _write(path: Path, records: Sequence[KeyRecord]) -> None:
     data = json.dumps({"keys": [r.to_json() for r in records]}, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, data, mode=0o600)
 
 
 def create_key(

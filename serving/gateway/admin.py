@@ -16,9 +16,9 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.codec import encode_error
 from serving.config import RouteConfig
-from serving.errors import InvalidInput, ModelNotFound
+from serving.errors import Forbidden, InvalidInput, ModelNotFound
+from serving.gateway.middleware import send_error
 from serving.rollout import RolloutController, RolloutSpec
 from serving.router import Router
 
@@ -39,18 +39,7 @@ class LoopbackOnlyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
         if scope["type"] == "http" and (client is None or client[0] not in LOOPBACK_HOSTS):
-            body = encode_error("the admin API answers loopback clients only")
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, Forbidden("the admin API answers loopback clients only"))
             return
         await self.app(scope, receive, send)
 

@@ -13,15 +13,13 @@ import logging
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.codec import encode_error
 from serving.errors import FermionError
+from serving.gateway.middleware import send_error
 from serving.gateway.routes import infer_body
 
 __all__ = ["InferenceFastPath"]
 
 log = logging.getLogger("fermion.gateway")
-
-_JSON = (b"content-type", b"application/json")
 
 
 class InferenceFastPath:
@@ -48,19 +46,16 @@ class InferenceFastPath:
         else:
             await self.app(scope, receive, send)
             return
-        status = 200
         try:
             content, headers = await infer_body(Request(scope, receive))
-            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         except FermionError as e:
-            status, content = e.status_code, encode_error(e.message)
-            raw = [
-                _JSON,
-                *((k.encode("latin-1"), v.encode("latin-1")) for k, v in e.headers().items()),
-            ]
+            await send_error(send, e)
+            return
         except Exception:
             log.exception("unhandled error on %s", path)
-            status, content, raw = 500, encode_error("internal server error"), [_JSON]
+            await send_error(send, FermionError("internal server error"))
+            return
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         raw.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": content})

@@ -97,18 +97,16 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, send: Send, declared: int) -> None:
-        body = encode_error(
-            f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
+        await send_error(
+            send,
+            _BodyRefused(
+                f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
+            ),
         )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyRefused(PayloadTooLarge):
+    """413 before the body was read: the connection closes, the body is never drained."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}

@@ -6,10 +6,7 @@ whose artifacts fit no host stays unavailable, with the reason in its config.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, RunningServer, free_port, start_server, stop_server
+from tests.conftest import RunningServer, start_server, stop_server
 from tests.torch_store import GPU_ONLY, MODEL, TorchStore, torch_store
 
 pytestmark = pytest.mark.e2e
@@ -38,31 +35,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _start_serving(root: Path, tmp: Path, config: str, wait_for: str) -> RunningServer:
     """Start ``fermion serve`` and wait for ``wait_for`` to answer 200 (not the whole server)."""
-    port = free_port()
-    config_path = tmp / f"fermion-{port}.yaml"
-    config_path.write_text(config)
-    log_path = tmp / f"server-{port}.log"
-    argv = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)]
-    argv += ["--store", str(root), "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", port, log_path)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(server.url + wait_for, timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(server)
-    raise RuntimeError(f"{wait_for} not 200 in time:\n{server.log()}")
+    return start_server(root, tmp, config, ready_path=wait_for)
 
 
 @pytest.fixture(scope="module")

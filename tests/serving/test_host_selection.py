@@ -13,7 +13,7 @@ from model_store.manifest import Artifact, ModelManifest, TensorSpec
 from serving.config import ExecutorConfig
 from serving.executors import HostInfo
 from serving.hosts import detect_host, torch_has_cuda
-from serving.replica import NoFittingArtifact, needs_gpu, preference_order, select_artifact
+from serving.replica import NoFittingArtifact, select_artifact
 from tests.conftest import REPO_ROOT
 
 _TORCH = "2.13.0"
@@ -191,26 +191,3 @@ def test_this_host_is_described_from_metadata_and_proc() -> None:
 )
 def test_torch_builds_with_cuda_are_told_by_their_version(version: str | None, cuda: bool) -> None:
     assert torch_has_cuda(version) is cuda
-
-
-def test_gpu_need_follows_the_preferred_artifact() -> None:
-    def art(target: str, file: str, **options: object) -> Artifact:
-        return Artifact(target=target, file=file, sha256="b" * 64, size=1, options=dict(options))
-
-    manifest = ModelManifest(
-        name="m",
-        version=1,
-        platform="onnxruntime_onnx",
-        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 4])],
-        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 2])],
-        max_batch_size=8,
-        artifacts=[
-            art("onnxruntime", "m.onnx"),
-            art("torch", "cpu.pt2", device="cpu"),
-            art("torch", "cuda.pt2", device="cuda"),
-        ],
-    )
-    ordered = preference_order(manifest, ["tensorrt", "torch:cuda", "onnxruntime", "torch"])
-    assert [a.file for a in ordered] == ["cuda.pt2", "m.onnx", "cpu.pt2"]
-    assert needs_gpu(ordered[0])
-    assert not needs_gpu(preference_order(manifest, ["onnxruntime"])[0])

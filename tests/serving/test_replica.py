@@ -6,7 +6,7 @@ import pytest
 
 from model_store.manifest import Artifact, ModelManifest, TensorSpec
 from serving.executors import HostInfo
-from serving.replica import NoFittingArtifact, select_artifact
+from serving.replica import NoFittingArtifact, needs_gpu, preference_order, select_artifact
 
 
 def _manifest(*artifacts: Artifact) -> ModelManifest:
@@ -49,3 +49,15 @@ def test_no_fitting_artifact_says_why() -> None:
     m = _manifest(_artifact("tensorrt", "model.plan"))
     with pytest.raises(NoFittingArtifact, match=r"tensorrt:model\.plan"):
         select_artifact(m, ["tensorrt", "onnxruntime"], HostInfo())
+
+
+def test_gpu_need_follows_the_preferred_artifact() -> None:
+    m = _manifest(
+        _artifact("onnxruntime", "m.onnx"),
+        _artifact("torch", "cpu.pt2", device="cpu"),
+        _artifact("torch", "cuda.pt2", device="cuda"),
+    )
+    ordered = preference_order(m, ["tensorrt", "torch:cuda", "onnxruntime", "torch"])
+    assert [a.file for a in ordered] == ["cuda.pt2", "m.onnx", "cpu.pt2"]
+    assert needs_gpu(ordered[0])
+    assert not needs_gpu(preference_order(m, ["onnxruntime"])[0])

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from model_store.store import ModelStore
 from serving.config import RolloutBounds, RouteConfig, load_config
 from serving.config_file import RouteFile
 from serving.errors import FermionError
@@ -22,21 +21,10 @@ from serving.repository import ModelRepository
 from serving.rollout import RolloutConflict, RolloutController, RolloutSpec, judge
 from serving.router import Router
 from serving.shadow import ShadowMirror
-from tests.serving.ab_models import FAIL_AT, MODEL, build_ab_store, serve_in_process
+from tests.serving.ab_models import FAIL_AT, MODEL
 
 #: Loose enough for a busy 2-core machine; the faults below overshoot them by far.
 _BOUNDS = {"min_requests": 5, "max_p99_ratio": 3.0, "p99_slack_ms": 30.0}
-
-
-@pytest.fixture(scope="session")
-def ab_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return build_ab_store(tmp_path_factory.getbasetemp() / "ab-store")
-
-
-@pytest.fixture
-async def repository(ab_store: ModelStore) -> AsyncIterator[ModelRepository]:
-    async with serve_in_process(ab_store) as repo:
-        yield repo
 
 
 def _gateway(repo: ModelRepository, tmp: Path) -> tuple[Router, RolloutController, Path]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from model_store.store import ModelStore
 from serving.config import RouteConfig
 from serving.repository import ModelRepository
 from serving.router import Router
@@ -20,21 +18,8 @@ from tests.serving.ab_models import (
     DELTA,
     FAIL_AT,
     MODEL,
-    build_ab_store,
     expected_logits,
-    serve_in_process,
 )
-
-
-@pytest.fixture(scope="session")
-def ab_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    return build_ab_store(tmp_path_factory.getbasetemp() / "ab-store")
-
-
-@pytest.fixture
-async def repository(ab_store: ModelStore) -> AsyncIterator[ModelRepository]:
-    async with serve_in_process(ab_store) as repo:
-        yield repo
 
 
 def _router(repo: ModelRepository, shadow: dict[str, object]) -> Router:
