@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "PRECISIONS",
     "TensorRtTarget",
+    "context_count",
     "engine_cache_key",
     "engine_file",
     "optimisation_profile",
@@ -38,16 +39,31 @@ DEFAULT_CACHE_DIR = Path.home() / ".cache" / "fermion" / "tensorrt"
 #: Precisions an engine can be built at.
 PRECISIONS = ("fp32", "tf32", "fp16", "int8")
 _OPTIONS = frozenset(
-    {"precision", "workspace_mb", "opt_batch_size", "calibration_file", "cache_dir", "device"}
+    {
+        "precision",
+        "workspace_mb",
+        "opt_batch_size",
+        "contexts",
+        "calibration_file",
+        "cache_dir",
+        "device",
+    }
 )
 _DEFAULT_WORKSPACE_MB = 1024
+_DEFAULT_CONTEXTS = 2
+_MAX_CONTEXTS = 16
 _CALIBRATION_BATCH = 32
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise BuildError(f"TensorRT precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return precision
 
 
 def engine_cache_key(compute_capability: str, tensorrt_version: str, precision: str) -> str:
     """The cache key of an engine, e.g. ``sm90-trt10.3.0-fp16``."""
-    if precision not in PRECISIONS:
-        raise BuildError(f"TensorRT precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    _check_precision(precision)
     return f"sm{compute_capability.replace('.', '')}-trt{tensorrt_version}-{precision}"
 
 
@@ -64,6 +80,18 @@ def optimisation_profile(max_batch_size: int, opt_batch_size: int | None) -> tup
     if not 1 <= opt <= max_batch_size:
         raise BuildError(f"opt_batch_size {opt} must be in [1, max_batch_size={max_batch_size}]")
     return (1, opt, max_batch_size)
+
+
+def context_count(value: Any) -> int:
+    """How many identical optimisation profiles to build: one per concurrent context.
+
+    TensorRT lets only one execution context at a time use a profile of an engine
+    with dynamic shapes, so an engine that runs N batches at once needs N profiles.
+    """
+    count = _DEFAULT_CONTEXTS if value is None else value
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _MAX_CONTEXTS:
+        raise BuildError(f"contexts must be an integer in [1, {_MAX_CONTEXTS}], not {value!r}")
+    return count
 
 
 def _digest(path: Path) -> str:
@@ -136,9 +164,11 @@ class TensorRtTarget(CompileTarget):
 
     Options: ``precision`` (``fp32``, ``tf32``, ``fp16``, ``int8``; default ``fp16``),
     ``workspace_mb`` (builder memory pool limit; default 1024), ``opt_batch_size``
-    (the profile's opt batch; default the max batch), ``calibration_file`` (int8: an
-    ``.npz`` published with the model, one array per input), ``cache_dir`` (engine
-    and timing caches) and ``device`` (CUDA device index; default 0).
+    (the profile's opt batch; default the max batch), ``contexts`` (how many batches
+    the engine runs at once, one identical profile each; default 2),
+    ``calibration_file`` (int8: an ``.npz`` published with the model, one array per
+    input), ``cache_dir`` (engine and timing caches) and ``device`` (CUDA device
+    index; default 0).
     """
 
     name: ClassVar[str] = "tensorrt"
@@ -163,6 +193,10 @@ class TensorRtTarget(CompileTarget):
             raise BuildError(
                 f"unknown tensorrt target options: {unknown}; known: {sorted(_OPTIONS)}"
             )
+        # Options are checked before anything is imported, so a bad one fails on any host.
+        precision = _check_precision(str(opts.get("precision", "fp16")))
+        profile = optimisation_profile(source.max_batch_size, opts.get("opt_batch_size"))
+        contexts = context_count(opts.get("contexts"))
         try:
             import tensorrt as trt
             import torch
@@ -176,18 +210,19 @@ class TensorRtTarget(CompileTarget):
         device = int(opts.get("device", 0))
         torch.cuda.set_device(device)
         major, minor = torch.cuda.get_device_capability(device)
-        precision = str(opts.get("precision", "fp16"))
         key = engine_cache_key(f"{major}.{minor}", trt.__version__, precision)
-        profile = optimisation_profile(source.max_batch_size, opts.get("opt_batch_size"))
         cache_dir = _cache_dir(opts)
         cache_dir.mkdir(parents=True, exist_ok=True)
         digest = _digest(source.onnx_path)
-        cached = cache_dir / f"{digest[:16]}-{key}-b{profile[0]}-{profile[1]}-{profile[2]}.plan"
+        batches = "-".join(map(str, profile))
+        cached = cache_dir / f"{digest[:16]}-{key}-b{batches}-x{contexts}.plan"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / engine_file(key)
         reused = cached.exists()
         if not reused:
-            plan = _build_engine(trt, torch, source, opts, precision, profile, cache_dir, key)
+            plan = _build_engine(
+                trt, torch, source, opts, precision, profile, contexts, cache_dir, key
+            )
             tmp = cached.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(plan)
             tmp.replace(cached)
@@ -201,6 +236,7 @@ class TensorRtTarget(CompileTarget):
                 "tensorrt_version": trt.__version__,
                 "cache_key": key,
                 "profile": {"min": profile[0], "opt": profile[1], "max": profile[2]},
+                "contexts": contexts,
                 "workspace_mb": int(opts.get("workspace_mb", _DEFAULT_WORKSPACE_MB)),
                 "gpu": torch.cuda.get_device_name(device),
                 "engine_reused": reused,
@@ -248,6 +284,7 @@ def _build_engine(
     opts: Mapping[str, Any],
     precision: str,
     profile_batches: tuple[int, int, int],
+    contexts: int,
     cache_dir: Path,
     key: str,
 ) -> bytes:
@@ -265,11 +302,14 @@ def _build_engine(
     config = builder.create_builder_config()
     workspace = int(opts.get("workspace_mb", _DEFAULT_WORKSPACE_MB)) << 20
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    profile = builder.create_optimization_profile()
-    for spec in source.signature.inputs:
-        shapes = [_shape(spec.shape, b) for b in profile_batches]
-        profile.set_shape(spec.name, *shapes)
-    config.add_optimization_profile(profile)
+    built = []
+    for _ in range(contexts):  # identical profiles, one per concurrent execution context
+        profile = builder.create_optimization_profile()
+        for spec in source.signature.inputs:
+            shapes = [_shape(spec.shape, b) for b in profile_batches]
+            profile.set_shape(spec.name, *shapes)
+        config.add_optimization_profile(profile)
+        built.append(profile)
     if precision != "tf32":
         # fp32 means fp32: TensorRT would otherwise use TF32 on Ampere and later.
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -279,14 +319,15 @@ def _build_engine(
         file = opts.get("calibration_file")
         if not file:
             raise BuildError("int8 needs calibration_file: an .npz published with the model")
-        batches = _calibration_batches(source, str(file), _CALIBRATION_BATCH)
+        rows = min(_CALIBRATION_BATCH, profile_batches[2])  # a batch the profile accepts
+        batches = _calibration_batches(source, str(file), rows)
         if not batches:
-            raise BuildError(f"calibration set {file!r} has fewer than {_CALIBRATION_BATCH} rows")
+            raise BuildError(f"calibration set {file!r} has fewer than {rows} rows")
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)  # layers INT8 cannot run fall back to FP16
         calibration_cache = cache_dir / f"{key}-{_digest(source.onnx_path)[:16]}.calib"
         config.int8_calibrator = _make_calibrator(trt, torch, batches, calibration_cache)
-        config.set_calibration_profile(profile)
+        config.set_calibration_profile(built[0])
     timing_path = cache_dir / f"timing-{key.rsplit('-', 1)[0]}.cache"
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.exists() else b"")
     config.set_timing_cache(timing, ignore_mismatch=False)

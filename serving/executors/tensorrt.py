@@ -4,13 +4,18 @@
 artifact reads ``unfit_reason`` alone). The engine is deserialised
 once; each concurrent batch takes an execution context of its own, with its own
 CUDA stream, device buffers (torch CUDA tensors) sized for the profile's max batch,
-and pinned host buffers for the asynchronous copies in and out. Contexts are made
-on demand and kept in a pool, so as many exist as batches ever ran at once.
+and pinned host buffers for the asynchronous copies in and out.
+
+TensorRT lets one execution context at a time use an optimisation profile of an
+engine with dynamic shapes, so the target builds the engine with identical profiles
+(its ``contexts`` option) and context *i* is bound to profile *i*. Contexts are made
+on demand and pooled; a batch that finds all of them busy waits for one.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,14 @@ __all__ = ["TensorRtExecutor"]
 class _Slot:
     """One execution context with its stream and buffers; used by one batch at a time."""
 
-    def __init__(self, engine: Any, specs: Mapping[str, TensorSpec], rows: int, device: Any):
+    def __init__(
+        self,
+        engine: Any,
+        specs: Mapping[str, TensorSpec],
+        rows: int,
+        device: Any,
+        profile: int,
+    ) -> None:
         import tensorrt as trt
         import torch
 
@@ -35,6 +47,9 @@ class _Slot:
         if self.context is None:
             raise RuntimeError("TensorRT could not create an execution context (GPU memory?)")
         self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        if not self.context.set_optimization_profile_async(profile, self.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT refused optimisation profile {profile} for a context")
+        self.stream.synchronize()
         self.device: dict[str, torch.Tensor] = {}
         self.pinned: dict[str, torch.Tensor] = {}
         for name, spec in specs.items():
@@ -89,18 +104,35 @@ class TensorRtExecutor(Executor):
         missing = sorted((set(self._inputs) | set(self._outputs)) - names)
         if missing:
             raise ValueError(f"engine {artifact.file} has no tensor(s) {missing}")
+        self._max_contexts = max(1, int(self._engine.num_optimization_profiles))
         self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._unbound = list(range(self._max_contexts))  # profiles no context uses yet
+        self._binding = threading.Lock()
 
     def _slot(self) -> _Slot:
         try:
             return self._slots.get_nowait()
         except queue.Empty:
+            pass
+        with self._binding:
+            profile = self._unbound.pop(0) if self._unbound else None
+        if profile is None:
+            return self._slots.get()  # every profile is busy: wait for a batch to finish
+        try:
             specs = {**self._inputs, **self._outputs}
-            return _Slot(self._engine, specs, self._max_rows, self._device)
+            return _Slot(self._engine, specs, self._max_rows, self._device, profile)
+        except BaseException:
+            with self._binding:
+                self._unbound.append(profile)
+            raise
 
     def describe(self) -> dict[str, Any]:
-        """The GPU, and the batch sizes the engine's profile accepts."""
-        return {"device": str(self._device), "max_rows": self._max_rows}
+        """The GPU, the profile's max batch, and how many batches can run at once."""
+        return {
+            "device": str(self._device),
+            "max_rows": self._max_rows,
+            "contexts": self._max_contexts,
+        }
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -126,6 +158,7 @@ class TensorRtExecutor(Executor):
             slot.stream.synchronize()
             return {name: slot.pinned[name][: rows[name]].numpy().copy() for name in self._outputs}
         finally:
+            slot.stream.synchronize()  # a failed batch's copies end before the slot is reused
             self._slots.put(slot)
 
     def close(self) -> None:

@@ -143,6 +143,8 @@ class TorchExecutor(Executor):
         self._graphs: list[_CudaGraph] = []
         self._graph_lock = threading.Lock()
         self._local = threading.local()
+        #: Held around eager runs of a package loaded for capture (not thread-safe).
+        self._eager_lock: threading.Lock | None = None
         if not self._cuda:
             if options.intra_op_threads > 0:
                 torch.set_num_threads(options.intra_op_threads)
@@ -150,9 +152,20 @@ class TorchExecutor(Executor):
             self._package = torch._inductor.aoti_load_package(str(path))
         else:
             self._device = torch.device("cuda", torch.cuda.current_device())
-            self._package = torch._inductor.aoti_load_package(str(path))
+            package = None
             if manifest.max_batch_size > 0:
-                self._graphs = self._capture(path, manifest.max_batch_size)
+                # One copy of the weights on the GPU: the package loaded without its own
+                # thread synchronisation (which capture needs) also serves eager runs.
+                single = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
+                self._graphs = self._capture(single, manifest.max_batch_size)
+                if self._graphs:
+                    package, self._eager_lock = single, threading.Lock()
+                else:
+                    del single
+                    torch.cuda.empty_cache()
+            if package is None:
+                package = torch._inductor.aoti_load_package(str(path))
+            self._package = package
         self._check_names(path)
 
     def _check_names(self, path: Path) -> None:
@@ -163,10 +176,8 @@ class TorchExecutor(Executor):
             if names is not None and names != wanted:
                 raise ValueError(f"artifact {path.name} has {key[8:]} {names}, not {wanted}")
 
-    def _capture(self, path: Path, max_batch_size: int) -> list[_CudaGraph]:
+    def _capture(self, single: Any, max_batch_size: int) -> list[_CudaGraph]:
         torch = self._torch
-        # A package run without its own thread synchronisation can be captured.
-        single = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
         try:
             with torch.no_grad():
                 return [
@@ -210,7 +221,11 @@ class TorchExecutor(Executor):
                 .to(self._device, non_blocking=True)
                 for a in arrays
             ]
-            results = self._package(*args)
+            if self._eager_lock is None:
+                results = self._package(*args)
+            else:
+                with self._eager_lock:
+                    results = self._package(*args)
             host = [r.to("cpu", non_blocking=True) for r in results]
         stream.synchronize()
         return {n: t.numpy() for n, t in zip(self._output_names, host, strict=True)}

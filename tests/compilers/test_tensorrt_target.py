@@ -15,6 +15,7 @@ from compilers.signature import ModelSignature
 from compilers.targets import BuildSource, get_target
 from compilers.targets.tensorrt import (
     TensorRtTarget,
+    context_count,
     engine_cache_key,
     engine_file,
     optimisation_profile,
@@ -77,6 +78,35 @@ def test_an_opt_batch_outside_the_profile_is_refused() -> None:
         optimisation_profile(64, 65)
 
 
+@pytest.mark.parametrize(("value", "count"), [(None, 2), (1, 1), (16, 16)])
+def test_an_engine_gets_one_profile_per_concurrent_context(value: int | None, count: int) -> None:
+    assert context_count(value) == count
+
+
+@pytest.mark.parametrize("value", [0, 17, -1, 2.5, "4", True])
+def test_a_context_count_outside_one_to_sixteen_is_refused(value: object) -> None:
+    with pytest.raises(BuildError, match=r"contexts must be an integer in \[1, 16\]"):
+        context_count(value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"precision": "fp8"}, "use one of fp32"),
+        ({"contexts": 0}, "contexts must be"),
+        ({"opt_batch_size": 99}, "opt_batch_size 99"),
+    ],
+)
+def test_bad_options_are_refused_on_any_host_before_tensorrt_is_imported(
+    tmp_path: Path, options: dict[str, object], message: str
+) -> None:
+    signature = ModelSignature(inputs=tuple(_INPUTS), outputs=(_INPUTS[0],))
+    source = BuildSource(tmp_path / "model.onnx", signature, 16, module=tiny_mlp())
+    with pytest.raises(BuildError, match=message):
+        TensorRtTarget().build(source, tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(_SKIP is None, reason="tensorrt and a GPU are here: the real build runs")
 def test_without_tensorrt_and_a_gpu_the_build_says_what_is_missing(tmp_path: Path) -> None:
     signature = ModelSignature(inputs=tuple(_INPUTS), outputs=(_INPUTS[0],))
@@ -115,6 +145,7 @@ def test_an_engine_matches_the_module_and_is_built_once_per_key(
         f"{major}.{minor}", trt.__version__, precision
     )
     assert first.options["profile"] == {"min": 1, "opt": 16, "max": 16}
+    assert first.options["contexts"] == 2
     assert (first.options["engine_reused"], second.options["engine_reused"]) == (False, True)
     assert first.sha256 == second.sha256
     assert first.parity is not None and first.parity.max_abs_err <= TOLERANCES[precision].atol
@@ -157,6 +188,8 @@ def test_the_executor_runs_concurrent_batches_of_any_size(tmp_path: Path) -> Non
         except BaseException as exc:
             errors.append(exc)
 
+    assert executor.describe()["contexts"] == 2, "one context per profile the engine has"
+    # More concurrent batches than profiles: the extra ones wait for a context.
     threads = [threading.Thread(target=check, args=(rows,)) for rows in (1, 5, 16, 3, 16, 1)]
     for t in threads:
         t.start()
