@@ -253,6 +253,13 @@ class RouteConfig(_Strict):
             raise ValueError("at least one version needs a positive weight")
         return split
 
+    def versions_in_use(self) -> set[int]:
+        """The versions this route sends requests to: a positive weight, or the shadow."""
+        used = {v for v, w in self.split.items() if w > 0}
+        if self.shadow is not None:
+            used.add(self.shadow.version)
+        return used
+
 
 class LocalBackendConfig(_Strict):
     """Backend ``local``: replicas in the gateway process."""

@@ -98,7 +98,8 @@ class ModelRepository:
             sv.state is VersionState.READY for vs in self._models.values() for sv in vs.values()
         )
 
-    def _versions_to_serve(self, name: str) -> list[int]:
+    def versions_to_serve(self, name: str) -> list[int]:
+        """The versions of ``name`` this gateway serves: its version policy over the store."""
         available = self._store.versions(name)
         if not available:
             raise ModelNotFound(f"model {name} has no published version in the store")
@@ -117,7 +118,7 @@ class ModelRepository:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
-                wanted = self._versions_to_serve(name)
+                wanted = self.versions_to_serve(name)
                 manifests = [self._store.manifest(name, v) for v in wanted]
             except StoreError as e:
                 raise ModelNotFound(str(e)) from e

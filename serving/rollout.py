@@ -177,10 +177,7 @@ class RolloutController:
 
     def check_versions(self, name: str, route: RouteConfig) -> None:
         """Raise unless every version the route sends traffic to is served and ready."""
-        wanted = {v for v, w in route.split.items() if w > 0}
-        if route.shadow is not None:
-            wanted.add(route.shadow.version)
-        for version in sorted(wanted):
+        for version in sorted(route.versions_in_use()):
             try:
                 self._repository.resolve(name, str(version))
             except FermionError as e:

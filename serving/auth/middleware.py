@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.auth.keys import ApiKeys
 from serving.auth.scopes import INFER, OPEN, Principal, required_scope
 from serving.auth.tokens import JwtVerifier, looks_like_jwt
 from serving.errors import Forbidden, Unauthorized
-from serving.gateway.middleware import send_error
+from serving.gateway.middleware import RejectHook, send_error
 
 __all__ = ["AuthMiddleware", "RejectHook"]
-
-#: Called with (model, reason) for every request refused; model is "" when none is named.
-RejectHook = Callable[[str, str], None]
 
 _AUTHORIZATION = b"authorization"
 _API_KEY = b"x-api-key"

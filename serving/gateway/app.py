@@ -21,7 +21,7 @@ from serving.access_log import AccessLogMiddleware
 from serving.auth import ApiKeys, AuthMiddleware, JwtVerifier
 from serving.backends import Backend, create_backend
 from serving.codec import encode_error
-from serving.config import FermionConfig
+from serving.config import ConfigError, FermionConfig
 from serving.config_file import RouteFile
 from serving.errors import FermionError
 from serving.gateway.admin import admin_mount
@@ -68,6 +68,25 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
     return _error("internal server error", 500)
 
 
+def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
+    """Refuse a configuration whose routes send traffic to versions this gateway won't serve.
+
+    Caught at start, a misnamed version fails the deploy with its reason instead of
+    failing its share of requests later (the admin API checks a route when it is set).
+    """
+    for name, route in config.routes.items():
+        try:
+            served = repository.versions_to_serve(name)
+        except FermionError as e:
+            raise ConfigError(f"routes.{name}: {e.message}") from None
+        missing = sorted(route.versions_in_use() - set(served))
+        if missing:
+            raise ConfigError(
+                f"routes.{name} sends traffic to version(s) {missing}, which this gateway "
+                f"does not serve (it serves {served} of {name})"
+            )
+
+
 def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
@@ -88,7 +107,9 @@ def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[M
         Middleware(RateLimitMiddleware, limiter=RateLimiter(rules), on_reject=reject)
         if rules
         else None,
-        Middleware(BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes),
+        Middleware(
+            BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
+        ),
         Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]
@@ -134,6 +155,7 @@ def create_app(
     repository = ModelRepository(
         config, store, backend, observers=metrics.version if metrics is not None else None
     )
+    check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
     router = Router(config.routes, ShadowMirror(repository))
     rollouts = RolloutController(

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.auth.scopes import infer_model
 from serving.codec import encode_error
 from serving.errors import FermionError, PayloadTooLarge
 
-__all__ = ["BodySizeLimitMiddleware", "RequestIdMiddleware", "send_error"]
+#: Counts a refused request: ``(model, reason)``, model ``""`` when none is named.
+RejectHook = Callable[[str, str], None]
+
+__all__ = ["BodySizeLimitMiddleware", "RejectHook", "RequestIdMiddleware", "send_error"]
 
 _REQUEST_ID = b"x-request-id"
 # Unique per process start (random prefix) and per request (counter): cheaper than uuid4.
@@ -62,11 +67,22 @@ class RequestIdMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_bytes`` with 413, before reading them whole."""
+    """Refuse bodies over ``max_bytes`` with 413, before reading them whole.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    A body refused from its Content-Length is counted through ``on_reject(model,
+    "too_large")`` (model ``""`` off the inference routes); one found too large while
+    read fails inside the route, which counts it like any other refusal.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        on_reject: RejectHook | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self._on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,6 +95,9 @@ class BodySizeLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > self.max_bytes:
+                    if self._on_reject is not None:
+                        model = infer_model(scope["method"], scope["path"]) or ""
+                        self._on_reject(model, "too_large")
                     await self._reject(send, declared)
                     return
                 break

@@ -9,7 +9,7 @@ import pytest
 
 from model_store.store import ModelStore
 from serving.auth import create_key
-from serving.config import AuthConfig, FermionConfig
+from serving.config import AuthConfig, ConfigError, FermionConfig
 from serving.gateway.app import create_app
 
 
@@ -53,3 +53,27 @@ async def test_with_auth_on_the_admin_scope_opens_it_to_any_client(tmp_path: Pat
         assert denied.status_code == 403
         r = await http.get("/admin/routes", headers={"x-api-key": admin})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"clf": {"split": {1: 95, 7: 5}}}, r"routes.clf sends traffic to version\(s\) \[7\]"),
+        (
+            {"clf": {"split": {1: 1}, "shadow": {"version": 9}}},
+            r"version\(s\) \[9\], which this gateway does not serve \(it serves \[1, 2, 3, 4\]",
+        ),
+        ({"ghost": {"split": {1: 1}}}, "routes.ghost: model ghost has no published version"),
+    ],
+)
+def test_a_route_to_a_version_not_served_fails_the_start(
+    ab_store: ModelStore, routes: dict[str, object], message: str
+) -> None:
+    config = FermionConfig.model_validate({"routes": routes})
+    with pytest.raises(ConfigError, match=message):
+        create_app(config, store=ab_store)
+
+
+def test_a_route_with_a_zero_weight_on_an_unserved_version_is_kept(ab_store: ModelStore) -> None:
+    config = FermionConfig.model_validate({"routes": {"clf": {"split": {1: 1, 7: 0}}}})
+    create_app(config, store=ab_store)

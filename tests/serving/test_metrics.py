@@ -111,3 +111,19 @@ async def test_metrics_off_or_protected(demo_store: ModelStore, tmp_path: Path) 
     async with serve_in_process(config, demo_store) as gw:
         assert (await gw.client.get("/internal/m")).status_code == 401
         assert (await gw.client.get("/internal/m", headers={"x-api-key": key})).status_code == 200
+
+
+async def test_a_body_refused_by_its_length_is_counted(
+    demo_store: ModelStore, tmp_path: Path
+) -> None:
+    config = FermionConfig.model_validate({"server": {"max_body_bytes": 1024}})
+    async with serve_in_process(config, demo_store) as gw:
+        big = b"{" + b" " * 4096 + b"}"
+        for path in ("/v2/models/digits/infer", "/v2/repository/index"):
+            r = await gw.client.post(path, content=big)
+            assert r.status_code == 413, r.text
+            assert "over the limit of 1024 bytes" in r.json()["error"]
+        s = _samples((await gw.client.get("/metrics")).text)
+    assert _value(s, "fermion_rejected_requests_total", model="digits", reason="too_large") == 1
+    assert _value(s, "fermion_rejected_requests_total", model="", reason="too_large") == 1
+    assert _value(s, "fermion_requests_total", model="digits", version="2", status="200") == 0
