@@ -4,6 +4,12 @@ All of Fermion's Ray calls live in this module. The gateway keeps HTTP, the V2
 codec and batching; a whole batch crosses to a replica in one remote call
 through a ``DeploymentHandle``. Ray is imported only when this backend starts,
 after the environment it reads at import time is set.
+
+Several gateways may join one cluster with one namespace (a fleet of gateway pods
+behind a load balancer): they share each version's application. Who uses which
+application is kept by one detached actor per namespace (:class:`AppLeases`), and
+the last gateway to unload a version deletes it, so a gateway that stops (a
+rolling update) never takes a deployment away from the others.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +39,7 @@ from serving.replica import ModelReplica, needs_gpu, preference_order
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-__all__ = ["RayBackend", "ReplicaDeployment"]
+__all__ = ["AppLeases", "RayBackend", "ReplicaDeployment"]
 
 log = logging.getLogger("fermion.backends.ray")
 
@@ -94,6 +102,47 @@ def _rows(inputs: dict[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
+class AppLeases:
+    """Which gateways use each Serve application of a namespace (run as a detached actor).
+
+    An actor runs its methods one at a time, so taking and giving back a lease are
+    atomic across the gateways of the cluster. An application whose last lease was
+    given back is marked as being deleted until its deleter says it is gone; a
+    gateway that takes a lease on it meanwhile waits for it to go, then deploys it anew.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[str]] = {}
+        self._deleting: set[str] = set()
+
+    def take(self, app: str, holder: str) -> bool:
+        """Count ``holder`` as a user of ``app``; True when its last user is deleting it."""
+        self._holders.setdefault(app, set()).add(holder)
+        deleting = app in self._deleting
+        self._deleting.discard(app)
+        return deleting
+
+    def give_back(self, app: str, holder: str) -> bool:
+        """``holder`` stops using ``app``; True when it was the last user (it deletes the app)."""
+        holders = self._holders.get(app)
+        if holders is not None:
+            holders.discard(holder)
+            if holders:
+                return False
+            del self._holders[app]
+        self._deleting.add(app)
+        return True
+
+    def deleted(self, app: str) -> None:
+        """The application is gone (nothing to wait for, unless a new user deployed it)."""
+        if app not in self._holders:
+            self._deleting.discard(app)
+
+    def holders(self, app: str) -> list[str]:
+        """The gateways using ``app``."""
+        return sorted(self._holders.get(app, ()))
+
+
 class _ReplicaGone(Exception):
     """The replica computing a batch died or became unreachable."""
 
@@ -104,8 +153,6 @@ class _Deployment:
     handle: DeploymentHandle[Any]
     #: The handle bound to ``infer``, made once (not per batch).
     infer: DeploymentHandle[Any]
-    #: Deployed by this gateway (deleted on unload); False when another gateway's was reused.
-    owned: bool
 
 
 class RayBackend(Backend):
@@ -121,6 +168,9 @@ class RayBackend(Backend):
         self._started_cluster = False
         self._gone_errors: tuple[type[BaseException], ...] = ()
         self._task_error: type[BaseException] = Exception
+        #: This gateway, as a holder of application leases.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leases: Any = None
 
     # -- cluster ---------------------------------------------------------------------------
 
@@ -160,6 +210,17 @@ class RayBackend(Backend):
         else:
             ray.init(address=rc.address, **common)
         serve.start(proxy_location="Disabled")
+        self._leases = (
+            ray.remote(AppLeases)
+            .options(
+                name="fermion-app-leases",
+                namespace=rc.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+            )
+            .remote()
+        )
         self._connected = True
         where = "started a local cluster" if self._started_cluster else f"joined {rc.address}"
         log.info("ray: %s in %.1fs", where, time.perf_counter() - started)
@@ -258,6 +319,13 @@ class RayBackend(Backend):
         gpus = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]
         return 1.0 if gpus > 0 else 0.0
 
+    def _lease(self, method: str, deadline: float, *args: str) -> Any:
+        """Call ``method`` of the namespace's :class:`AppLeases` actor and wait for it."""
+        import ray
+
+        call = getattr(self._leases, method).remote(*args)
+        return ray.get(call, timeout=max(1.0, deadline - time.monotonic()))
+
     def _deploy(
         self, manifest: ModelManifest, settings: RayDeploymentConfig, deadline: float
     ) -> tuple[_Deployment, dict[str, Any]]:
@@ -265,12 +333,15 @@ class RayBackend(Backend):
 
         app = self._app_name(manifest)
         key = (manifest.name, manifest.version)
-        current = serve.status().applications.get(app)
         options = self._deployment_options(manifest, settings)
-        if current is not None and current.status == "RUNNING" and key not in self._deployments:
-            # Another gateway with the same namespace deployed it: share it, never delete it.
+        if self._lease("take", deadline, app, self._holder):
+            # Its last user is deleting it: deploy anew once it is gone.
+            self._wait_gone(app, deadline)
+        current = serve.status().applications.get(app)
+        shared = current is not None and current.status == "RUNNING"
+        if shared and key not in self._deployments:
+            # Another gateway of this namespace deployed it: use it as it is.
             handle = serve.get_app_handle(app)
-            owned = False
         else:
             executor = self._config.executor_for(manifest.name)
             bound = serve.deployment(**options)(ReplicaDeployment).bind(
@@ -283,20 +354,20 @@ class RayBackend(Backend):
                 else None,
             )
             handle = serve._run(bound, name=app, route_prefix=None, _blocking=False)
-            owned = True
             try:
                 self._wait_running(app, deadline)
             except Exception:
-                serve.delete(app, _blocking=False)
+                if self._lease("give_back", time.monotonic() + 10.0, app, self._holder):
+                    serve.delete(app, _blocking=False)
                 raise
         timeout = max(1.0, deadline - time.monotonic())
         described: dict[str, Any] = handle.describe.remote().result(timeout_s=timeout)
-        deployment = _Deployment(app, handle, handle.options(method_name="infer"), owned)
+        deployment = _Deployment(app, handle, handle.options(method_name="infer"))
         info: dict[str, Any] = {
             "backend": "ray",
             "application": app,
             "deployment": options["name"],
-            "shared": not owned,
+            "shared": shared,
             "replicas": options.get("autoscaling_config")
             or {"num_replicas": options.get("num_replicas")},
             "resources": options["ray_actor_options"],
@@ -325,15 +396,25 @@ class RayBackend(Backend):
 
     async def unload(self, name: str, version: int) -> None:
         deployment = self._deployments.pop((name, version), None)
-        if deployment is None or not deployment.owned:
+        if deployment is None:
             return
         deadline = time.monotonic() + self._ray_config.load_timeout_s
-        await asyncio.to_thread(self._delete, deployment.app, deadline)
+        await asyncio.to_thread(self._release, deployment.app, deadline)
 
-    def _delete(self, app: str, deadline: float) -> None:
+    def _release(self, app: str, deadline: float) -> None:
+        """Give this gateway's lease back; the last user deletes the application."""
         from ray import serve
 
+        if not self._lease("give_back", deadline, app, self._holder):
+            log.info("ray: %s stays deployed for the other gateways using it", app)
+            return
         serve.delete(app, _blocking=False)
+        self._wait_gone(app, deadline)
+        self._lease("deleted", deadline, app)
+
+    def _wait_gone(self, app: str, deadline: float) -> None:
+        from ray import serve
+
         while app in serve.status().applications and time.monotonic() < deadline:
             time.sleep(_POLL_S)
 

@@ -284,3 +284,47 @@ def test_killed_replica_fails_no_request_and_comes_back(
         f"{ray_server.url}/v2/models/digits/versions/1/infer", json=_body(_samples(ray_store)[:1])
     )
     assert response.status_code == 200
+
+
+SHARED_NAMESPACE = "fermion-share"
+
+
+# Importing ray.serve here (the gateways import it in their own processes) warns of
+# pydantic features Ray still uses.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+def test_a_stopping_gateway_leaves_a_shared_deployment_to_the_others(
+    ray_cluster: str, ray_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two gateways of one namespace share an application; only the last one out deletes it."""
+    from ray import serve
+
+    store = ModelStore(tmp_path_factory.mktemp("shared-store"))
+    store.push(ray_store.version_dir("digits", 1))
+    app = f"{SHARED_NAMESPACE}.digits.1"
+    config = CONFIG.format(
+        address=ray_cluster, namespace=SHARED_NAMESPACE, timeout=REQUEST_TIMEOUT_S
+    )
+    first = start_server(store.root, tmp_path_factory.mktemp("gw1"), config, timeout_s=120)
+    try:
+        second = start_server(store.root, tmp_path_factory.mktemp("gw2"), config, timeout_s=120)
+    except BaseException:
+        stop_server(first)
+        raise
+    body = _body(_samples(ray_store)[:4])
+    try:
+        described = [
+            httpx.get(f"{gw.url}/v2/models/digits/config").json()["artifact"]
+            for gw in (first, second)
+        ]
+        assert [d["application"] for d in described] == [app, app]
+        assert [d["shared"] for d in described] == [False, True]
+        expected = _logits(httpx.post(f"{second.url}/v2/models/digits/infer", json=body))
+        stop_server(first)  # e.g. a rolling update replaces this gateway
+        assert app in serve.status().applications
+        for _ in range(5):
+            got = _logits(httpx.post(f"{second.url}/v2/models/digits/infer", json=body, timeout=30))
+            np.testing.assert_array_equal(got, expected)
+    finally:
+        stop_server(first)
+        stop_server(second)
+    assert app not in serve.status().applications, "the last gateway out deletes it"

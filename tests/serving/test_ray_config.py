@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from model_store.store import ModelStore
-from serving.backends.ray import RayBackend
+from serving.backends.ray import AppLeases, RayBackend
 from serving.config import ConfigError, load_config
 
 
@@ -79,3 +79,27 @@ def test_fixed_replica_count_needs_no_autoscaler(demo_store: ModelStore) -> None
     )
     assert options["num_replicas"] == 2
     assert "autoscaling_config" not in options
+
+
+def test_only_the_last_gateway_using_an_application_deletes_it() -> None:
+    leases = AppLeases()
+    assert leases.take("ns.digits.1", "gw-a") is False
+    assert leases.take("ns.digits.1", "gw-b") is False
+    assert leases.take("ns.digits.1", "gw-b") is False, "a reload takes no second lease"
+    assert leases.holders("ns.digits.1") == ["gw-a", "gw-b"]
+    assert leases.give_back("ns.digits.1", "gw-a") is False
+    assert leases.give_back("ns.digits.1", "gw-b") is True
+    assert leases.holders("ns.digits.1") == []
+
+
+def test_a_gateway_arriving_during_a_delete_waits_for_it_then_deploys() -> None:
+    leases = AppLeases()
+    leases.take("app", "gw-a")
+    assert leases.give_back("app", "gw-a") is True
+    assert leases.take("app", "gw-b") is True, "told that the application is being deleted"
+    leases.deleted("app")  # the deleter finishes: gw-b's lease stands
+    assert leases.holders("app") == ["gw-b"]
+    assert leases.take("app", "gw-c") is False, "gw-b deployed it anew: nothing to wait for"
+    assert leases.give_back("other", "gw-a") is True, "an application nobody holds is the caller's"
+    leases.deleted("other")
+    assert leases.take("other", "gw-a") is False
