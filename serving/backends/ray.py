@@ -338,9 +338,10 @@ class RayBackend(Backend):
             # Its last user is deleting it: deploy anew once it is gone.
             self._wait_gone(app, deadline)
         current = serve.status().applications.get(app)
-        shared = current is not None and current.status == "RUNNING"
-        if shared and key not in self._deployments:
-            # Another gateway of this namespace deployed it: use it as it is.
+        running = current is not None and current.status == "RUNNING"
+        # Another gateway of this namespace deployed it: use it as it is.
+        shared = running and key not in self._deployments
+        if shared:
             handle = serve.get_app_handle(app)
         else:
             executor = self._config.executor_for(manifest.name)
@@ -357,7 +358,12 @@ class RayBackend(Backend):
             try:
                 self._wait_running(app, deadline)
             except Exception:
-                if self._lease("give_back", time.monotonic() + 10.0, app, self._holder):
+                try:
+                    last = self._lease("give_back", time.monotonic() + 10.0, app, self._holder)
+                except Exception as e:  # keep the deployment error; never delete unsure
+                    log.warning("ray: cannot give the lease on %s back: %s", app, e)
+                    last = False
+                if last:
                     serve.delete(app, _blocking=False)
                 raise
         timeout = max(1.0, deadline - time.monotonic())
