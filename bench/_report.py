@@ -7,7 +7,15 @@ from typing import Any
 
 from bench._wrk import WrkResult
 
-__all__ = ["Cell", "Check", "evaluate", "format_cells", "format_checks"]
+__all__ = [
+    "Cell",
+    "Check",
+    "compare",
+    "evaluate",
+    "format_cells",
+    "format_checks",
+    "format_comparison",
+]
 
 MIB = 1024 * 1024
 #: The issue's targets on the 2-core machine.
@@ -263,6 +271,42 @@ def evaluate(
         )
     )
     return checks
+
+
+def compare(cells: list[Cell], against: str) -> list[dict[str, Any]]:
+    """Each Fermion cell against the ``against`` cell (e.g. ``kserve-json``) at its concurrency."""
+    idx = _Index(cells)
+    rows = []
+    for c in cells:
+        other = idx.get(against, c.concurrency)
+        if c.server != "fermion" or c.result is None or other is None:
+            continue
+        r = c.result
+        rows.append(
+            {
+                "concurrency": c.concurrency,
+                "fermion": c.label,
+                "against": against,
+                "rps_ratio": round(r.rps / other.rps, 3),
+                "p50_ratio": round(r.latency_us["p50"] / other.latency_us["p50"], 3),
+                "p99_ratio": round(r.latency_us["p99"] / other.latency_us["p99"], 3),
+            }
+        )
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """Ratios of Fermion to one competitor: req/s higher is better, latencies lower."""
+    if not rows:
+        return ""
+    head = f"{'fermion':<15} {'vs':<12} {'conc':>4} {'req/s':>7} {'p50':>7} {'p99':>7}"
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        lines.append(
+            f"{row['fermion']:<15} {row['against']:<12} {row['concurrency']:>4} "
+            f"{row['rps_ratio']:>6.2f}x {row['p50_ratio']:>6.2f}x {row['p99_ratio']:>6.2f}x"
+        )
+    return "\n".join(lines)
 
 
 def format_cells(cells: list[Cell]) -> str:

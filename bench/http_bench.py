@@ -1,11 +1,12 @@
-"""Fermion (JSON, binary) vs a bare Starlette + ONNX Runtime endpoint, side by side.
+"""Fermion (JSON, binary) vs a bare Starlette + ONNX Runtime endpoint and KServe, side by side.
 
-One run starts both servers on free loopback ports, checks one answer from each,
+One run starts every server on free loopback ports (KServe's Python model server in
+a virtual environment of its own, see ``bench/competitors.py``), checks one answer from each,
 drives every cell with wrk (one load generator, fixed bodies), then measures raw
 in-process ONNX Runtime throughput, prints the table with the targets, and writes
 ``bench/results/latest.json``.
 
-    bash bench/run.sh [--quick] [--only bare|fermion] [--duration 10] ...
+    bash bench/run.sh [--quick] [--only bare|kserve|fermion] [--competitors bare,kserve] ...
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ from bench._report import (
     OTHER_CPU_MAX,
     Cell,
     Check,
+    compare,
     evaluate,
     format_cells,
     format_checks,
+    format_comparison,
 )
 from bench._store import ModelVersion, find_model_version, load_samples
 from bench._wrk import find_wrk, run_wrk
@@ -97,7 +100,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", default="1,64", help="comma-separated, default 1,64")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--only", choices=("fermion", "bare"), help="run one server only")
+    parser.add_argument("--only", choices=("fermion", "bare", "kserve"), help="run one server only")
+    parser.add_argument(
+        "--competitors",
+        default="bare,kserve",
+        help="servers run beside Fermion, comma-separated (default bare,kserve)",
+    )
     parser.add_argument(
         "--fermion",
         default=str(Path(sys.executable).with_name("fermion")),
@@ -120,6 +128,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    competitors = {c.strip() for c in args.competitors.split(",") if c.strip()}
+    unknown = sorted(competitors - {"bare", "kserve"})
+    if unknown:
+        parser.error(f"unknown competitors {unknown}: use bare, kserve")
+    args.servers = {args.only} if args.only else {"fermion", *competitors}
     return args
 
 
@@ -142,14 +155,21 @@ def _pick_sample(model: ModelVersion) -> tuple[np.ndarray[Any, Any], int, str]:
     return samples[:1], int(predicted[0]), "in-process ONNX Runtime argmax of sample 0"
 
 
-def _servers(args: argparse.Namespace, logs: Path) -> list[ServerProcess]:
+def _servers(args: argparse.Namespace, model: ModelVersion, logs: Path) -> list[ServerProcess]:
     servers = []
-    if args.only in (None, "bare"):
+    if "bare" in args.servers:
         port = free_port()
         argv = [sys.executable, "-m", "bench.bare_endpoint", "--store", str(args.store)]
         argv += ["--model", args.model, "--host", _HOST, "--port", str(port)]
         servers.append(ServerProcess("bare", argv, f"http://{_HOST}:{port}", logs / "bare.log"))
-    if args.only in (None, "fermion"):
+    if "kserve" in args.servers:
+        from bench.competitors import competitor_python
+
+        port = free_port()
+        argv = [str(competitor_python("kserve")), str(_ROOT / "bench" / "kserve_endpoint.py")]
+        argv += ["--onnx", str(model.onnx_path), "--model", args.model, "--port", str(port)]
+        servers.append(ServerProcess("kserve", argv, f"http://{_HOST}:{port}", logs / "kserve.log"))
+    if "fermion" in args.servers:
         port = free_port()
         argv = [args.fermion, "serve", "--store", str(args.store), "--host", _HOST]
         argv += ["--port", str(port)]
@@ -320,7 +340,7 @@ def _serve_and_measure(session: _Session, wrk: str) -> None:
         for kind, payload in session.payloads.items():
             session.body_files[kind] = work / f"body.{kind}"
             session.body_files[kind].write_bytes(payload.body)
-        servers = _servers(session.args, work)
+        servers = _servers(session.args, session.model, work)
         try:
             for server in servers:
                 server.start()
@@ -329,7 +349,7 @@ def _serve_and_measure(session: _Session, wrk: str) -> None:
         finally:
             for server in servers:
                 server.stop()
-    order = {"bare-json": 0, "fermion-json": 1, "fermion-binary": 2}
+    order = {"bare-json": 0, "kserve-json": 1, "fermion-json": 2, "fermion-binary": 3}
     session.cells.sort(key=lambda c: (c.concurrency, order.get(c.label, 3)))
 
 
@@ -347,6 +367,10 @@ def _ort_raw(session: _Session) -> list[dict[str, Any]]:
 def _print_report(session: _Session, checks: list[Check], ort_raw: list[dict[str, Any]]) -> None:
     print()
     print(format_cells(session.cells))
+    versus = format_comparison(compare(session.cells, "kserve-json"))
+    if versus:
+        print("\nFermion / KServe (req/s: higher is better; p50, p99: lower is better):")
+        print(versus)
     print()
     if session.idle_rss is not None:
         print(
@@ -355,6 +379,8 @@ def _print_report(session: _Session, checks: list[Check], ort_raw: list[dict[str
         )
     if "bare_idle_rss_mib" in session.notes:
         print(f"bare endpoint idle RSS: {session.notes['bare_idle_rss_mib']} MiB")
+    if "kserve_idle_rss_mib" in session.notes:
+        print(f"KServe model server idle RSS: {session.notes['kserve_idle_rss_mib']} MiB")
     if ort_raw:
         print("\nraw in-process ONNX Runtime (1 intra-op thread, no HTTP):")
         print(f"{'batch':>5} {'samples/s':>10} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
@@ -386,6 +412,7 @@ def _record(
             "retries": args.retries,
         },
         "cells": [c.record(bare.get(c.concurrency)) for c in session.cells],
+        "vs_kserve": compare(session.cells, "kserve-json"),
         "checks": [c.record() for c in checks],
         "idle_rss_mib": None if session.idle_rss is None else round(session.idle_rss / MIB, 1),
         "torch_loaded": None if torch is None else bool(torch),
