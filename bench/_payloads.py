@@ -1,4 +1,4 @@
-"""V2 request bodies (JSON and binary tensors) and the check that an answer is right."""
+"""Request bodies (V2 JSON, V2 binary tensors, BentoML's JSON) and the check of an answer."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Answer", "Payload", "binary_payload", "check_answer", "json_payload"]
+__all__ = [
+    "Answer",
+    "Payload",
+    "bentoml_payload",
+    "binary_payload",
+    "check_answer",
+    "json_payload",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,12 @@ def json_payload(input_name: str, x: npt.NDArray[np.float32]) -> Payload:
     }
     body = json.dumps({"inputs": [tensor]}, separators=(",", ":")).encode()
     return Payload("json", body, "application/json")
+
+
+def bentoml_payload(x: npt.NDArray[np.float32]) -> Payload:
+    """BentoML's JSON body for an API with one array argument ``input``: nested lists."""
+    body = json.dumps({"input": x.tolist()}, separators=(",", ":")).encode()
+    return Payload("bentoml", body, "application/json")
 
 
 def binary_payload(input_name: str, output_name: str, x: npt.NDArray[np.float32]) -> Payload:
@@ -104,11 +117,14 @@ def check_answer(
     header_length = None if length is None else int(length)
     try:
         head = json.loads(body if header_length is None else body[:header_length])
-        output = _decode_output(head, body, header_length, output_name)
+        if isinstance(head, list):  # BentoML answers the array itself
+            output, version = np.asarray(head, dtype=np.float32), None
+        else:
+            output = _decode_output(head, body, header_length, output_name)
+            version = head.get("model_version")
+            version = None if version is None else str(version)
     except (ValueError, KeyError, TypeError) as exc:
         return Answer(f"cannot decode the answer ({exc}): {body[:300]!r}")
-    version = head.get("model_version")
-    version = None if version is None else str(version)
     got = int(np.argmax(output.reshape(-1)))
     if got != expected_class:
         return Answer(f"argmax {got}, expected {expected_class}", version)

@@ -9,9 +9,11 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "MachineTicks",
     "ServerProcess",
     "background_cores",
     "busiest_others",
@@ -20,6 +22,7 @@ __all__ = [
     "free_port",
     "loaded",
     "machine_cpu_ticks",
+    "machine_ticks",
     "process_tree",
     "rss_bytes",
     "tcp_retransmits",
@@ -39,11 +42,26 @@ def free_port() -> int:
 class ServerProcess:
     """One HTTP server run as a subprocess, its output kept in a log file."""
 
-    def __init__(self, name: str, argv: list[str], base_url: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        base_url: str,
+        log_path: Path,
+        *,
+        ready_path: str = "/v2/health/ready",
+        infer_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.base_url = base_url
         self.log_path = log_path
+        #: Answers 200 once the server is ready.
+        self.ready_path = ready_path
+        #: Where inference requests go, when not the V2 ``/v2/models/{model}/infer``.
+        self.infer_path = infer_path
+        self._env = env
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,11 +75,16 @@ class ServerProcess:
         """Start the server; its own process group, so that stopping reaches its children."""
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=None if self._env is None else {**os.environ, **self._env},
             )
 
-    def wait_ready(self, path: str = "/v2/health/ready", timeout: float = 120.0) -> None:
-        """Block until ``GET path`` answers 200; raise with the log's tail if it never does."""
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until ``GET ready_path`` answers 200; raise with the log's tail if not."""
+        path = self.ready_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
@@ -168,12 +191,36 @@ def loaded(pid: int, needle: str) -> list[str]:
     return sorted(found)
 
 
+@dataclass(frozen=True)
+class MachineTicks:
+    """CPU ticks of the whole machine since boot, from /proc/stat, by who used them."""
+
+    #: user + nice + system: time processes ran (guest time is inside user/nice).
+    processes: int
+    #: irq + softirq: device and network work (loopback TCP) on no process's account.
+    interrupts: int
+    #: Time the hypervisor gave this VM's CPUs to other guests.
+    steal: int
+    total: int
+
+    @property
+    def busy(self) -> int:
+        """Every tick not idle."""
+        return self.processes + self.interrupts + self.steal
+
+
+def machine_ticks() -> MachineTicks:
+    """The machine's CPU ticks so far, split by who used them."""
+    fields = [int(v) for v in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
+    fields += [0] * (8 - len(fields))
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return MachineTicks(user + nice + system, irq + softirq, steal, sum(fields[:8]))
+
+
 def machine_cpu_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
-    fields = [int(v) for v in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
-    idle = sum(fields[3:5])  # idle, iowait
-    total = sum(fields[:8])  # guest time is already inside user/nice
-    return total - idle, total
+    t = machine_ticks()
+    return t.busy, t.total
 
 
 def tcp_retransmits() -> int:

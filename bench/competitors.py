@@ -1,10 +1,11 @@
 """Virtual environments of the competitors the benchmarks run beside Fermion.
 
-A competitor whose pins clash with Fermion's (KServe pins fastapi, uvicorn and
-pydantic) gets a virtual environment of its own under ``.bench-venvs/<name>``,
-made and filled with pip from the package registries on first use and reused
-while its requirements stay the same. ONNX Runtime and numpy are pinned to the
-versions Fermion's environment has, so every server runs the same kernels.
+A competitor whose pins clash with Fermion's (KServe and BentoML pin fastapi,
+uvicorn, starlette and pydantic) gets a virtual environment of its own under
+``.bench-venvs/<name>``, made and filled with pip from the package registries on
+first use and reused while its requirements stay the same. ONNX Runtime and
+numpy are pinned to the versions Fermion's environment has, so every server
+runs the same kernels.
 
     python -m bench.competitors kserve      # make it now; prints its Python
 """
@@ -20,7 +21,10 @@ __all__ = ["COMPETITORS", "competitor_python", "requirements"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 #: Competitor -> what its environment needs besides ONNX Runtime and numpy.
-COMPETITORS: dict[str, list[str]] = {"kserve": ["kserve==0.21.0"]}
+COMPETITORS: dict[str, list[str]] = {
+    "kserve": ["kserve==0.21.0"],
+    "bentoml": ["bentoml==1.4.40"],
+}
 
 
 def requirements(name: str) -> list[str]:

@@ -1,12 +1,13 @@
-"""Fermion (JSON, binary) vs a bare Starlette + ONNX Runtime endpoint and KServe, side by side.
+"""Fermion (JSON, binary) vs a bare endpoint, KServe and BentoML, side by side.
 
-One run starts every server on free loopback ports (KServe's Python model server in
-a virtual environment of its own, see ``bench/competitors.py``), checks one answer from each,
+One run starts every server on free loopback ports (KServe's Python model server and
+a BentoML service each in a virtual environment of its own, see
+``bench/competitors.py``), checks one answer from each,
 drives every cell with wrk (one load generator, fixed bodies), then measures raw
 in-process ONNX Runtime throughput, prints the table with the targets, and writes
 ``bench/results/latest.json``.
 
-    bash bench/run.sh [--quick] [--only bare|kserve|fermion] [--competitors bare,kserve] ...
+    bash bench/run.sh [--quick] [--only SERVER] [--competitors bare,kserve,bentoml] ...
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from bench._payloads import Payload, binary_payload, check_answer, json_payload
+from bench._payloads import (
+    Payload,
+    bentoml_payload,
+    binary_payload,
+    check_answer,
+    json_payload,
+)
 from bench._procs import (
     ServerProcess,
     busiest_others,
@@ -33,7 +40,7 @@ from bench._procs import (
     cpu_seconds,
     free_port,
     loaded,
-    machine_cpu_ticks,
+    machine_ticks,
     rss_bytes,
     tcp_retransmits,
     wait_quiet,
@@ -56,6 +63,10 @@ __all__ = ["main"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 _HOST = "127.0.0.1"
+#: Servers that can run beside Fermion.
+_COMPETITORS = ("bare", "kserve", "bentoml")
+#: Cells of the competitors Fermion's ratios are printed against.
+_VERSUS = {"kserve": "kserve-json", "bentoml": "bentoml-json"}
 
 
 def _seconds(text: str) -> int:
@@ -100,11 +111,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", default="1,64", help="comma-separated, default 1,64")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    parser.add_argument("--only", choices=("fermion", "bare", "kserve"), help="run one server only")
+    parser.add_argument("--only", choices=("fermion", *_COMPETITORS), help="run one server only")
     parser.add_argument(
         "--competitors",
-        default="bare,kserve",
-        help="servers run beside Fermion, comma-separated (default bare,kserve)",
+        default=",".join(_COMPETITORS),
+        help=f"servers run beside Fermion, comma-separated (default {','.join(_COMPETITORS)})",
     )
     parser.add_argument(
         "--fermion",
@@ -129,9 +140,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
     competitors = {c.strip() for c in args.competitors.split(",") if c.strip()}
-    unknown = sorted(competitors - {"bare", "kserve"})
+    unknown = sorted(competitors - set(_COMPETITORS))
     if unknown:
-        parser.error(f"unknown competitors {unknown}: use bare, kserve")
+        parser.error(f"unknown competitors {unknown}: use {', '.join(_COMPETITORS)}")
     args.servers = {args.only} if args.only else {"fermion", *competitors}
     return args
 
@@ -169,6 +180,24 @@ def _servers(args: argparse.Namespace, model: ModelVersion, logs: Path) -> list[
         argv = [str(competitor_python("kserve")), str(_ROOT / "bench" / "kserve_endpoint.py")]
         argv += ["--onnx", str(model.onnx_path), "--model", args.model, "--port", str(port)]
         servers.append(ServerProcess("kserve", argv, f"http://{_HOST}:{port}", logs / "kserve.log"))
+    if "bentoml" in args.servers:
+        from bench.competitors import competitor_python
+
+        port = free_port()
+        argv = [str(competitor_python("bentoml").with_name("bentoml")), "serve"]
+        argv += ["bentoml_service:OnnxClassifier", "--working-dir", str(_ROOT / "bench")]
+        argv += ["--host", _HOST, "--port", str(port)]
+        servers.append(
+            ServerProcess(
+                "bentoml",
+                argv,
+                f"http://{_HOST}:{port}",
+                logs / "bentoml.log",
+                ready_path="/readyz",
+                infer_path="/predict",
+                env={"FERMION_BENCH_ONNX": str(model.onnx_path.resolve())},
+            )
+        )
     if "fermion" in args.servers:
         port = free_port()
         argv = [args.fermion, "serve", "--store", str(args.store), "--host", _HOST]
@@ -193,16 +222,19 @@ def _measure_cell(
     common = {"connections": cell.concurrency, "threads": args.threads}
     try:
         run_wrk(wrk, url, payload, body_file, duration_s=args.warmup, **common)
-        cpu0, (busy0, total0) = cpu_seconds(server.pid), machine_cpu_ticks()
+        cpu0, ticks0 = cpu_seconds(server.pid), machine_ticks()
         retx0, others0 = tcp_retransmits(), cpu_by_process()
         t0 = time.monotonic()
         cell.result = run_wrk(wrk, url, payload, body_file, duration_s=args.duration, **common)
         wall = time.monotonic() - t0
-        busy1, total1 = machine_cpu_ticks()
+        ticks1 = machine_ticks()
         cell.tcp_retransmits = tcp_retransmits() - retx0
         cell.other_top = busiest_others(others0, cpu_by_process(), server.pid, wall)
         cell.server_cpu = (cpu_seconds(server.pid) - cpu0) / wall
-        cell.machine_busy = (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+        cores = (os.cpu_count() or 1) / max(1, ticks1.total - ticks0.total)
+        cell.interrupts = (ticks1.interrupts - ticks0.interrupts) * cores
+        cell.steal = (ticks1.steal - ticks0.steal) * cores
+        cell.machine_busy = (ticks1.busy - ticks0.busy) * cores
     except RuntimeError as exc:
         cell.error = str(exc)
 
@@ -242,7 +274,12 @@ class _Session:
     torch_files: list[str] | None = None
 
     def url(self, server: ServerProcess) -> str:
-        return f"{server.base_url}/v2/models/{self.model.name}/infer"
+        path = server.infer_path or f"/v2/models/{self.model.name}/infer"
+        return server.base_url + path
+
+    def kind(self, server: ServerProcess, body: str) -> str:
+        """The payload a server gets for ``body``: BentoML takes its own JSON."""
+        return "bentoml" if server.name == "bentoml" else body
 
     def skip(self, server: str, bodies: list[str], why: str) -> None:
         for conc in self.args.concurrency:
@@ -264,7 +301,7 @@ def _prepare(session: _Session, server: ServerProcess) -> list[str]:
         for _ in range(3):  # warm-up requests; the last answer is the one checked
             answer = check_answer(
                 session.url(server),
-                session.payloads[body],
+                session.payloads[session.kind(server, body)],
                 session.model.output_name,
                 session.expected,
             )
@@ -309,16 +346,20 @@ def _run_cell(session: _Session, server: ServerProcess, body: str, conc: int, wr
             cell,
             server,
             session.url(server),
-            session.payloads[body],
-            session.body_files[body],
+            session.payloads[session.kind(server, body)],
+            session.body_files[session.kind(server, body)],
             session.args,
             wrk,
         )
-        if best is None or best.result is None or cell.other_cpu < best.other_cpu:
+        if best is None or best.result is None or cell.noise < best.noise:
             best = cell
-        if cell.result is None or cell.other_cpu <= OTHER_CPU_MAX:
+        if cell.result is None or not cell.noisy:
             break
-        print(f"   other processes used {cell.other_cpu:.0%} of a core: noisy", flush=True)
+        print(
+            f"   other processes used {cell.other_cpu:.0%} of a core, the hypervisor took "
+            f"{cell.steal:.0%}: noisy",
+            flush=True,
+        )
     assert best is not None
     best.attempts = cell.attempts
     return best
@@ -349,7 +390,13 @@ def _serve_and_measure(session: _Session, wrk: str) -> None:
         finally:
             for server in servers:
                 server.stop()
-    order = {"bare-json": 0, "kserve-json": 1, "fermion-json": 2, "fermion-binary": 3}
+    order = {
+        "bare-json": 0,
+        "kserve-json": 1,
+        "bentoml-json": 2,
+        "fermion-json": 3,
+        "fermion-binary": 4,
+    }
     session.cells.sort(key=lambda c: (c.concurrency, order.get(c.label, 3)))
 
 
@@ -367,10 +414,11 @@ def _ort_raw(session: _Session) -> list[dict[str, Any]]:
 def _print_report(session: _Session, checks: list[Check], ort_raw: list[dict[str, Any]]) -> None:
     print()
     print(format_cells(session.cells))
-    versus = format_comparison(compare(session.cells, "kserve-json"))
-    if versus:
-        print("\nFermion / KServe (req/s: higher is better; p50, p99: lower is better):")
-        print(versus)
+    for name, label in _VERSUS.items():
+        versus = format_comparison(compare(session.cells, label))
+        if versus:
+            print(f"\nFermion / {name} (req/s: higher is better; p50, p99: lower is better):")
+            print(versus)
     print()
     if session.idle_rss is not None:
         print(
@@ -379,8 +427,9 @@ def _print_report(session: _Session, checks: list[Check], ort_raw: list[dict[str
         )
     if "bare_idle_rss_mib" in session.notes:
         print(f"bare endpoint idle RSS: {session.notes['bare_idle_rss_mib']} MiB")
-    if "kserve_idle_rss_mib" in session.notes:
-        print(f"KServe model server idle RSS: {session.notes['kserve_idle_rss_mib']} MiB")
+    for name in _VERSUS:
+        if f"{name}_idle_rss_mib" in session.notes:
+            print(f"{name} idle RSS: {session.notes[f'{name}_idle_rss_mib']} MiB")
     if ort_raw:
         print("\nraw in-process ONNX Runtime (1 intra-op thread, no HTTP):")
         print(f"{'batch':>5} {'samples/s':>10} {'calls/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
@@ -412,7 +461,7 @@ def _record(
             "retries": args.retries,
         },
         "cells": [c.record(bare.get(c.concurrency)) for c in session.cells],
-        "vs_kserve": compare(session.cells, "kserve-json"),
+        **{f"vs_{name}": compare(session.cells, label) for name, label in _VERSUS.items()},
         "checks": [c.record() for c in checks],
         "idle_rss_mib": None if session.idle_rss is None else round(session.idle_rss / MIB, 1),
         "torch_loaded": None if torch is None else bool(torch),
@@ -439,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     payloads = {
         "json": json_payload(model.input_name, x),
         "binary": binary_payload(model.input_name, model.output_name, x),
+        "bentoml": bentoml_payload(x),
     }
     session = _Session(args, model, expected, payloads)
     session.notes["bodies_bytes"] = {k: len(p.body) for k, p in payloads.items()}
