@@ -166,6 +166,21 @@ def _pick_sample(model: ModelVersion) -> tuple[np.ndarray[Any, Any], int, str]:
     return samples[:1], int(predicted[0]), "in-process ONNX Runtime argmax of sample 0"
 
 
+def _competitor_python(name: str) -> Path | None:
+    """The Python of a competitor's environment, or None (said why) when pip cannot make it."""
+    from bench.competitors import competitor_python
+
+    try:
+        return competitor_python(name)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        print(
+            f"!! cannot install {name} ({exc}); skipping it (--competitors leaves it out)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
 def _servers(args: argparse.Namespace, model: ModelVersion, logs: Path) -> list[ServerProcess]:
     servers = []
     if "bare" in args.servers:
@@ -173,18 +188,16 @@ def _servers(args: argparse.Namespace, model: ModelVersion, logs: Path) -> list[
         argv = [sys.executable, "-m", "bench.bare_endpoint", "--store", str(args.store)]
         argv += ["--model", args.model, "--host", _HOST, "--port", str(port)]
         servers.append(ServerProcess("bare", argv, f"http://{_HOST}:{port}", logs / "bare.log"))
-    if "kserve" in args.servers:
-        from bench.competitors import competitor_python
-
+    kserve = _competitor_python("kserve") if "kserve" in args.servers else None
+    if kserve is not None:
         port = free_port()
-        argv = [str(competitor_python("kserve")), str(_ROOT / "bench" / "kserve_endpoint.py")]
+        argv = [str(kserve), str(_ROOT / "bench" / "kserve_endpoint.py")]
         argv += ["--onnx", str(model.onnx_path), "--model", args.model, "--port", str(port)]
         servers.append(ServerProcess("kserve", argv, f"http://{_HOST}:{port}", logs / "kserve.log"))
-    if "bentoml" in args.servers:
-        from bench.competitors import competitor_python
-
+    bentoml = _competitor_python("bentoml") if "bentoml" in args.servers else None
+    if bentoml is not None:
         port = free_port()
-        argv = [str(competitor_python("bentoml").with_name("bentoml")), "serve"]
+        argv = [str(bentoml.with_name("bentoml")), "serve"]
         argv += ["bentoml_service:OnnxClassifier", "--working-dir", str(_ROOT / "bench")]
         argv += ["--host", _HOST, "--port", str(port)]
         servers.append(
