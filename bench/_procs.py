@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "MachineCores",
     "MachineTicks",
     "ServerProcess",
     "background_cores",
     "busiest_others",
+    "cores_between",
     "cpu_by_process",
     "cpu_seconds",
     "free_port",
     "loaded",
-    "machine_cpu_ticks",
     "machine_ticks",
     "process_tree",
     "rss_bytes",
@@ -209,6 +210,15 @@ class MachineTicks:
         return self.processes + self.interrupts + self.steal
 
 
+@dataclass(frozen=True)
+class MachineCores:
+    """What the machine's CPUs did between two readings, in cores (1.0 = one core)."""
+
+    busy: float
+    interrupts: float
+    steal: float
+
+
 def machine_ticks() -> MachineTicks:
     """The machine's CPU ticks so far, split by who used them."""
     fields = [int(v) for v in (_read("/proc/stat") or "cpu 0").splitlines()[0].split()[1:]]
@@ -217,10 +227,14 @@ def machine_ticks() -> MachineTicks:
     return MachineTicks(user + nice + system, irq + softirq, steal, sum(fields[:8]))
 
 
-def machine_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
-    t = machine_ticks()
-    return t.busy, t.total
+def cores_between(before: MachineTicks, after: MachineTicks) -> MachineCores:
+    """The machine's CPU use from ``before`` to ``after``, in cores."""
+    per_tick = (os.cpu_count() or 1) / max(1, after.total - before.total)
+    return MachineCores(
+        busy=(after.busy - before.busy) * per_tick,
+        interrupts=(after.interrupts - before.interrupts) * per_tick,
+        steal=(after.steal - before.steal) * per_tick,
+    )
 
 
 def tcp_retransmits() -> int:
@@ -255,10 +269,9 @@ def busiest_others(
 
 def background_cores(seconds: float = 1.0) -> float:
     """Cores busy on the whole machine over the next ``seconds`` (sleeping meanwhile)."""
-    busy0, total0 = machine_cpu_ticks()
+    before = machine_ticks()
     time.sleep(seconds)
-    busy1, total1 = machine_cpu_ticks()
-    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+    return cores_between(before, machine_ticks()).busy
 
 
 def wait_quiet(max_wait: float, threshold: float) -> float:

@@ -36,6 +36,7 @@ from bench._payloads import (
 from bench._procs import (
     ServerProcess,
     busiest_others,
+    cores_between,
     cpu_by_process,
     cpu_seconds,
     free_port,
@@ -244,10 +245,8 @@ def _measure_cell(
         cell.tcp_retransmits = tcp_retransmits() - retx0
         cell.other_top = busiest_others(others0, cpu_by_process(), server.pid, wall)
         cell.server_cpu = (cpu_seconds(server.pid) - cpu0) / wall
-        cores = (os.cpu_count() or 1) / max(1, ticks1.total - ticks0.total)
-        cell.interrupts = (ticks1.interrupts - ticks0.interrupts) * cores
-        cell.steal = (ticks1.steal - ticks0.steal) * cores
-        cell.machine_busy = (ticks1.busy - ticks0.busy) * cores
+        used = cores_between(ticks0, ticks1)
+        cell.machine_busy, cell.interrupts, cell.steal = used.busy, used.interrupts, used.steal
     except RuntimeError as exc:
         cell.error = str(exc)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bench._payloads import Payload, check_answer, json_payload
-from bench._procs import ServerProcess, cpu_seconds, free_port, machine_cpu_ticks
+from bench._procs import ServerProcess, cores_between, cpu_seconds, free_port, machine_ticks
 from bench._report import Cell
 from bench._store import ModelVersion, find_model_version, load_samples
 from bench._wrk import find_wrk, run_wrk
@@ -101,15 +101,15 @@ def _measure(
     cell = Cell(server.name, payload.kind, conc)
     try:
         run_wrk(wrk, url, payload, body, connections=conc, threads=1, duration_s=args.warmup)
-        cpu0, (busy0, total0) = cpu_seconds(server.pid), machine_cpu_ticks()
+        cpu0, ticks0 = cpu_seconds(server.pid), machine_ticks()
         started = time.monotonic()
         cell.result = run_wrk(
             wrk, url, payload, body, connections=conc, threads=1, duration_s=args.duration
         )
         wall = time.monotonic() - started
-        busy1, total1 = machine_cpu_ticks()
+        ticks1 = machine_ticks()
         cell.server_cpu = (cpu_seconds(server.pid) - cpu0) / wall
-        cell.machine_busy = (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+        cell.machine_busy = cores_between(ticks0, ticks1).busy
     except RuntimeError as exc:
         cell.error = str(exc)
     return cell

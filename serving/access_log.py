@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serving.gateway.status import ResponseStatus
 
 __all__ = ["ACCESS_LOGGER", "AccessLogMiddleware", "configure_access_logger"]
 
@@ -53,16 +55,9 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter_ns()
-        status = 500
-
-        async def send_logged(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        response = ResponseStatus(send)
         try:
-            await self.app(scope, receive, send_logged)
+            await self.app(scope, receive, response)
         finally:
             state = scope.get("state", {})
             principal = state.get("principal")
@@ -79,7 +74,7 @@ class AccessLogMiddleware:
                     "path": scope["path"],
                     "model": served[0] if served else None,
                     "version": str(served[1]) if served else None,
-                    "status": status,
+                    "status": response.status,
                     "latency_ms": round((time.perf_counter_ns() - started) / 1e6, 3),
                 }
             )

@@ -131,11 +131,21 @@ def _start(args: argparse.Namespace) -> Any:
     return state
 
 
-def _status(args: argparse.Namespace) -> Any:
+def _one_or_all(args: argparse.Namespace, kind: str) -> list[Any]:
+    """``GET /admin/{kind}/{model}`` when a model is named, else every one of ``kind``."""
     if args.model:
-        states = [_call(args.url, "GET", f"/admin/rollouts/{args.model}")]
-    else:
-        states = _call(args.url, "GET", "/admin/rollouts")["rollouts"]
+        return [_call(args.url, "GET", f"/admin/{kind}/{args.model}")]
+    listed: list[Any] = _call(args.url, "GET", f"/admin/{kind}")[kind]
+    return listed
+
+
+def _print_shares(route: dict[str, Any]) -> None:
+    shares = ", ".join(f"v{v} {s:.1%}" for v, s in route["shares"].items())
+    print(f"{route['model']}: {shares}")
+
+
+def _status(args: argparse.Namespace) -> Any:
+    states = _one_or_all(args, "rollouts")
     if not args.json:
         for state in states:
             _print_state(state)
@@ -152,22 +162,17 @@ def _stop(args: argparse.Namespace) -> Any:
 
 
 def _route_show(args: argparse.Namespace) -> Any:
-    if args.model:
-        routes = [_call(args.url, "GET", f"/admin/routes/{args.model}")]
-    else:
-        routes = _call(args.url, "GET", "/admin/routes")["routes"]
+    routes = _one_or_all(args, "routes")
     if not args.json:
-        for r in routes:
-            shares = ", ".join(f"v{v} {s:.1%}" for v, s in r["shares"].items())
-            print(f"{r['model']}: {shares}")
+        for route in routes:
+            _print_shares(route)
     return routes
 
 
 def _route_set(args: argparse.Namespace) -> Any:
     route = _call(args.url, "PUT", f"/admin/routes/{args.model}/split", {"split": args.split})
     if not args.json:
-        shares = ", ".join(f"v{v} {s:.1%}" for v, s in route["shares"].items())
-        print(f"{route['model']}: {shares}")
+        _print_shares(route)
     return route
 
 

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import TracingConfig
+from serving.gateway.status import ResponseStatus
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -174,22 +175,15 @@ class TracingMiddleware:
         if "request_id" in state:
             span.set_attribute("fermion.request_id", state["request_id"])
         token = context.attach(trace.set_span_in_context(span, parent))
-        status = 500
-
-        async def send_traced(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        response = ResponseStatus(send)
         try:
-            await self.app(scope, receive, send_traced)
+            await self.app(scope, receive, response)
         except BaseException as e:
             span.record_exception(e)
             raise
         finally:
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             context.detach(token)
             span.end()
