@@ -40,6 +40,19 @@ def fermion(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def run_loadtest(
+    server: RunningServer, store: ModelStore, out: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, int], dict[str, int]]:
+    """``fermion loadtest`` of digits against ``server``, and its served counts before and after."""
+    before = served(server)
+    done = fermion(
+        "loadtest",
+        *("--url", server.url, "--model", "digits", "--store", str(store.root), "--out", str(out)),
+        *args,
+    )
+    return done, before, served(server)
+
+
 def check_counts(summary: dict[str, Any], before: dict[str, int], after: dict[str, int]) -> None:
     assert summary["failures"] == 0, summary["errors"]
     assert summary["requests"] > 0
@@ -52,14 +65,12 @@ def test_run_reports_what_the_server_served_and_gates_on_slo(
     server: RunningServer, demo_store: ModelStore, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    before = served(server)
-    done = fermion(
-        "loadtest",
-        *("--url", server.url, "--model", "digits", "--users", "4", "--duration", "3s"),
-        *("--store", str(demo_store.root), "--out", str(out)),
-        *("--slo", "errors<50%,p50<0.001ms"),
+    done, before, after = run_loadtest(
+        server,
+        demo_store,
+        out,
+        *("--users", "4", "--duration", "3s", "--slo", "errors<50%,p50<0.001ms"),
     )
-    after = served(server)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "SLO missed: p50<0.001ms: measured" in done.stderr
     assert "SLO met    errors<50%" in done.stdout
@@ -80,14 +91,13 @@ def test_distributed_run_merges_two_workers_into_one_report(
     server: RunningServer, demo_store: ModelStore, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    before = served(server)
-    done = fermion(
-        "loadtest",
-        *("--url", server.url, "--model", "digits", "--model-version", "1"),
-        *("--users", "4", "--duration", "2s", "--workers", "2", "--binary"),
-        *("--store", str(demo_store.root), "--out", str(out), "--slo", "errors<1%"),
+    done, before, after = run_loadtest(
+        server,
+        demo_store,
+        out,
+        *("--model-version", "1", "--users", "4", "--duration", "2s"),
+        *("--workers", "2", "--binary", "--slo", "errors<1%"),
     )
-    after = served(server)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "workers on other hosts: fermion loadtest worker --master-host 127.0.0.1" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
