@@ -24,9 +24,9 @@ import numpy as np
 
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
-from serving.backends import Backend
 from serving.config import FermionConfig
-from serving.gateway.app import create_app
+from serving.http.app import create_app
+from serving.inference.backends import Backend
 
 __all__ = ["main"]
 

@@ -37,8 +37,8 @@ from compilers.demo import digits_cnn
 from compilers.pipeline import build_model
 from model_store.manifest import TensorSpec
 from model_store.store import ModelStore
-from serving.executors import ExecutorOptions
-from serving.replica import ModelReplica
+from serving.inference.executors import ExecutorOptions
+from serving.inference.replica import ModelReplica
 
 __all__ = ["BasicBlock", "main", "resnet18"]
 

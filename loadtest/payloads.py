@@ -16,7 +16,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from serving.codec import DATATYPE_TO_NUMPY
+from serving.inference.codec import DATATYPE_TO_NUMPY
 
 __all__ = [
     "HEADER_LENGTH",

@@ -1,19 +1,16 @@
-"""Authentication and authorization: API keys, JWT bearer tokens, scopes, the middleware."""
+"""Credentials only: API keys, JWT bearer tokens, scopes (the middleware is in ``serving.http``)."""
 
 from __future__ import annotations
 
 from serving.auth.keys import ApiKeys, KeyRecord, create_key, hash_key, read_keys, revoke_key
-from serving.auth.middleware import AuthMiddleware, RejectHook
 from serving.auth.scopes import Principal, infer_model, parse_scopes, required_scope
 from serving.auth.tokens import JwtVerifier
 
 __all__ = [
     "ApiKeys",
-    "AuthMiddleware",
     "JwtVerifier",
     "KeyRecord",
     "Principal",
-    "RejectHook",
     "create_key",
     "hash_key",
     "infer_model",

@@ -21,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from serving.atomic_file import write_atomically
 from serving.auth.scopes import Principal, parse_scopes
-from serving.files import write_atomically
 
 __all__ = [
     "ApiKeys",

@@ -11,8 +11,8 @@ import pytest
 from compilers.cli import add_build_parser, add_demo_parser, parse_tensor_spec
 from compilers.errors import BuildError
 from model_store.store import ModelStore
-from tests.compilers.tiny_models import write_matmul_onnx
 from tests.conftest import PublishedDemo
+from tests.helpers.tiny_models import write_matmul_onnx
 
 
 def _run(argv: list[str]) -> int:
@@ -36,7 +36,7 @@ def test_build_from_a_module_spec_publishes_and_summarises(
             "--name",
             "mlp",
             "--module",
-            "tests.compilers.tiny_models:tiny_mlp",
+            "tests.helpers.tiny_models:tiny_mlp",
             "--input",
             "x:FP32:-1,4",
             "--output",

@@ -15,7 +15,7 @@ from compilers.errors import ExportError
 from compilers.export import MIN_OPSET, export_module, import_onnx, load_module
 from compilers.signature import read_onnx_signature
 from model_store.manifest import TensorSpec
-from tests.compilers.tiny_models import tiny_mlp, two_headed, write_matmul_onnx
+from tests.helpers.tiny_models import tiny_mlp, two_headed, write_matmul_onnx
 
 TWO_HEADED_INPUTS = [
     TensorSpec(name="features", datatype="FP32", shape=[-1, 4]),
@@ -104,7 +104,7 @@ def test_an_invalid_onnx_file_is_rejected_with_its_path(tmp_path: Path) -> None:
 
 
 def test_load_module_calls_the_factory_and_sets_eval_mode() -> None:
-    module = load_module("tests.compilers.tiny_models:tiny_mlp")
+    module = load_module("tests.helpers.tiny_models:tiny_mlp")
 
     assert isinstance(module, torch.nn.Sequential)
     assert not module.training
@@ -113,10 +113,10 @@ def test_load_module_calls_the_factory_and_sets_eval_mode() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("tests.compilers.tiny_models", "package.module:factory"),
+        ("tests.helpers.tiny_models", "package.module:factory"),
         ("tests.compilers.no_such_module:f", "cannot load"),
-        ("tests.compilers.tiny_models:no_such_factory", "cannot load"),
-        ("tests.compilers.tiny_models:__all__", "not callable"),
+        ("tests.helpers.tiny_models:no_such_factory", "cannot load"),
+        ("tests.helpers.tiny_models:__all__", "not callable"),
         ("builtins:dict", "returned dict, not a torch.nn.Module"),
         ("numpy:zeros_like", r"numpy:zeros_like\(\) raised TypeError"),
     ],

@@ -13,7 +13,7 @@ from compilers.pipeline import PLATFORM, SOURCE_FILE, build_model
 from compilers.targets import COMPILE_TARGETS
 from model_store.manifest import TensorSpec
 from model_store.store import ModelStore
-from tests.compilers.tiny_models import tiny_mlp, write_matmul_onnx
+from tests.helpers.tiny_models import tiny_mlp, write_matmul_onnx
 
 INPUTS = [TensorSpec(name="x", datatype="FP32", shape=[-1, 4])]
 

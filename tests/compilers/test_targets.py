@@ -15,7 +15,7 @@ from compilers.signature import ModelSignature
 from compilers.targets import COMPILE_TARGETS, get_target
 from compilers.targets.onnxruntime import OnnxRuntimeTarget
 from model_store.manifest import TensorSpec
-from tests.compilers.tiny_models import tiny_mlp
+from tests.helpers.tiny_models import tiny_mlp
 
 INPUTS = [TensorSpec(name="x", datatype="FP32", shape=[-1, 4])]
 

@@ -23,7 +23,7 @@ from compilers.targets.tensorrt import (
 from compilers.validate import TOLERANCES
 from model_store.manifest import TensorSpec
 from model_store.store import ModelStore
-from tests.compilers.tiny_models import tiny_mlp
+from tests.helpers.tiny_models import tiny_mlp
 
 
 def _gpu_skip_reason() -> str | None:
@@ -156,8 +156,8 @@ def test_an_engine_matches_the_module_and_is_built_once_per_key(
 def test_the_executor_runs_concurrent_batches_of_any_size(tmp_path: Path) -> None:
     import torch
 
-    from serving.executors import ExecutorOptions
-    from serving.executors.tensorrt import TensorRtExecutor
+    from serving.inference.executors import ExecutorOptions
+    from serving.inference.executors.tensorrt import TensorRtExecutor
 
     store = ModelStore(tmp_path / "store")
     module = tiny_mlp()

@@ -17,8 +17,8 @@ from compilers.targets.torch import TorchTarget, artifact_file
 from compilers.validate import TOLERANCES
 from model_store.manifest import TensorSpec
 from model_store.store import ModelStore
-from tests.compilers.tiny_models import tiny_mlp, write_matmul_onnx
-from tests.torch_store import TorchStore, torch_store
+from tests.helpers.tiny_models import tiny_mlp, write_matmul_onnx
+from tests.helpers.torch_store import TorchStore, torch_store
 
 _MLP_SIGNATURE = ModelSignature(
     inputs=(TensorSpec(name="x", datatype="FP32", shape=[-1, 4]),),

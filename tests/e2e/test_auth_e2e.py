@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from model_store.store import ModelStore
-from serving.examples import usage_text
+from serving.cli.banner import usage_text
 from tests.conftest import REPO_ROOT, RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.e2e

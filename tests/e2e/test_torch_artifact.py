@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RunningServer, start_server, stop_server
-from tests.torch_store import GPU_ONLY, MODEL, TorchStore, torch_store
+from tests.helpers.torch_store import GPU_ONLY, MODEL, TorchStore, torch_store
 
 pytestmark = pytest.mark.e2e
 

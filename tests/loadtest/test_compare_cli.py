@@ -73,7 +73,7 @@ def test_unreachable_gateway_is_reported(
 def test_serving_never_imports_locust() -> None:
     code = (
         "import sys; from serving.cli import _parser; _parser('serve'); "
-        "import serving.gateway.app; "
+        "import serving.http.app; "
         "bad = [m for m in ('locust', 'gevent', 'loadtest.cli') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

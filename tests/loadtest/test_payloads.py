@@ -17,7 +17,7 @@ from loadtest.payloads import (
     served_version,
 )
 from model_store.manifest import Artifact, ModelManifest, TensorSpec
-from serving.codec import decode_request
+from serving.inference.codec import decode_request
 
 DIGITS = {
     "name": "digits",

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from model_store.store import ModelStore
-from serving.repository import ModelRepository
-from tests.serving.ab_models import build_ab_store, serve_in_process
+from serving.inference.repository import ModelRepository
+from tests.helpers.ab_models import build_ab_store, serve_in_process
 
 
 @pytest.fixture(scope="session")

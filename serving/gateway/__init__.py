@@ -1,1 +1,0 @@
-"""The HTTP gateway: a Starlette app speaking KServe V2."""

@@ -1,0 +1,224 @@
+"""Build the gateway's ASGI app from the configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from model_store.store import ModelStore
+from serving.auth import ApiKeys, JwtVerifier
+from serving.config import ConfigError, FermionConfig
+from serving.errors import FermionError
+from serving.http.admin import admin_mount
+from serving.http.fastpath import InferenceFastPath
+from serving.http.middleware.access_log import AccessLogMiddleware
+from serving.http.middleware.auth import AuthMiddleware
+from serving.http.middleware.body_limit import BodySizeLimitMiddleware
+from serving.http.middleware.rate_limit import RateLimitMiddleware
+from serving.http.middleware.request_id import RequestIdMiddleware
+from serving.http.middleware.tracing import TracingMiddleware
+from serving.http.v2 import routes
+from serving.inference.backends import Backend, create_backend
+from serving.inference.codec import encode_error
+from serving.inference.limits import RateLimiter, RequestLimits
+from serving.inference.repository import ModelRepository
+from serving.observability import tracing
+from serving.observability.metrics import GatewayMetrics
+from serving.traffic.canary import RolloutController
+from serving.traffic.route_file import RouteFile
+from serving.traffic.router import Router
+from serving.traffic.shadow import ShadowMirror
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("fermion.gateway")
+
+
+def _error(message: str, status_code: int, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        encode_error(message),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+async def _fermion_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FermionError)
+    return _error(exc.message, exc.status_code, exc.headers())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail if exc.status_code != 404 else f"no route for {request.url.path}"
+    return _error(str(message), exc.status_code, exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return _error("internal server error", 500)
+
+
+def _metrics_route(metrics: GatewayMetrics, path: str) -> Route:
+    """``GET path`` answering the Prometheus text format."""
+
+    async def endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route(path, endpoint, methods=["GET"])
+
+
+def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
+    """Refuse a configuration whose routes send traffic to versions this gateway won't serve.
+
+    Caught at start, a misnamed version fails the deploy with its reason instead of
+    failing its share of requests later (the admin API checks a route when it is set).
+    """
+    for name, route in config.routes.items():
+        try:
+            served = repository.versions_to_serve(name)
+        except FermionError as e:
+            raise ConfigError(f"routes.{name}: {e.message}") from None
+        missing = sorted(route.versions_in_use() - set(served))
+        if missing:
+            raise ConfigError(
+                f"routes.{name} sends traffic to version(s) {missing}, which this gateway "
+                f"does not serve (it serves {served} of {name})"
+            )
+
+
+def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[Middleware]:
+    """The request path, outermost first; a feature that is off adds nothing to it."""
+    reject = metrics.reject if metrics is not None else None
+    auth, rules = config.auth, config.limits.rate_limits
+    keys = ApiKeys(auth.keys_file) if auth.keys_file is not None else None
+    jwt = JwtVerifier(auth.jwt) if auth.jwt is not None else None
+    public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
+    tracer = tracing.current_tracer()
+    layers = [
+        Middleware(RequestIdMiddleware),
+        Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
+        Middleware(AccessLogMiddleware) if config.server.access_log else None,
+        Middleware(
+            AuthMiddleware, keys=keys, jwt=jwt, public_paths=frozenset(public), on_reject=reject
+        )
+        if auth.enabled
+        else None,
+        Middleware(RateLimitMiddleware, limiter=RateLimiter(rules), on_reject=reject)
+        if rules
+        else None,
+        Middleware(
+            BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
+        ),
+        Middleware(InferenceFastPath),
+    ]
+    return [layer for layer in layers if layer is not None]
+
+
+def create_app(
+    config: FermionConfig,
+    *,
+    store: ModelStore | None = None,
+    backend: Backend | None = None,
+    on_ready: Callable[[ModelRepository], None] | None = None,
+    config_path: Path | None = None,
+    span_exporter: SpanExporter | None = None,
+) -> Starlette:
+    """The gateway app: loads models in the background at start, drains them at shutdown.
+
+    ``on_ready`` is called once every configured model has been loaded (or failed).
+    ``config_path`` is the file that route changes are written back to; rollout state
+    is kept next to it (``<name>.rollouts.json``). Without it both live in memory.
+    ``span_exporter`` receives the spans instead of the configured exporter.
+    """
+    store = store or ModelStore(config.store.root)
+    backend = backend or create_backend(config, store)
+    metrics: GatewayMetrics | None = None
+    if config.metrics.enabled:
+        metrics = GatewayMetrics(
+            lambda: (
+                (sv.name, sv.version, sv.batcher.queue_depth)
+                for sv in repository.served()
+                if sv.batcher is not None
+            ),
+            artifacts=lambda: (
+                (
+                    sv.name,
+                    sv.version,
+                    str(sv.replica.get("target", "")),
+                    str(sv.replica.get("options", {}).get("device", "cpu")),
+                )
+                for sv in repository.served()
+                if sv.replica
+            ),
+        )
+    repository = ModelRepository(
+        config, store, backend, observers=metrics.version if metrics is not None else None
+    )
+    check_routes(config, repository)
+    tracing.configure(config.tracing, exporter=span_exporter)
+    router = Router(config.routes, ShadowMirror(repository))
+    rollouts = RolloutController(
+        router,
+        repository,
+        RouteFile(config_path),
+        config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await backend.start()
+
+        async def load_all() -> None:
+            await repository.start()
+            await rollouts.start()
+            if on_ready is not None:
+                on_ready(repository)
+
+        loading = asyncio.create_task(load_all())
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            await rollouts.stop()
+            await router.shadow.stop()
+            await repository.stop()
+            await backend.stop()
+            tracing.shutdown()
+
+    extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
+    app = Starlette(
+        routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
+        middleware=_middleware(config, metrics),
+        exception_handlers={
+            FermionError: _fermion_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.repository = repository
+    app.state.metrics = metrics
+    app.state.limits = RequestLimits(config.limits)
+    app.state.router = router
+    app.state.rollouts = rollouts
+    return app

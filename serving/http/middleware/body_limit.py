@@ -1,0 +1,76 @@
+"""The body size limit: 413 before a body over the limit is read whole."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.auth.scopes import infer_model
+from serving.errors import PayloadTooLarge
+from serving.http.responses import RejectHook, send_error
+
+__all__ = ["BodySizeLimitMiddleware"]
+
+
+class BodySizeLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, before reading them whole.
+
+    A body refused from its Content-Length is counted through ``on_reject(model,
+    "too_large")`` (model ``""`` off the inference routes); one found too large while
+    read fails inside the route, which counts it like any other refusal.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        on_reject: RejectHook | None = None,
+    ) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self._on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared > self.max_bytes:
+                    if self._on_reject is not None:
+                        model = infer_model(scope["method"], scope["path"]) or ""
+                        self._on_reject(model, "too_large")
+                    await self._reject(send, declared)
+                    return
+                break
+        limit = self.max_bytes
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _reject(self, send: Send, declared: int) -> None:
+        await send_error(
+            send,
+            _BodyRefused(
+                f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
+            ),
+        )
+
+
+class _BodyRefused(PayloadTooLarge):
+    """413 before the body was read: the connection closes, the body is never drained."""
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}

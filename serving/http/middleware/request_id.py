@@ -1,0 +1,46 @@
+"""Request ids: echo the client's ``x-request-id`` (or a new one) on every response."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestIdMiddleware"]
+
+_REQUEST_ID = b"x-request-id"
+# Unique per process start (random prefix) and per request (counter): cheaper than uuid4.
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> bytes:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}".encode()
+
+
+class RequestIdMiddleware:
+    """Echo the client's ``x-request-id`` (or a new one) on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for key, value in scope["headers"]:
+            if key == _REQUEST_ID:
+                request_id = value[:128]
+                break
+        if not request_id or not request_id.isascii():
+            request_id = _new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (_REQUEST_ID, request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,27 @@
+"""Responses outside Starlette's handlers: V2 error bodies and JSON, sent by pure ASGI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.types import Send
+
+from serving.errors import FermionError
+from serving.inference.codec import encode_error
+
+#: Counts a refused request: ``(model, reason)``, model ``""`` when none is named.
+RejectHook = Callable[[str, str], None]
+
+__all__ = ["RejectHook", "send_error"]
+
+
+async def send_error(send: Send, error: FermionError) -> None:
+    """Answer with ``error`` as a V2 error body, from middleware outside the app's handlers."""
+    body = encode_error(error.message)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers().items()),
+    ]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,69 @@
+"""Where replicas live. The gateway talks to every backend through ``Backend``.
+
+Backends load by name from a table, so the Ray backend (and Ray itself) is
+imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from model_store.manifest import ModelManifest
+from model_store.store import ModelStore
+from serving.config import FermionConfig
+
+__all__ = ["BACKENDS", "Backend", "create_backend"]
+
+#: Backend name -> "module:Class".
+BACKENDS: dict[str, str] = {
+    "local": "serving.inference.backends.local:LocalBackend",
+    "ray": "serving.inference.backends.ray:RayBackend",
+}
+
+
+class Backend(ABC):
+    """Hosts replicas of model versions and runs whole batches on them."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Acquire what the backend needs (threads, a cluster)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Release everything ``start`` and ``load`` acquired."""
+
+    @abstractmethod
+    async def load(self, manifest: ModelManifest) -> dict[str, Any]:
+        """Load replicas of this version; return once they are warm, with a description.
+
+        Raises when no replica can serve it (the message says why).
+        """
+
+    @abstractmethod
+    async def unload(self, name: str, version: int) -> None:
+        """Remove this version's replicas (after the batcher drained)."""
+
+    @abstractmethod
+    async def infer_batch(
+        self, name: str, version: int, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Compute one batch on a replica of this version."""
+
+
+def create_backend(config: FermionConfig, store: ModelStore) -> Backend:
+    """Build the backend named in ``config``."""
+    spec = BACKENDS.get(config.backend)
+    if spec is None:
+        raise ValueError(f"unknown backend {config.backend!r}; known: {sorted(BACKENDS)}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RuntimeError(f"backend {config.backend!r} is not available: {e}") from e
+    cls = getattr(module, attr)
+    backend: Backend = cls(config, store)
+    return backend

@@ -1,0 +1,506 @@
+"""Backend ``ray``: every served model version is an autoscaling Ray Serve deployment.
+
+All of Fermion's Ray calls live in this module. The gateway keeps HTTP, the V2
+codec and batching; a whole batch crosses to a replica in one remote call
+through a ``DeploymentHandle``. Ray is imported only when this backend starts,
+after the environment it reads at import time is set.
+
+Several gateways may join one cluster with one namespace (a fleet of gateway pods
+behind a load balancer): they share each version's application. Who uses which
+application is kept by one detached actor per namespace (:class:`AppLeases`), and
+the last gateway to unload a version deletes it, so a gateway that stops (a
+rolling update) never takes a deployment away from the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from model_store.manifest import ModelManifest
+from model_store.store import ModelStore
+from serving.config import FermionConfig, RayDeploymentConfig, TracingConfig
+from serving.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
+from serving.inference.backends import Backend
+from serving.inference.batcher import batch_deadline_ns
+from serving.inference.executors import ExecutorOptions
+from serving.inference.replica import ModelReplica, needs_gpu, preference_order
+from serving.observability import tracing
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+__all__ = ["AppLeases", "RayBackend", "ReplicaDeployment"]
+
+log = logging.getLogger("fermion.backends.ray")
+
+#: Artifact targets that run only on a GPU: a replica of such an artifact asks Ray for one.
+#: Below this much time left before the deadline, a batch is not retried.
+_MIN_RETRY_S = 0.05
+#: How often a load polls Ray Serve for the state of its deployment.
+_POLL_S = 0.2
+
+
+class ReplicaDeployment:
+    """What runs inside one Ray Serve replica: one model version, loaded and warmed up.
+
+    The constructor returns (and Serve reports the replica healthy) only after the
+    artifact was verified, loaded and a warm-up batch ran.
+    """
+
+    def __init__(
+        self,
+        store_root: str,
+        manifest_json: str,
+        prefer: list[str],
+        intra_op_threads: int,
+        tracing_json: str | None = None,
+    ) -> None:
+        manifest = ModelManifest.model_validate_json(manifest_json)
+        options = ExecutorOptions(intra_op_threads=intra_op_threads)
+        if tracing_json is not None and tracing.current_tracer() is None:
+            # The replica's process exports its own spans, as the gateway's are configured.
+            tracing.configure(TracingConfig.model_validate_json(tracing_json))
+        self._attributes: dict[str, str | int] = {
+            "fermion.model": manifest.name,
+            "fermion.version": manifest.version,
+        }
+        self._replica = ModelReplica(
+            ModelStore(store_root), manifest, prefer=prefer, options=options
+        )
+
+    def infer(
+        self, inputs: dict[str, np.ndarray], carrier: dict[str, str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Compute one batch; ``carrier`` holds the gateway's trace context (W3C headers)."""
+        tracer = tracing.current_tracer()
+        if tracer is None or not carrier:
+            return self._replica.run(inputs)
+        parent = tracing.extract_context(carrier)
+        with tracer.start_as_current_span(
+            "fermion.replica.execute", context=parent, attributes=self._attributes
+        ) as span:
+            span.set_attribute("fermion.batch.rows", _rows(inputs))
+            return self._replica.run(inputs)
+
+    def describe(self) -> dict[str, Any]:
+        """The artifact this replica chose, and its load and warm-up times."""
+        return self._replica.describe()
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+class AppLeases:
+    """Which gateways use each Serve application of a namespace (run as a detached actor).
+
+    An actor runs its methods one at a time, so taking and giving back a lease are
+    atomic across the gateways of the cluster. An application whose last lease was
+    given back is marked as being deleted until its deleter says it is gone; a
+    gateway that takes a lease on it meanwhile waits for it to go, then deploys it anew.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[str]] = {}
+        self._deleting: set[str] = set()
+
+    def take(self, app: str, holder: str) -> bool:
+        """Count ``holder`` as a user of ``app``; True when its last user is deleting it."""
+        self._holders.setdefault(app, set()).add(holder)
+        deleting = app in self._deleting
+        self._deleting.discard(app)
+        return deleting
+
+    def give_back(self, app: str, holder: str) -> bool:
+        """``holder`` stops using ``app``; True when it was the last user (it deletes the app)."""
+        holders = self._holders.get(app)
+        if holders is not None:
+            holders.discard(holder)
+            if holders:
+                return False
+            del self._holders[app]
+        self._deleting.add(app)
+        return True
+
+    def deleted(self, app: str) -> None:
+        """The application is gone (nothing to wait for, unless a new user deployed it)."""
+        if app not in self._holders:
+            self._deleting.discard(app)
+
+    def holders(self, app: str) -> list[str]:
+        """The gateways using ``app``."""
+        return sorted(self._holders.get(app, ()))
+
+
+class _ReplicaGone(Exception):
+    """The replica computing a batch died or became unreachable."""
+
+
+@dataclass
+class _Deployment:
+    app: str
+    handle: DeploymentHandle[Any]
+    #: The handle bound to ``infer``, made once (not per batch).
+    infer: DeploymentHandle[Any]
+
+
+class RayBackend(Backend):
+    """Replicas as Ray Serve deployments, one per model version, on a local or joined cluster."""
+
+    def __init__(self, config: FermionConfig, store: ModelStore) -> None:
+        self._config = config
+        self._ray_config = config.ray
+        self._store = store
+        self._deployments: dict[tuple[str, int], _Deployment] = {}
+        self._connecting: asyncio.Task[None] | None = None
+        self._connected = False
+        self._started_cluster = False
+        self._gone_errors: tuple[type[BaseException], ...] = ()
+        self._task_error: type[BaseException] = Exception
+        #: This gateway, as a holder of application leases.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._leases: Any = None
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start (or join) the cluster in the background: ``ray.init`` blocks for seconds."""
+        timeout = self._ray_config.start_timeout_s
+        self._connecting = asyncio.create_task(
+            asyncio.wait_for(asyncio.to_thread(self._connect), timeout)
+        )
+
+    def _connect(self) -> None:
+        rc = self._ray_config
+        if rc.address is None:
+            # Read by Ray at import: bind the local cluster to loopback, not eth0.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+        from ray import serve
+        from ray.exceptions import RayActorError, RayTaskError
+
+        self._gone_errors = (RayActorError,)
+        self._task_error = RayTaskError
+        started = time.perf_counter()
+        common: dict[str, Any] = {
+            "namespace": rc.namespace,
+            "logging_level": logging.WARNING,
+            "log_to_driver": False,
+        }
+        if rc.address is None:
+            ray.init(
+                address="local",
+                num_cpus=rc.num_cpus,
+                include_dashboard=rc.include_dashboard,
+                dashboard_host="127.0.0.1",
+                **common,
+            )
+            self._started_cluster = True
+        else:
+            ray.init(address=rc.address, **common)
+        serve.start(proxy_location="Disabled")
+        self._leases = (
+            ray.remote(AppLeases)
+            .options(
+                name="fermion-app-leases",
+                namespace=rc.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                num_cpus=0,
+            )
+            .remote()
+        )
+        self._connected = True
+        where = "started a local cluster" if self._started_cluster else f"joined {rc.address}"
+        log.info("ray: %s in %.1fs", where, time.perf_counter() - started)
+
+    async def _wait_connected(self) -> None:
+        if self._connecting is None:
+            raise ModelNotReady("backend ray is not started")
+        try:
+            await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise ModelNotReady(
+                f"the Ray cluster did not start within {self._ray_config.start_timeout_s}s"
+            ) from None
+        except Exception as e:
+            raise ModelNotReady(f"cannot start or join the Ray cluster: {e}") from e
+
+    async def stop(self) -> None:
+        """Remove this gateway's deployments; stop the cluster only if this gateway started it."""
+        if self._connecting is not None:
+            try:
+                await self._connecting
+            except Exception as e:  # nothing to release if the cluster never came up
+                log.warning("ray: cluster was not up: %s", e)
+        for name, version in list(self._deployments):
+            await self.unload(name, version)
+        if self._connected:
+            # On the loop's own thread: Ray's driver aborts at exit when shut down from
+            # a worker thread. Traffic is over by now, so the short block is harmless.
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        import ray
+
+        # A cluster this gateway started goes with it; a joined one only loses this driver.
+        ray.shutdown()
+        self._connected = False
+
+    # -- deployments -----------------------------------------------------------------------
+
+    def _app_name(self, manifest: ModelManifest) -> str:
+        return f"{self._ray_config.namespace}.{manifest.name}.{manifest.version}"
+
+    async def load(self, manifest: ModelManifest) -> dict[str, Any]:
+        await self._wait_connected()
+        settings = self._config.ray_deployment_for(manifest.name)
+        deadline = time.monotonic() + self._ray_config.load_timeout_s
+        deployment, info = await asyncio.to_thread(self._deploy, manifest, settings, deadline)
+        key = (manifest.name, manifest.version)
+        self._deployments[key] = deployment
+        return info
+
+    def _deployment_options(
+        self, manifest: ModelManifest, settings: RayDeploymentConfig
+    ) -> dict[str, Any]:
+        batching = self._config.batching_for(manifest.name)
+        actor: dict[str, Any] = {
+            "num_cpus": settings.num_cpus,
+            "num_gpus": self._gpus_for(manifest, settings),
+        }
+        if settings.memory_mb is not None:
+            actor["memory"] = settings.memory_mb * 1024 * 1024
+        a = settings.autoscaling
+        options: dict[str, Any] = {
+            "name": f"{manifest.name}-v{manifest.version}",
+            "ray_actor_options": actor,
+            "max_ongoing_requests": settings.max_ongoing_requests
+            or batching.max_concurrent_batches + 1,
+            "graceful_shutdown_wait_loop_s": 0.5,
+            "graceful_shutdown_timeout_s": 10.0,
+            "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
+        }
+        initial = a.initial_replicas if a.initial_replicas is not None else max(1, a.min_replicas)
+        if a.min_replicas == a.max_replicas == initial:
+            options["num_replicas"] = a.max_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": a.min_replicas,
+                "max_replicas": a.max_replicas,
+                "initial_replicas": initial,
+                "target_ongoing_requests": a.target_ongoing_requests,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+                "metrics_interval_s": a.metrics_interval_s,
+                "look_back_period_s": a.look_back_period_s,
+            }
+        return options
+
+    def _gpus_for(self, manifest: ModelManifest, settings: RayDeploymentConfig) -> float:
+        if settings.num_gpus is not None:
+            return settings.num_gpus
+        ordered = preference_order(manifest, self._config.executor_for(manifest.name).prefer)
+        if not ordered or not needs_gpu(ordered[0]):
+            return 0.0
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)  # type: ignore[no-untyped-call]
+        return 1.0 if gpus > 0 else 0.0
+
+    def _lease(self, method: str, deadline: float, *args: str) -> Any:
+        """Call ``method`` of the namespace's :class:`AppLeases` actor and wait for it."""
+        import ray
+
+        call = getattr(self._leases, method).remote(*args)
+        return ray.get(call, timeout=max(1.0, deadline - time.monotonic()))
+
+    def _deploy(
+        self, manifest: ModelManifest, settings: RayDeploymentConfig, deadline: float
+    ) -> tuple[_Deployment, dict[str, Any]]:
+        from ray import serve
+
+        app = self._app_name(manifest)
+        key = (manifest.name, manifest.version)
+        options = self._deployment_options(manifest, settings)
+        if self._lease("take", deadline, app, self._holder):
+            # Its last user is deleting it: deploy anew once it is gone.
+            self._wait_gone(app, deadline)
+        current = serve.status().applications.get(app)
+        running = current is not None and current.status == "RUNNING"
+        # Another gateway of this namespace deployed it: use it as it is.
+        shared = running and key not in self._deployments
+        if shared:
+            handle = serve.get_app_handle(app)
+        else:
+            executor = self._config.executor_for(manifest.name)
+            bound = serve.deployment(**options)(ReplicaDeployment).bind(
+                str(self._store.root.resolve()),
+                manifest.model_dump_json(),
+                list(executor.prefer),
+                executor.intra_op_threads,
+                self._config.tracing.model_dump_json()
+                if self._config.tracing.exporter != "none"
+                else None,
+            )
+            handle = serve._run(bound, name=app, route_prefix=None, _blocking=False)
+            try:
+                self._wait_running(app, deadline)
+            except Exception:
+                try:
+                    last = self._lease("give_back", time.monotonic() + 10.0, app, self._holder)
+                except Exception as e:  # keep the deployment error; never delete unsure
+                    log.warning("ray: cannot give the lease on %s back: %s", app, e)
+                    last = False
+                if last:
+                    serve.delete(app, _blocking=False)
+                raise
+        timeout = max(1.0, deadline - time.monotonic())
+        described: dict[str, Any] = handle.describe.remote().result(timeout_s=timeout)
+        deployment = _Deployment(app, handle, handle.options(method_name="infer"))
+        info: dict[str, Any] = {
+            "backend": "ray",
+            "application": app,
+            "deployment": options["name"],
+            "shared": shared,
+            "replicas": options.get("autoscaling_config")
+            or {"num_replicas": options.get("num_replicas")},
+            "resources": options["ray_actor_options"],
+            "max_ongoing_requests": options["max_ongoing_requests"],
+            **described,
+        }
+        return deployment, info
+
+    def _wait_running(self, app: str, deadline: float) -> None:
+        from ray import serve
+
+        while True:
+            status = serve.status().applications.get(app)
+            state = "" if status is None else str(getattr(status.status, "value", status.status))
+            if state == "RUNNING":
+                return
+            detail = "" if status is None else _status_message(status)
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"deployment {app} failed: {detail}")
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"replicas of {app} not ready after {self._ray_config.load_timeout_s:.0f}s"
+                    f" ({state or 'not created'}): {detail}"
+                )
+            time.sleep(_POLL_S)
+
+    async def unload(self, name: str, version: int) -> None:
+        deployment = self._deployments.pop((name, version), None)
+        if deployment is None:
+            return
+        deadline = time.monotonic() + self._ray_config.load_timeout_s
+        await asyncio.to_thread(self._release, deployment.app, deadline)
+
+    def _release(self, app: str, deadline: float) -> None:
+        """Give this gateway's lease back; the last user deletes the application."""
+        from ray import serve
+
+        if not self._lease("give_back", deadline, app, self._holder):
+            log.info("ray: %s stays deployed for the other gateways using it", app)
+            return
+        serve.delete(app, _blocking=False)
+        self._wait_gone(app, deadline)
+        self._lease("deleted", deadline, app)
+
+    def _wait_gone(self, app: str, deadline: float) -> None:
+        from ray import serve
+
+        while app in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    async def infer_batch(
+        self, name: str, version: int, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        deployment = self._deployments.get((name, version))
+        if deployment is None:
+            raise ModelNotReady(f"model {name} version {version} has no deployment")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ray_config.request_timeout_s
+        requested = batch_deadline_ns.get()
+        if requested is not None:
+            # Nobody waits for the batch past its requests' own deadline.
+            deadline = min(deadline, loop.time() + (requested - time.perf_counter_ns()) / 1e9)
+        try:
+            return await self._call(deployment, name, version, inputs, deadline)
+        except _ReplicaGone as e:
+            if deadline - loop.time() < _MIN_RETRY_S:
+                raise ModelNotReady(
+                    f"a replica of model {name} version {version} died computing this batch "
+                    f"and no time was left to retry ({e})"
+                ) from None
+            log.warning("ray: %s; retrying the batch once on another replica", e)
+        try:
+            return await self._call(deployment, name, version, inputs, deadline)
+        except _ReplicaGone as e:
+            raise ModelNotReady(
+                f"replicas of model {name} version {version} died twice computing this batch "
+                f"({e}); retry later"
+            ) from None
+
+    async def _call(
+        self,
+        deployment: _Deployment,
+        name: str,
+        version: int,
+        inputs: dict[str, np.ndarray],
+        deadline: float,
+    ) -> dict[str, np.ndarray]:
+        carrier = tracing.inject_context()
+        response = (
+            deployment.infer.remote(inputs, carrier) if carrier else deployment.infer.remote(inputs)
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                outputs: dict[str, np.ndarray] = await response
+                return outputs
+        except TimeoutError:
+            response.cancel()  # type: ignore[no-untyped-call]
+            requested = batch_deadline_ns.get()
+            if requested is not None and time.perf_counter_ns() >= requested:
+                raise DeadlineExceeded(
+                    f"deadline passed while model {name} version {version} computed the batch"
+                ) from None
+            raise Overloaded(
+                f"no replica of model {name} version {version} answered within "
+                f"{self._ray_config.request_timeout_s:g}s"
+            ) from None
+        except self._gone_errors as e:
+            raise _ReplicaGone(f"replica unavailable: {_first_line(e)}") from None
+        except self._task_error as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, self._gone_errors):
+                raise _ReplicaGone(f"replica unavailable: {_first_line(cause)}") from None
+            raise InferenceFailed(
+                f"inference failed on a replica of model {name} version {version}: "
+                f"{_first_line(cause if cause is not None else e)}"
+            ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _status_message(status: Any) -> str:
+    parts: list[str] = [str(status.message)] if status.message else []
+    deployments: Sequence[Any] = list(getattr(status, "deployments", {}).values())
+    parts += [str(d.message) for d in deployments if getattr(d, "message", "")]
+    return " ".join(parts) or "no message from Ray Serve"

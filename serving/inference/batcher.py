@@ -1,0 +1,398 @@
+"""Dynamic batching per model version: a bounded queue in front of one batch runner.
+
+When a runner slot is free a request is dispatched at once (no waiting at low
+load); while batches run, arrivals gather into the next batch. A request whose
+batch dimension is > 1 stays whole; outputs are split back row-exactly. A failing
+batch fails only its own requests. Priority levels order the queue (Triton's
+queue policy: level 1 first); a request whose deadline passes while it waits is
+dropped, never computed, and fails with 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.errors import (
+    DeadlineExceeded,
+    FermionError,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+)
+from serving.observability import tracing as _tracing
+
+__all__ = ["BatchObserver", "BatchRunner", "BatcherStats", "DynamicBatcher", "batch_deadline_ns"]
+
+#: While a batch runs: the last deadline (``time.perf_counter_ns``) of its requests,
+#: or None when one of them has none. Past it nobody waits for the batch, so a
+#: backend can stop waiting for a remote answer then.
+batch_deadline_ns: ContextVar[int | None] = ContextVar("fermion_batch_deadline_ns", default=None)
+
+#: Computes one batch: named inputs with the batch in dim 0 -> named outputs.
+BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, n: int = 1) -> None:
+        self.count += n
+        self.ns += ns
+
+
+@dataclass
+class BatcherStats:
+    """Counters in the shape of Triton's statistics extension."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute: _Duration = field(default_factory=_Duration)
+    rejected: int = 0
+    #: Requests whose deadline passed while they waited (never computed).
+    expired: int = 0
+    #: rows per batch -> (batches, compute ns)
+    batch_sizes: dict[int, _Duration] = field(default_factory=dict)
+
+
+class BatchObserver(Protocol):
+    """Receives the timings of one model version's requests and batches (e.g. metrics)."""
+
+    def observe_queue(self, seconds: float) -> None:
+        """One request waited ``seconds`` in the queue."""
+
+    def observe_batch(self, rows: int, seconds: float, ok: bool) -> None:
+        """One batch of ``rows`` rows was computed in ``seconds``."""
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    shape_key: tuple[tuple[int, ...], ...]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    enqueued_ns: int
+    #: Index of its priority level's queue (0 is served first).
+    level: int = 0
+    #: perf_counter_ns deadline; 0: none.
+    deadline_ns: int = 0
+    #: With tracing on: the request's span and its queue-wait span.
+    span: Any = None
+    queue_span: Any = None
+
+
+class DynamicBatcher:
+    """Gathers concurrent requests for one model version into batches.
+
+    ``max_batch_size`` bounds the rows of a batch; ``max_queue_delay_s`` is how
+    long a batch may wait for more rows while a runner slot is free (0: never);
+    ``max_queue_size`` bounds waiting requests (503 above it);
+    ``max_concurrent_batches`` is how many batches run at once;
+    ``priority_levels`` queues (0 or 1: one), ``default_priority_level`` for
+    requests without a priority (0: the lowest level); ``model``/``version``
+    name spans; ``observer`` receives queue and batch timings.
+    """
+
+    def __init__(
+        self,
+        run_batch: BatchRunner,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 2048,
+        max_concurrent_batches: int = 1,
+        batched: bool = True,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
+        model: str = "",
+        version: str = "",
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_size < 1 or max_concurrent_batches < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_queue_size and max_concurrent_batches must be >= 1, delay >= 0")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size if batched else 1
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.max_concurrent_batches = max_concurrent_batches
+        self._batched = batched
+        self.priority_levels = max(1, priority_levels)
+        if not 0 <= default_priority_level <= self.priority_levels:
+            raise ValueError("default_priority_level must be within the priority levels")
+        self._default_level = (default_priority_level or self.priority_levels) - 1
+        self._queues: list[deque[_Pending]] = [deque() for _ in range(self.priority_levels)]
+        self._queued = 0
+        self._attributes = {"fermion.model": model, "fermion.version": version}
+        self._observer = observer
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.stats = BatcherStats()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        """Batches being computed now."""
+        return self._running
+
+    async def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        *,
+        deadline_ns: int | None = None,
+        priority: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Queue one request of ``rows`` rows and wait for its outputs.
+
+        ``deadline_ns`` (``time.perf_counter_ns``): past it, a request still queued
+        is dropped with DeadlineExceeded. ``priority``: 1 is the highest level, 0
+        the default level.
+        """
+        if self._closed:
+            raise ModelNotReady("model version is unloading")
+        if rows > self.max_batch_size:
+            raise InvalidInput(
+                f"batch of {rows} is over this model's max batch size {self.max_batch_size}"
+            )
+        level = 0
+        if self.priority_levels > 1:
+            if priority > self.priority_levels:
+                raise InvalidInput(
+                    f"priority {priority} is over this model's {self.priority_levels} levels"
+                )
+            level = priority - 1 if priority else self._default_level
+        if self._queued >= self.max_queue_size:
+            self.stats.rejected += 1
+            raise Overloaded(f"queue full ({self.max_queue_size} waiting requests); retry later")
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter_ns()
+        if deadline_ns is not None and deadline_ns <= now:
+            self.stats.expired += 1
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        shape_key = tuple(a.shape[1:] for a in inputs.values()) if self._batched else ()
+        pending = _Pending(inputs, rows, shape_key, loop.create_future(), now, level)
+        tracer = _tracing.recording_tracer()
+        if tracer is not None:
+            pending.span, pending.queue_span = _tracing.start_queue_span(tracer, self._attributes)
+        timer: asyncio.TimerHandle | None = None
+        if deadline_ns is not None:
+            pending.deadline_ns = deadline_ns
+            timer = loop.call_later((deadline_ns - now) / 1e9, self._expire, pending)
+        self._queues[level].append(pending)
+        self._queued += 1
+        self._dispatch()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The client went away: never compute a request nobody waits for.
+            self._unqueue(pending)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _unqueue(self, pending: _Pending) -> bool:
+        """Remove a request still waiting in its queue; False when it was already taken."""
+        try:
+            self._queues[pending.level].remove(pending)
+        except ValueError:
+            return False
+        self._queued -= 1
+        if pending.queue_span is not None:
+            pending.queue_span.end()
+        return True
+
+    def _expire(self, pending: _Pending) -> None:
+        # A request already taken into a batch is checked again just before it runs.
+        if self._unqueue(pending) and not pending.future.done():
+            self.stats.expired += 1
+            pending.future.set_exception(
+                DeadlineExceeded("deadline passed while the request was queued")
+            )
+
+    def _dispatch(self) -> None:
+        while self._queued and self._running < self.max_concurrent_batches:
+            if self.max_queue_delay_s > 0 and not self._closed and self._should_wait():
+                return
+            batch = self._take_batch()
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _should_wait(self) -> bool:
+        queued = sum(p.rows for q in self._queues for p in q)
+        if queued >= self.max_batch_size:
+            return False
+        oldest = min(q[0].enqueued_ns for q in self._queues if q)
+        waited = (time.perf_counter_ns() - oldest) / 1e9
+        if waited >= self.max_queue_delay_s:
+            return False
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                self.max_queue_delay_s - waited, self._on_timer
+            )
+        return True
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take_batch(self) -> list[_Pending]:
+        """The head of the first non-empty level, then what fits, level by level."""
+        first = next(i for i, q in enumerate(self._queues) if q)
+        head = self._queues[first].popleft()
+        batch = [head]
+        rows = head.rows
+        if self._batched:
+            for i in range(first, self.priority_levels):
+                queue = self._queues[i]
+                if rows >= self.max_batch_size:
+                    break
+                if not queue:
+                    continue
+                keep: deque[_Pending] = deque()
+                while queue and rows < self.max_batch_size:
+                    p = queue.popleft()
+                    if p.shape_key == head.shape_key and rows + p.rows <= self.max_batch_size:
+                        batch.append(p)
+                        rows += p.rows
+                    else:
+                        keep.append(p)
+                keep.extend(queue)
+                self._queues[i] = keep
+        self._queued -= len(batch)
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter_ns()
+        rows = 0
+        spans: tuple[Any, Any] | None = None
+        try:
+            live: list[_Pending] = []
+            for p in batch:
+                if p.queue_span is not None:
+                    p.queue_span.end()
+                if p.future.done():
+                    continue
+                if p.deadline_ns and started >= p.deadline_ns:
+                    self.stats.expired += 1
+                    p.future.set_exception(
+                        DeadlineExceeded("deadline passed while the request was queued")
+                    )
+                    continue
+                live.append(p)
+            if not live:
+                return
+            rows = sum(p.rows for p in live)
+            if len(live) == 1:
+                inputs = live[0].inputs
+            else:
+                inputs = {
+                    name: np.concatenate([p.inputs[name] for p in live]) for name in live[0].inputs
+                }
+            tracer = _tracing.current_tracer()
+            traced = [p.span for p in live if p.span is not None] if tracer is not None else []
+            if tracer is not None and traced:
+                attributes = {**self._attributes, "fermion.batch.rows": rows}
+                attributes["fermion.batch.requests"] = len(live)
+                spans = _tracing.start_batch_spans(tracer, traced, attributes)
+            # Each batch runs in its own task: setting the variable here stays here.
+            deadlines = [p.deadline_ns for p in live]  # 0: no deadline
+            batch_deadline_ns.set(None if 0 in deadlines else max(deadlines))
+            try:
+                try:
+                    outputs = await self._run_batch(inputs)
+                finally:
+                    if spans is not None:
+                        spans[1].end()
+                parts = self._split(outputs, live, rows)
+            except Exception as e:
+                error = (
+                    e if isinstance(e, FermionError) else InferenceFailed(f"inference failed: {e}")
+                )
+                if spans is not None:
+                    spans[0].record_exception(e)
+                self._record(live, rows, started, ok=False)
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(error)
+                return
+            self._record(live, rows, started, ok=True)
+            for p, out in zip(live, parts, strict=True):
+                if not p.future.done():
+                    p.future.set_result(out)
+        finally:
+            if spans is not None:
+                spans[0].end()
+            self._running -= 1
+            self._dispatch()
+
+    def _split(
+        self, outputs: dict[str, np.ndarray], live: list[_Pending], rows: int
+    ) -> list[dict[str, np.ndarray]]:
+        if len(live) == 1:
+            return [outputs]
+        for name, arr in outputs.items():
+            if arr.ndim == 0 or arr.shape[0] != rows:
+                raise InferenceFailed(
+                    f"model returned {name} with shape {list(arr.shape)} for a batch of {rows} rows"
+                )
+        parts: list[dict[str, np.ndarray]] = []
+        offset = 0
+        for p in live:
+            end = offset + p.rows
+            parts.append({name: arr[offset:end] for name, arr in outputs.items()})
+            offset = end
+        return parts
+
+    def _record(self, live: list[_Pending], rows: int, started: int, *, ok: bool) -> None:
+        now = time.perf_counter_ns()
+        s = self.stats
+        compute = now - started
+        observer = self._observer
+        for p in live:
+            s.queue.add(started - p.enqueued_ns)
+            (s.success if ok else s.fail).add(now - p.enqueued_ns)
+            if observer is not None:
+                observer.observe_queue((started - p.enqueued_ns) / 1e9)
+        if observer is not None:
+            observer.observe_batch(rows, compute / 1e9, ok)
+        if ok:
+            s.inference_count += rows
+            s.execution_count += 1
+            s.compute.add(compute)
+            s.batch_sizes.setdefault(rows, _Duration()).add(compute)
+            s.last_inference_ms = int(time.time() * 1000)
+
+    async def close(self) -> None:
+        """Stop taking requests; finish every request already queued or running."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queued or self._tasks:
+            self._dispatch()
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,158 @@
+"""Limits: token-bucket rate limits per caller and model glob, request size, deadlines.
+
+``RateLimiter`` is checked by the HTTP rate-limit middleware (429 with Retry-After
+before the body is read); ``RequestLimits`` is what the inference service checks once
+a request is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from serving.config import LimitsConfig, RateLimitRule
+from serving.errors import InvalidInput
+
+__all__ = [
+    "TIMEOUT_HEADER",
+    "RateLimiter",
+    "RequestLimits",
+    "TokenBucket",
+]
+
+#: Request header carrying a deadline in milliseconds.
+TIMEOUT_HEADER = "fermion-timeout-ms"
+_MAX_CALLERS = 100_000
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; one token per request."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def refill(self, now: float) -> float:
+        """Tokens available at ``now``."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.tokens
+
+    def wait_s(self) -> float:
+        """Seconds until the next token (after ``refill``)."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+class RateLimiter:
+    """Every rule matching (caller, model) must have a token for the request to pass.
+
+    A rule's bucket is per caller and shared by all the models its glob matches.
+    """
+
+    def __init__(self, rules: Sequence[RateLimitRule]) -> None:
+        self._rules = list(rules)
+        self._buckets: dict[tuple[int, str], TokenBucket] = {}
+        self._plan: dict[tuple[str, str], tuple[TokenBucket, ...]] = {}
+
+    def _plan_for(self, caller: str, model: str, now: float) -> tuple[TokenBucket, ...]:
+        if len(self._plan) > _MAX_CALLERS:
+            self._plan.clear()
+            self._buckets.clear()
+        buckets = []
+        for i, rule in enumerate(self._rules):
+            if fnmatchcase(caller, rule.keys) and fnmatchcase(model, rule.models):
+                bucket = self._buckets.get((i, caller))
+                if bucket is None:
+                    bucket = self._buckets[(i, caller)] = TokenBucket(rule.rate, rule.burst, now)
+                buckets.append(bucket)
+        plan = self._plan[(caller, model)] = tuple(buckets)
+        return plan
+
+    def acquire(self, caller: str, model: str, now: float | None = None) -> float:
+        """Take a token from every matching bucket: 0.0, or the seconds to wait (none taken)."""
+        now = time.monotonic() if now is None else now
+        plan = self._plan.get((caller, model))
+        if plan is None:
+            plan = self._plan_for(caller, model, now)
+        wait = 0.0
+        for bucket in plan:
+            if bucket.refill(now) < 1.0:
+                wait = max(wait, bucket.wait_s())
+        if wait > 0.0:
+            return wait
+        for bucket in plan:
+            bucket.tokens -= 1.0
+        return 0.0
+
+
+def _positive(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"{what} must be a number, got {str(value)[:40]!r}") from None
+    if not math.isfinite(number) or number < 0 or isinstance(value, bool):
+        raise InvalidInput(f"{what} must be a non-negative number")
+    return number
+
+
+class RequestLimits:
+    """Per-request checks of the infer route: size, deadline and priority."""
+
+    __slots__ = ("_cap_ns", "_default_ns", "max_batch", "max_elements")
+
+    def __init__(self, config: LimitsConfig) -> None:
+        #: Most rows per request (None: the batcher's limit only).
+        self.max_batch = config.max_batch
+        #: Most elements per request, all inputs together (None: no limit).
+        self.max_elements = config.max_elements
+        self._cap_ns = int(config.max_timeout_ms * 1e6)
+        self._default_ns = (
+            None if config.default_timeout_ms is None else int(config.default_timeout_ms * 1e6)
+        )
+
+    def check_elements(self, inputs: Mapping[str, Any]) -> None:
+        """400 when the inputs hold more elements than allowed."""
+        if self.max_elements is None:
+            return
+        total = sum(int(a.size) for a in inputs.values())
+        if total > self.max_elements:
+            raise InvalidInput(
+                f"request has {total} elements, over the limit of {self.max_elements}"
+            )
+
+    def deadline_ns(
+        self, header: str | None, parameters: Mapping[str, Any], start_ns: int
+    ) -> int | None:
+        """The ``perf_counter_ns`` deadline from the header (ms) or V2 ``timeout`` (µs), capped."""
+        timeout_ns = self._default_ns
+        if header is not None:
+            ms = _positive(header, TIMEOUT_HEADER)
+            if ms == 0:
+                raise InvalidInput(f"{TIMEOUT_HEADER} must be above 0")
+            timeout_ns = int(ms * 1e6)
+        if parameters and "timeout" in parameters:
+            # Triton's request parameter: microseconds, 0 meaning none.
+            us = _positive(parameters["timeout"], "parameter 'timeout'")
+            if us > 0:
+                ns = int(us * 1e3)
+                timeout_ns = ns if header is None else min(ns, timeout_ns or ns)
+        if timeout_ns is None:
+            return None
+        return start_ns + min(timeout_ns, self._cap_ns)
+
+    @staticmethod
+    def priority(parameters: Mapping[str, Any]) -> int:
+        """The V2 ``priority`` parameter (0: the default level)."""
+        if not parameters or "priority" not in parameters:
+            return 0
+        value = parameters["priority"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInput("parameter 'priority' must be a non-negative integer")
+        return value

@@ -1,0 +1,245 @@
+"""The served model versions: which exist, their state, their batcher; load and unload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from model_store.manifest import ModelManifest
+from model_store.store import ModelStore, StoreError
+from serving.config import FermionConfig
+from serving.errors import ModelNotFound, ModelNotReady
+from serving.inference.backends import Backend
+from serving.inference.batcher import BatchObserver, DynamicBatcher
+
+__all__ = ["ModelRepository", "ServedVersion", "VersionState"]
+
+log = logging.getLogger("fermion.repository")
+
+
+class VersionState(StrEnum):
+    """Life of a served version (the V2 repository index's ``state``)."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class ServedVersion:
+    """One model version as the gateway serves it."""
+
+    manifest: ModelManifest
+    state: VersionState = VersionState.LOADING
+    reason: str = ""
+    batcher: DynamicBatcher | None = None
+    replica: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+class ModelRepository:
+    """Keeps the served versions of every model and their batchers, over one backend."""
+
+    def __init__(
+        self,
+        config: FermionConfig,
+        store: ModelStore,
+        backend: Backend,
+        *,
+        observers: Callable[[str, int], BatchObserver] | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._backend = backend
+        #: (model, version) -> what receives that version's batch timings (e.g. metrics).
+        self._observers = observers
+        self._models: dict[str, dict[int, ServedVersion]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._started = False
+
+    @property
+    def store(self) -> ModelStore:
+        return self._store
+
+    def configured_models(self) -> list[str]:
+        """Models served at start: the config's, or every model in the store."""
+        return sorted(self._config.models) if self._config.models else self._store.models()
+
+    async def start(self) -> None:
+        """Load every configured model; a model that fails stays UNAVAILABLE with its reason."""
+        for name in self.configured_models():
+            try:
+                await self.load_model(name)
+            except Exception as e:  # one broken model must not keep the others down
+                log.error("model %s failed to load: %s", name, e)
+        self._started = True
+
+    async def stop(self) -> None:
+        """Drain and unload everything."""
+        for name in list(self._models):
+            await self.unload_model(name)
+
+    @property
+    def ready(self) -> bool:
+        """True once start finished and every served version is READY."""
+        return self._started and all(
+            sv.state is VersionState.READY for vs in self._models.values() for sv in vs.values()
+        )
+
+    def versions_to_serve(self, name: str) -> list[int]:
+        """The versions of ``name`` this gateway serves: its version policy over the store."""
+        available = self._store.versions(name)
+        if not available:
+            raise ModelNotFound(f"model {name} has no published version in the store")
+        policy = self._config.models[name].versions if name in self._config.models else "all"
+        if policy == "all":
+            return available
+        if policy == "latest":
+            return available[-1:]
+        missing = sorted(set(policy) - set(available))
+        if missing:
+            raise ModelNotFound(f"model {name} has no version(s) {missing} in the store")
+        return sorted(policy)
+
+    async def load_model(self, name: str) -> list[ServedVersion]:
+        """(Re)load ``name`` from the store; versions no longer wanted are drained and unloaded."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            try:
+                wanted = self.versions_to_serve(name)
+                manifests = [self._store.manifest(name, v) for v in wanted]
+            except StoreError as e:
+                raise ModelNotFound(str(e)) from e
+            current = self._models.setdefault(name, {})
+            loaded: list[ServedVersion] = []
+            for manifest in manifests:
+                existing = current.get(manifest.version)
+                if existing is not None and existing.state is VersionState.READY:
+                    loaded.append(existing)
+                    continue
+                sv = ServedVersion(manifest)
+                current[manifest.version] = sv
+                await self._load_version(sv)
+                loaded.append(sv)
+            for version in sorted(set(current) - set(wanted)):
+                await self._unload_version(current, version)
+            return loaded
+
+    async def _load_version(self, sv: ServedVersion) -> None:
+        try:
+            sv.replica = await self._backend.load(sv.manifest)
+        except Exception as e:
+            sv.state = VersionState.UNAVAILABLE
+            sv.reason = str(e)
+            log.error("model %s version %s unavailable: %s", sv.name, sv.version, e)
+            return
+        b = self._config.batching_for(sv.name)
+        batched = sv.manifest.max_batch_size > 0
+        max_batch = min(b.max_batch_size, sv.manifest.max_batch_size) if batched else 1
+        name, version, backend = sv.name, sv.version, self._backend
+
+        async def run_batch(inputs: dict[str, Any]) -> dict[str, Any]:
+            return await backend.infer_batch(name, version, inputs)
+
+        sv.batcher = DynamicBatcher(
+            run_batch,
+            max_batch_size=max_batch,
+            max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
+            max_queue_size=b.max_queue_size,
+            max_concurrent_batches=b.max_concurrent_batches,
+            batched=batched,
+            priority_levels=b.priority_levels,
+            default_priority_level=b.default_priority_level,
+            model=name,
+            version=str(version),
+            observer=self._observers(name, version) if self._observers else None,
+        )
+        sv.state = VersionState.READY
+        sv.reason = ""
+        log.info("model %s version %s ready (%s)", sv.name, sv.version, sv.replica.get("target"))
+
+    async def _unload_version(self, versions: dict[int, ServedVersion], version: int) -> None:
+        sv = versions[version]
+        sv.state = VersionState.UNLOADING
+        if sv.batcher is not None:
+            await sv.batcher.close()
+        await self._backend.unload(sv.name, sv.version)
+        del versions[version]
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name``: requests already queued finish first."""
+        if name not in self._models:
+            raise ModelNotFound(f"model {name} is not loaded")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            versions = self._models.get(name, {})
+            for version in list(versions):
+                await self._unload_version(versions, version)
+            self._models.pop(name, None)
+
+    def served(self) -> list[ServedVersion]:
+        """Every served version of every model, in any state."""
+        return [sv for versions in self._models.values() for sv in versions.values()]
+
+    def versions(self, name: str) -> dict[int, ServedVersion]:
+        """Every served version of ``name`` (404 when the model is not served)."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"unknown model {name!r}")
+        return versions
+
+    def get(self, name: str, version: str | None) -> ServedVersion:
+        """The served version named by the URL (latest when None), in any state."""
+        versions = self.versions(name)
+        if version is None:
+            return versions[max(versions)]
+        try:
+            number = int(version)
+        except ValueError:
+            raise ModelNotFound(f"unknown version {version!r} of model {name}") from None
+        sv = versions.get(number)
+        if sv is None:
+            raise ModelNotFound(f"unknown version {version!r} of model {name}")
+        return sv
+
+    def resolve(self, name: str, version: str | None) -> tuple[ServedVersion, DynamicBatcher]:
+        """The READY version a request goes to, and its batcher."""
+        sv = self.get(name, version)
+        if sv.state is not VersionState.READY or sv.batcher is None:
+            detail = f": {sv.reason}" if sv.reason else ""
+            raise ModelNotReady(
+                f"model {name} version {sv.version} is {sv.state.value.lower()}{detail}"
+            )
+        return sv, sv.batcher
+
+    def index(self) -> list[dict[str, Any]]:
+        """The V2 repository index: every model in the store, with the state of served ones."""
+        rows: list[dict[str, Any]] = []
+        names = sorted(set(self._store.models()) | set(self._models))
+        for name in names:
+            served = self._models.get(name, {})
+            store_versions = set(self._store.versions(name)) if name in names else set()
+            for version in sorted(store_versions | set(served)):
+                sv = served.get(version)
+                row: dict[str, Any] = {
+                    "name": name,
+                    "version": str(version),
+                    "state": sv.state.value if sv else "UNAVAILABLE",
+                }
+                if sv is None:
+                    row["reason"] = "not loaded"
+                elif sv.reason:
+                    row["reason"] = sv.reason
+                rows.append(row)
+        return rows

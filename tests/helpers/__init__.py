@@ -1,0 +1,1 @@
+"""Shared test helpers: model stores, in-process gateways, credentials (no tests here)."""

@@ -1,0 +1,123 @@
+"""API keys: hashes only on disk, expiry, revocation seen by a running verifier, scopes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from serving.auth import ApiKeys, Principal, create_key, read_keys, required_scope, revoke_key
+from serving.cli import main
+from serving.cli.keys import parse_duration
+
+
+def test_keys_file_holds_only_a_hash(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    key = create_key(path, "ci", ["infer:digits", "read"])
+    text = path.read_text()
+    assert key not in text
+    assert key[4:] not in text  # not even without its prefix
+    (record,) = read_keys(path)
+    assert record.name == "ci"
+    assert record.scopes == ("infer:digits", "read")
+    assert len(record.sha256) == 64
+    assert os.stat(path).st_mode & 0o077 == 0  # readable by its owner only
+
+
+def test_keys_are_random_and_names_unique(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    a = create_key(path, "a", ["read"])
+    b = create_key(path, "b", ["read"])
+    assert a != b
+    with pytest.raises(ValueError, match="exists"):
+        create_key(path, "a", ["read"])
+    replaced = create_key(path, "a", ["admin"], replace=True)
+    keys = ApiKeys(path)
+    assert keys.authenticate(a) is None
+    principal = keys.authenticate(replaced)
+    assert principal is not None and principal.admin
+
+
+@pytest.mark.parametrize("scopes", [["write"], ["infer:"], ["infer:a/b"], []])
+def test_unknown_scopes_are_refused(tmp_path: Path, scopes: list[str]) -> None:
+    with pytest.raises(ValueError):
+        create_key(tmp_path / "keys.json", "x", scopes)
+
+
+def test_verifier_follows_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    keys = ApiKeys(path, check_interval_s=0)  # no file yet: every key refused
+    key = create_key(path, "late", ["read"])
+    principal = keys.authenticate(key)
+    assert principal is not None and principal.name == "late"
+    assert keys.authenticate(key + "x") is None
+    assert revoke_key(path, "late")
+    assert keys.authenticate(key) is None
+    assert not revoke_key(path, "late")
+
+
+def test_expired_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    live = create_key(path, "live", ["read"], expires_at=soon)
+    old = create_key(path, "old", ["read"], expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    keys = ApiKeys(path)
+    assert keys.authenticate(live) is not None
+    assert keys.authenticate(old) is None
+
+
+def test_corrupt_file_fails_closed(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    key = create_key(path, "k", ["read"])
+    keys = ApiKeys(path)
+    assert keys.authenticate(key) is not None
+    path.write_text("{not json")
+    time.sleep(0.06)  # past the check interval
+    assert keys.authenticate(key) is None
+
+
+def test_scopes_per_route() -> None:
+    assert required_scope("GET", "/v2/health/ready") == ("open", "")
+    assert required_scope("POST", "/v2/models/digits/versions/2/infer") == ("infer", "digits")
+    assert required_scope("GET", "/v2/models/digits") == ("read", "")
+    assert required_scope("POST", "/v2/repository/models/digits/load") == ("admin", "")
+    assert required_scope("PUT", "/admin/routes/digits") == ("admin", "")
+    p = Principal("p", ["infer:dig*", "admin", "bogus"])
+    assert p.allows("infer", "digits") and not p.allows("infer", "mnist")
+    assert p.allows("read") and p.allows("admin")
+    assert p.scopes == ("infer:dig*", "admin")
+    reader = Principal("r", ["read"])
+    assert reader.allows("read") and not reader.allows("admin")
+
+
+def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "keys.json"
+    args = ["--file", str(path)]
+    assert main(["keys", "create", "--name", "ci", "--scopes", "infer:*,read", *args]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("fmn_")
+    assert ApiKeys(path).authenticate(key) is not None
+    assert (
+        main(["keys", "create", "--name", "tmp", "--scopes", "read", "--expires-in", "1h", *args])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["keys", "list", *args]) == 0
+    listing = capsys.readouterr().out
+    assert "ci" in listing and "infer:*,read" in listing and key not in listing
+    assert main(["keys", "list", "--json", *args]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["ci", "tmp"] and "sha256" not in rows[0]
+    assert main(["keys", "revoke", "ci", *args]) == 0
+    assert ApiKeys(path).authenticate(key) is None
+    assert main(["keys", "revoke", "ci", *args]) == 1
+    assert main(["keys", "create", "--name", "x", "--scopes", "write", *args]) == 2
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("90s") == timedelta(seconds=90)
+    assert parse_duration("30d") == timedelta(days=30)

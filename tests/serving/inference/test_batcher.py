@@ -1,0 +1,184 @@
+"""DynamicBatcher: real batching under concurrency, exact splits, isolated failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from serving.errors import InferenceFailed, InvalidInput, Overloaded
+from serving.inference.batcher import DynamicBatcher, batch_deadline_ns
+
+
+class _DoubleModel:
+    """Doubles its input; records the rows of every batch it computes."""
+
+    def __init__(self, delay_s: float = 0.005, fail_marker: float | None = None) -> None:
+        self.batches: list[int] = []
+        self.delay_s = delay_s
+        self.fail_marker = fail_marker
+
+    async def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        await asyncio.sleep(self.delay_s)
+        if self.fail_marker is not None and np.any(x == self.fail_marker):
+            raise RuntimeError("poisoned row in batch")
+        return {"y": x * 2}
+
+
+def _req(value: float, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.full((rows, 3), value, dtype=np.float32)}
+
+
+async def test_idle_request_is_dispatched_at_once() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    out = await batcher.submit(_req(1.0), 1)
+    assert model.batches == [1]
+    np.testing.assert_array_equal(out["y"], np.full((1, 3), 2.0, dtype=np.float32))
+
+
+async def test_concurrent_requests_are_batched_and_routed_back() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=16)
+    values = [float(i) for i in range(40)]
+    results = await asyncio.gather(*(batcher.submit(_req(v), 1) for v in values))
+    for v, out in zip(values, results, strict=True):
+        np.testing.assert_array_equal(out["y"], np.full((1, 3), 2 * v, dtype=np.float32))
+    assert max(model.batches) > 1
+    assert all(b <= 16 for b in model.batches)
+    assert sum(model.batches) == 40
+    assert batcher.stats.inference_count == 40
+    assert batcher.stats.execution_count == len(model.batches)
+
+
+async def test_multi_row_requests_stay_whole() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    sizes = [3, 5, 2, 8, 1, 4]
+    results = await asyncio.gather(
+        *(batcher.submit(_req(float(i), n), n) for i, n in enumerate(sizes))
+    )
+    for i, (n, out) in enumerate(zip(sizes, results, strict=True)):
+        assert out["y"].shape == (n, 3)
+        np.testing.assert_array_equal(out["y"], np.full((n, 3), 2.0 * i, dtype=np.float32))
+    assert all(b <= 8 for b in model.batches)
+
+
+async def test_batch_over_limit_is_rejected() -> None:
+    batcher = DynamicBatcher(_DoubleModel(), max_batch_size=4)
+    with pytest.raises(InvalidInput, match="max batch size 4"):
+        await batcher.submit(_req(1.0, 5), 5)
+
+
+async def test_failing_batch_fails_only_its_requests() -> None:
+    model = _DoubleModel(fail_marker=-1.0)
+    batcher = DynamicBatcher(model, max_batch_size=4)
+    # The first request runs alone; the next ones gather behind it in batches of <= 4.
+    values = [0.0, 1.0, 2.0, -1.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    results = await asyncio.gather(
+        *(batcher.submit(_req(v), 1) for v in values), return_exceptions=True
+    )
+    failed = [v for v, r in zip(values, results, strict=True) if isinstance(r, Exception)]
+    assert -1.0 in failed
+    assert all(isinstance(r, InferenceFailed) for r in results if isinstance(r, Exception))
+    # Requests in other batches succeeded with the right values.
+    ok = [(v, r) for v, r in zip(values, results, strict=True) if not isinstance(r, Exception)]
+    assert ok, "requests outside the poisoned batch must succeed"
+    assert len(failed) <= 4
+    for v, r in ok:
+        assert isinstance(r, dict)
+        np.testing.assert_array_equal(r["y"], np.full((1, 3), 2 * v, dtype=np.float32))
+    # And the batcher keeps serving.
+    out = await batcher.submit(_req(9.0), 1)
+    assert out["y"][0, 0] == 18.0
+
+
+async def test_queue_bound_answers_overloaded() -> None:
+    model = _DoubleModel(delay_s=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_size=2)
+    tasks = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(6)]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, Overloaded) for r in results) >= 1
+    assert sum(isinstance(r, dict) for r in results) >= 3
+    assert batcher.stats.rejected == sum(isinstance(r, Overloaded) for r in results)
+
+
+async def test_incompatible_shapes_are_not_mixed() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(inputs["x"].shape)
+        await asyncio.sleep(0.002)
+        return {"y": inputs["x"].sum(axis=1)}
+
+    batcher = DynamicBatcher(run, max_batch_size=16)
+    reqs = [np.ones((1, 2 + i % 3), dtype=np.float32) for i in range(12)]
+    results = await asyncio.gather(*(batcher.submit({"x": r}, 1) for r in reqs))
+    for r, out in zip(reqs, results, strict=True):
+        assert out["y"][0] == r.shape[1]
+
+
+async def test_cancelled_request_is_not_computed() -> None:
+    model = _DoubleModel(delay_s=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=1)
+    first = asyncio.ensure_future(batcher.submit(_req(1.0), 1))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(batcher.submit(_req(2.0), 1))
+    await asyncio.sleep(0.001)
+    second.cancel()
+    await first
+    await asyncio.sleep(0.07)
+    assert model.batches == [1]
+
+
+async def test_queue_delay_gathers_a_batch_when_idle() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.5)
+
+    async def later(v: float, wait: float) -> dict[str, np.ndarray]:
+        await asyncio.sleep(wait)
+        return await batcher.submit(_req(v), 1)
+
+    await asyncio.gather(later(1.0, 0), later(2.0, 0.01), later(3.0, 0.02))
+    assert model.batches == [3]
+
+
+async def test_close_finishes_queued_requests() -> None:
+    model = _DoubleModel(delay_s=0.01)
+    batcher = DynamicBatcher(model, max_batch_size=2)
+    tasks = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(7)]
+    await asyncio.sleep(0)
+    await batcher.close()
+    results = await asyncio.gather(*tasks)
+    assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(7)]
+
+
+async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
+    seen: list[int | None] = []
+
+    async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(batch_deadline_ns.get())
+        await asyncio.sleep(0.02)
+        return {"y": inputs["x"]}
+
+    batcher = DynamicBatcher(run, max_batch_size=8)
+    now = time.perf_counter_ns()
+    soon, later = now + 5_000_000_000, now + 9_000_000_000
+    first = asyncio.ensure_future(batcher.submit(_req(0.0), 1, deadline_ns=soon))
+    await asyncio.sleep(0.005)  # the first batch runs alone; these two share the next
+    await asyncio.gather(
+        batcher.submit(_req(1.0), 1, deadline_ns=soon),
+        batcher.submit(_req(2.0), 1, deadline_ns=later),
+        first,
+    )
+    await asyncio.gather(
+        batcher.submit(_req(3.0), 1, deadline_ns=soon), batcher.submit(_req(4.0), 1)
+    )
+    assert seen[0] == soon
+    assert seen[1] == later
+    assert seen[-1] is None  # a request without a deadline waits for the batch however long
+    assert batch_deadline_ns.get() is None  # set only inside the batch's own task

@@ -1,0 +1,56 @@
+"""Trace context crosses the Ray hop: replica spans are children of the gateway's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from model_store.store import ModelStore
+from serving.config import TracingConfig
+from serving.inference.backends.ray import ReplicaDeployment
+from serving.observability import tracing
+
+
+@pytest.fixture()
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    tracing.configure(TracingConfig(), exporter=exporter)
+    yield exporter
+    tracing.shutdown()
+
+
+def test_replica_span_is_a_child_of_the_gateway_span(
+    demo_store: ModelStore, exporter: InMemorySpanExporter
+) -> None:
+    manifest = demo_store.manifest("digits", 2)
+    replica = ReplicaDeployment(
+        str(demo_store.root), manifest.model_dump_json(), ["onnxruntime"], 1
+    )
+    x = np.zeros((3, 1, 28, 28), np.float32)
+    tracer = tracing.current_tracer()
+    assert tracer is not None
+    with tracer.start_as_current_span("fermion.execute") as gateway_span:
+        carrier = tracing.inject_context()
+        assert "traceparent" in carrier
+    # The replica runs in another process: only the carrier crosses.
+    out = replica.infer({"input": x}, carrier)
+    assert out["logits"].shape == (3, 10)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    remote = spans["fermion.replica.execute"]
+    assert remote.context.trace_id == gateway_span.get_span_context().trace_id
+    assert remote.parent is not None
+    assert remote.parent.span_id == gateway_span.get_span_context().span_id
+    assert remote.attributes is not None and remote.attributes["fermion.batch.rows"] == 3
+
+
+def test_no_carrier_when_tracing_is_off(demo_store: ModelStore) -> None:
+    assert tracing.current_tracer() is None
+    assert tracing.inject_context() == {}
+    manifest = demo_store.manifest("digits", 1)
+    replica = ReplicaDeployment(
+        str(demo_store.root), manifest.model_dump_json(), ["onnxruntime"], 1
+    )
+    assert replica.infer({"input": np.zeros((1, 1, 28, 28), np.float32)})["logits"].shape == (1, 10)

@@ -1,0 +1,129 @@
+"""Prometheus metrics change as expected after a known sequence of requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_store.store import ModelStore
+from serving.auth import create_key
+from serving.config import AuthConfig, FermionConfig, MetricsConfig
+from serving.observability.metrics import GatewayMetrics
+from serving.observability.traffic_metrics import ROUTE_REQUESTS
+from tests.helpers.inprocess import digits_body, serve_in_process
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def _samples(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_metric_values_after_known_requests(demo_store: ModelStore, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, "ci", ["infer:*", "read"])
+    auth = {"x-api-key": key}
+    config = FermionConfig(auth=AuthConfig(keys_file=keys))
+    async with serve_in_process(config, demo_store) as gw:
+        client = gw.client
+        for _ in range(3):
+            r = await client.post("/v2/models/digits/infer", json=digits_body(), headers=auth)
+            assert r.status_code == 200
+        r = await client.post("/v2/models/digits/infer", json=digits_body(rows=4), headers=auth)
+        assert r.status_code == 200
+        r = await client.post(
+            "/v2/models/digits/versions/1/infer", json=digits_body(), headers=auth
+        )
+        assert r.status_code == 200
+        bad = digits_body()
+        bad["inputs"][0]["datatype"] = "INT8"
+        assert (
+            await client.post("/v2/models/digits/infer", json=bad, headers=auth)
+        ).status_code == 400
+        assert (await client.post("/v2/models/digits/infer", json=digits_body())).status_code == 401
+        scrape = await client.get("/metrics")  # open: no credentials needed by default
+        assert scrape.status_code == 200
+        assert scrape.headers["content-type"].startswith("text/plain")
+    s = _samples(scrape.text)
+    v1 = {"model": "digits", "version": "1"}
+    v2 = {"model": "digits", "version": "2"}
+    assert _value(s, "fermion_requests_total", **v2, status="200") == 4
+    assert _value(s, "fermion_requests_total", **v2, status="400") == 1
+    assert _value(s, "fermion_requests_total", **v1, status="200") == 1
+    assert _value(s, "fermion_request_duration_seconds_count", **v2) == 4
+    assert _value(s, "fermion_request_duration_seconds_sum", **v2) > 0
+    assert _value(s, "fermion_request_duration_seconds_bucket", **v2, le="+Inf") == 4
+    assert _value(s, "fermion_queue_duration_seconds_count", **v2) == 4
+    assert _value(s, "fermion_compute_duration_seconds_count", **v2) == 4
+    assert _value(s, "fermion_batch_size_count", **v2) == 4
+    assert _value(s, "fermion_batch_size_sum", **v2) == 7
+    assert _value(s, "fermion_batch_size_bucket", **v2, le="1.0") == 3
+    assert _value(s, "fermion_batch_size_bucket", **v2, le="4.0") == 4
+    assert _value(s, "fermion_queue_depth", **v2) == 0
+    assert _value(s, "fermion_inflight_requests", model="digits") == 0
+    assert _value(s, "fermion_rejected_requests_total", model="digits", reason="invalid") == 1
+    rejected = _value(
+        s, "fermion_rejected_requests_total", model="digits", reason="unauthenticated"
+    )
+    assert rejected == 1
+    assert any(name.startswith("process_") for name, _ in s)
+
+
+def test_histogram_buckets_and_routing_metrics() -> None:
+    m = GatewayMetrics()
+    vm = m.version("m", 3)
+    for seconds in (0.0004, 0.002, 0.002, 30.0):
+        vm.latency.observe(seconds)
+    vm.ok = 4
+    ROUTE_REQUESTS.labels("m", "3", "ok").inc(2)
+    s = _samples(m.render().decode())
+    labels = {"model": "m", "version": "3"}
+    assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0005") == 1
+    assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0025") == 3
+    assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="10.0") == 3
+    assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="+Inf") == 4
+    # Routing, shadow and rollout metrics live in prometheus_client's default registry.
+    assert _value(s, "fermion_route_requests_total", **labels, outcome="ok") >= 2
+
+
+async def test_metrics_off_or_protected(demo_store: ModelStore, tmp_path: Path) -> None:
+    async with serve_in_process(
+        FermionConfig(metrics=MetricsConfig(enabled=False)), demo_store
+    ) as gw:
+        assert gw.app.state.metrics is None
+        assert (await gw.client.get("/metrics")).status_code == 404
+        r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
+        assert r.status_code == 200
+    keys = tmp_path / "keys.json"
+    key = create_key(keys, "reader", ["read"])
+    config = FermionConfig(
+        auth=AuthConfig(keys_file=keys), metrics=MetricsConfig(public=False, path="/internal/m")
+    )
+    async with serve_in_process(config, demo_store) as gw:
+        assert (await gw.client.get("/internal/m")).status_code == 401
+        assert (await gw.client.get("/internal/m", headers={"x-api-key": key})).status_code == 200
+
+
+async def test_a_body_refused_by_its_length_is_counted(
+    demo_store: ModelStore, tmp_path: Path
+) -> None:
+    config = FermionConfig.model_validate({"server": {"max_body_bytes": 1024}})
+    async with serve_in_process(config, demo_store) as gw:
+        big = b"{" + b" " * 4096 + b"}"
+        for path in ("/v2/models/digits/infer", "/v2/repository/index"):
+            r = await gw.client.post(path, content=big)
+            assert r.status_code == 413, r.text
+            assert "over the limit of 1024 bytes" in r.json()["error"]
+        s = _samples((await gw.client.get("/metrics")).text)
+    assert _value(s, "fermion_rejected_requests_total", model="digits", reason="too_large") == 1
+    assert _value(s, "fermion_rejected_requests_total", model="", reason="too_large") == 1
+    assert _value(s, "fermion_requests_total", model="digits", version="2", status="200") == 0

@@ -1,0 +1,205 @@
+"""Traces: an incoming traceparent continues through route, queue, batch and executor spans;
+a batch links every request in it; OTLP/HTTP export reaches a receiver on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from model_store.store import ModelStore
+from serving.config import FermionConfig, TracingConfig
+from serving.inference.batcher import DynamicBatcher
+from serving.observability import tracing
+from tests.helpers.inprocess import digits_body, serve_in_process
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+@pytest.fixture(autouse=True)
+def _tracing_off_after() -> Iterator[None]:
+    yield
+    tracing.shutdown()
+
+
+def _by_name(spans: tuple[ReadableSpan, ...] | list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    return {s.name: s for s in spans}
+
+
+def _parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+async def test_traceparent_flows_through_gateway_batch_and_executor(
+    demo_store: ModelStore,
+) -> None:
+    exporter = InMemorySpanExporter()
+    async with serve_in_process(FermionConfig(), demo_store, span_exporter=exporter) as gw:
+        r = await gw.client.post(
+            "/v2/models/digits/infer",
+            json=digits_body(),
+            headers={"traceparent": TRACEPARENT, "tracestate": "vendor=1", "x-request-id": "t1"},
+        )
+        assert r.status_code == 200
+    spans = _by_name(
+        [s for s in exporter.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)]
+    )
+    server = spans["POST /v2/models/digits/infer"]
+    assert server.kind is trace.SpanKind.SERVER
+    assert _parent_id(server) == int(PARENT_ID, 16)
+    assert server.context.trace_state.get("vendor") == "1"
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.attributes["fermion.request_id"] == "t1"
+    route, queue, batch, run = (
+        spans[n] for n in ("fermion.route", "fermion.queue", "fermion.batch", "fermion.execute")
+    )
+    assert route.attributes is not None and route.attributes["fermion.model"] == "digits"
+    assert route.attributes["fermion.version"] == 2
+    assert _parent_id(route) == server.context.span_id
+    assert _parent_id(queue) == server.context.span_id
+    assert _parent_id(batch) == server.context.span_id
+    assert [link.context.span_id for link in batch.links] == [server.context.span_id]
+    assert _parent_id(run) == batch.context.span_id
+    assert batch.attributes is not None and batch.attributes["fermion.batch.rows"] == 1
+    # Children end inside their parents.
+    assert server.start_time is not None and server.end_time is not None
+    assert run.end_time is not None and batch.end_time is not None
+    assert server.start_time <= queue.start_time <= batch.start_time <= run.start_time  # type: ignore[operator]
+    assert run.end_time <= batch.end_time <= server.end_time
+
+
+async def test_batch_span_links_every_request_in_it() -> None:
+    exporter = InMemorySpanExporter()
+    provider = tracing.configure(TracingConfig(), exporter=exporter)
+    assert provider is not None
+
+    async def slow(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        await asyncio.sleep(0.02)
+        return {"y": inputs["x"]}
+
+    batcher = DynamicBatcher(slow, max_batch_size=8, model="m", version="1")
+    request_tracer = provider.get_tracer("test")
+
+    async def request(i: int) -> int:
+        with request_tracer.start_as_current_span(f"request-{i}") as span:
+            await batcher.submit({"x": np.zeros((1, 2), dtype=np.float32)}, 1)
+            return span.get_span_context().span_id
+
+    ids = await asyncio.gather(*(request(i) for i in range(6)))
+    batches = [s for s in exporter.get_finished_spans() if s.name == "fermion.batch"]
+    # The first request runs alone; the five that queued behind it share one batch.
+    assert [len(b.links) for b in batches] == [1, 5]
+    assert {link.context.span_id for b in batches for link in b.links} == set(ids)
+    assert batches[1].attributes is not None and batches[1].attributes["fermion.batch.rows"] == 5
+
+
+async def test_sampling_ratio_zero_keeps_only_sampled_parents(demo_store: ModelStore) -> None:
+    exporter = InMemorySpanExporter()
+    config = FermionConfig(tracing=TracingConfig(sample_ratio=0.0))
+    async with serve_in_process(config, demo_store, span_exporter=exporter) as gw:
+        await gw.client.get("/v2/models/digits")
+        assert exporter.get_finished_spans() == ()
+        await gw.client.get("/v2/models/digits", headers={"traceparent": TRACEPARENT})
+        assert [s.name for s in exporter.get_finished_spans()] == ["GET /v2/models/digits"]
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[ExportTraceServiceRequest]] = []
+    headers_seen: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(body)
+        _Receiver.received.append(message)
+        _Receiver.headers_seen.append(self.headers.get("x-tenant", ""))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        config = FermionConfig(
+            tracing=TracingConfig(
+                exporter="otlp-http",
+                endpoint=endpoint,
+                headers={"x-tenant": "blue"},
+                service_name="fermion-test",
+            )
+        )
+        async with serve_in_process(config, demo_store) as gw:
+            r = await gw.client.post(
+                "/v2/models/digits/infer", json=digits_body(), headers={"traceparent": TRACEPARENT}
+            )
+            assert r.status_code == 200
+        # Leaving the app shut the tracer down, which flushed the batch processor.
+    finally:
+        server.shutdown()
+        server.server_close()
+    spans = [
+        span
+        for message in _Receiver.received
+        for resource_spans in message.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    ours = {s.name for s in spans if s.trace_id.hex() == TRACE_ID}
+    assert {"POST /v2/models/digits/infer", "fermion.route", "fermion.queue"} <= ours
+    assert {"fermion.batch", "fermion.execute"} <= ours
+    services = {
+        attr.value.string_value
+        for message in _Receiver.received
+        for rs in message.resource_spans
+        for attr in rs.resource.attributes
+        if attr.key == "service.name"
+    }
+    assert services == {"fermion-test"}
+    assert set(_Receiver.headers_seen) == {"blue"}
+
+
+async def test_shadow_call_is_a_span_of_its_request(demo_store: ModelStore) -> None:
+    exporter = InMemorySpanExporter()
+    config = FermionConfig.model_validate(
+        {"routes": {"digits": {"split": {1: 100}, "shadow": {"version": 2, "percent": 100}}}}
+    )
+    async with serve_in_process(config, demo_store, span_exporter=exporter) as gw:
+        r = await gw.client.post(
+            "/v2/models/digits/infer", json=digits_body(), headers={"traceparent": TRACEPARENT}
+        )
+        assert r.status_code == 200
+        assert r.headers["fermion-model-version"] == "1"
+        for _ in range(200):  # the shadow runs after the client's answer
+            if any(s.name == "fermion.shadow" for s in exporter.get_finished_spans()):
+                break
+            await asyncio.sleep(0.01)
+    spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)]
+    server = _by_name(spans)["POST /v2/models/digits/infer"]
+    shadow = _by_name(spans)["fermion.shadow"]
+    assert _parent_id(shadow) == server.context.span_id
+    assert shadow.attributes is not None
+    assert shadow.attributes["fermion.version"] == "1"
+    assert shadow.attributes["fermion.shadow_version"] == "2"
+    # The shadow's own batch runs inside the shadow span.
+    batches = [s for s in spans if s.name == "fermion.batch"]
+    assert any(_parent_id(b) == shadow.context.span_id for b in batches)
