@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.compare import compare, format_comparison, load_summary
-from loadtest.profiles import SHAPES, parse_duration
+from loadtest.profiles import SHAPES
 from loadtest.runner import (
     EXIT_SLO_MISSED,
     LoadTestError,
@@ -25,6 +25,7 @@ from loadtest.runner import (
     worker_command,
 )
 from loadtest.slo import parse_slos
+from serving.durations import parse_duration
 
 __all__ = ["add_loadtest_parser", "format_result"]
 

@@ -7,38 +7,15 @@ without locust.
 from __future__ import annotations
 
 import math
-import re
 from typing import Final
 
-__all__ = ["SHAPES", "parse_duration", "target"]
+__all__ = ["SHAPES", "target"]
 
 #: The shapes ``--shape`` accepts.
 SHAPES: Final = ("steady", "ramp", "step", "spike")
 
 #: The spike runs through this part of the test (as fractions of its length).
 _SPIKE: Final = (0.4, 0.6)
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_SECONDS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``"90"``, ``"90s"``, ``"2m"``, ``"1m30s"``, ``"1h"`` or ``"500ms"``."""
-    text = text.strip().lower()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for m in _DURATION.finditer(text):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _SECONDS[m.group(2)]
-            pos = m.end()
-        if pos != len(text) or not text:
-            raise ValueError(f"invalid duration {text!r} (e.g. 60s, 2m, 1m30s)") from None
-    if not seconds > 0:
-        raise ValueError(f"invalid duration {text!r}: must be positive")
-    return seconds
 
 
 def target(

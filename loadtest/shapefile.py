@@ -13,7 +13,8 @@ from typing import Any
 
 from locust import LoadTestShape, events
 
-from loadtest.profiles import SHAPES, parse_duration, target
+from loadtest.profiles import SHAPES, target
+from serving.durations import parse_duration
 
 __all__ = ["FermionShape"]
 

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from serving.auth.keys import create_key, read_keys, revoke_key
+from serving.cli._argtypes import duration_seconds
 from serving.config import load_config
 
-__all__ = ["DEFAULT_KEYS_FILE", "add_keys_parser", "parse_duration"]
+__all__ = ["DEFAULT_KEYS_FILE", "add_keys_parser"]
 
 #: Keys file used when neither --file nor a config's auth.keys_file names one.
 DEFAULT_KEYS_FILE = Path("fermion-keys.json")
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``12h`` or ``30d`` as a timedelta."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 15m, 12h, 30d")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
@@ -41,7 +31,7 @@ def _keys_file(args: argparse.Namespace) -> Path:
 
 def _create(args: argparse.Namespace) -> int:
     path = _keys_file(args)
-    expires = datetime.now(UTC) + args.expires_in if args.expires_in else None
+    expires = datetime.now(UTC) + timedelta(seconds=args.expires_in) if args.expires_in else None
     scopes = [s for s in args.scopes.split(",") if s.strip()]
     key = create_key(path, args.name, scopes, expires_at=expires, replace=args.replace)
     print(key)
@@ -100,7 +90,7 @@ def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--scopes", required=True, help="comma-separated: infer:<model glob>, read, admin"
     )
-    p.add_argument("--expires-in", type=parse_duration, help="e.g. 90s, 15m, 12h, 30d")
+    p.add_argument("--expires-in", type=duration_seconds, help="e.g. 90s, 15m, 12h, 30d")
     p.add_argument("--replace", action="store_true", help="replace a key of the same name")
     file_args(p)
     p.set_defaults(func=_create)

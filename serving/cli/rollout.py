@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["add_rollout_parsers", "parse_duration"]
+from serving.cli._argtypes import duration_seconds
+
+__all__ = ["add_rollout_parsers"]
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``500ms``, ``60s``, ``2m``, ``1h`` or a bare number of seconds."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 2m, 500ms)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _percent_list(text: str) -> list[float]:
@@ -193,7 +184,7 @@ def add_rollout_parsers(sub: Any) -> None:
     p.add_argument("--to", type=int, required=True, help="the candidate version")
     p.add_argument("--from", dest="baseline", type=int, help="the baseline (default: the route's)")
     p.add_argument("--steps", type=_percent_list, default=[1.0, 5.0, 25.0, 50.0, 100.0])
-    p.add_argument("--interval", type=parse_duration, default=60.0, help="per step (60s, 2m)")
+    p.add_argument("--interval", type=duration_seconds, default=60.0, help="per step (60s, 2m)")
     p.add_argument(
         "--shadow-percent", type=float, default=0.0, help="mirror this share first (0: no phase)"
     )

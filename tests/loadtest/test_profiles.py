@@ -1,24 +1,10 @@
-"""Load shapes and durations."""
+"""Load shapes: users over the length of a test."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadtest.profiles import parse_duration, target
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("90", 90.0), ("90s", 90.0), ("2m", 120.0), ("1m30s", 90.0), ("1h", 3600.0), ("500ms", 0.5)],
-)
-def test_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "abc", "10x", "s10", "0s", "-5"])
-def test_bad_durations_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="duration"):
-        parse_duration(text)
+from loadtest.profiles import target
 
 
 def users(shape: str, duration: float = 100.0, **kw: int) -> list[int]:

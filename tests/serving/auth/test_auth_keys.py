@@ -12,7 +12,6 @@ import pytest
 
 from serving.auth import ApiKeys, Principal, create_key, read_keys, required_scope, revoke_key
 from serving.cli import main
-from serving.cli.keys import parse_duration
 
 
 def test_keys_file_holds_only_a_hash(tmp_path: Path) -> None:
@@ -112,12 +111,12 @@ def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["keys", "list", "--json", *args]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["ci", "tmp"] and "sha256" not in rows[0]
+    # --expires-in 1h: an hour from the command (made just before the record's created_at).
+    expires_in = datetime.fromisoformat(rows[1]["expires_at"]) - datetime.fromisoformat(
+        rows[1]["created_at"]
+    )
+    assert timedelta(minutes=59) < expires_in <= timedelta(hours=1)
     assert main(["keys", "revoke", "ci", *args]) == 0
     assert ApiKeys(path).authenticate(key) is None
     assert main(["keys", "revoke", "ci", *args]) == 1
     assert main(["keys", "create", "--name", "x", "--scopes", "write", *args]) == 2
-
-
-def test_parse_duration() -> None:
-    assert parse_duration("90s") == timedelta(seconds=90)
-    assert parse_duration("30d") == timedelta(days=30)
