@@ -22,7 +22,7 @@ from compilers.errors import BuildError
 from compilers.signature import ModelSignature, numpy_dtype
 from compilers.targets import BuildSource, CompiledArtifact, CompileTarget, Runner
 
-__all__ = ["DEVICES", "PRECISIONS", "TorchTarget", "artifact_file"]
+__all__ = ["DEVICES", "PRECISIONS", "TorchTarget", "artifact_file", "required_cpu_flags"]
 
 #: Devices a package can be built for.
 DEVICES = ("cpu", "cuda")
@@ -37,6 +37,29 @@ _EXAMPLE_BATCH = 2
 _OPTIONS = frozenset({"device", "precision", "precompile_headers", "max_autotune"})
 _INPUTS_KEY = "fermion_inputs"
 _OUTPUTS_KEY = "fermion_outputs"
+
+
+#: Compiler option names whose /proc/cpuinfo flag is spelt differently.
+_CPUINFO_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16"}
+
+
+def required_cpu_flags(isa: str, arch_flags: str) -> list[str]:
+    """The CPU flags (as /proc/cpuinfo names them) that a package's kernels need.
+
+    ``isa`` is Inductor's name for the vector instruction set it chose (``avx2``,
+    ``avx512 avx512_vnni``, ``asimd``, ...) and ``arch_flags`` the compiler options it
+    built the kernels with (``-mavx2 -mfma -mf16c``, ``-march=armv8-a+sve``, ...).
+    """
+    flags: set[str] = set()
+    if "asimd" in isa.split():
+        flags.add("asimd")
+    for option in arch_flags.split():
+        if option.startswith("-march="):
+            flags.update(ext for ext in option.removeprefix("-march=").split("+")[1:] if ext)
+        elif option.startswith("-m") and "=" not in option:
+            name = option.removeprefix("-m").replace("-", "_")
+            flags.add(_CPUINFO_NAMES.get(name, name))
+    return sorted(flags)
 
 
 def artifact_file(device: str, precision: str) -> str:
@@ -186,7 +209,12 @@ class TorchTarget(CompileTarget):
         if device == "cuda":
             built["compute_capability"] = _compute_capability(meta)
         else:
-            built["cpu_isa"] = meta.get("AOTI_CPU_ISA", "").lower()
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            # The instruction set Inductor compiled this package's kernels for.
+            isa = pick_vec_isa()
+            built["cpu_isa"] = meta.get("AOTI_CPU_ISA", str(isa)).lower()
+            built["cpu_flags"] = required_cpu_flags(str(isa), isa.build_arch_flags() if isa else "")
         return CompiledArtifact(path=path, options=built)
 
     def load(self, artifact_path: Path) -> Runner:

@@ -13,10 +13,12 @@ from compilers.errors import BuildError
 from compilers.pipeline import build_model
 from compilers.signature import ModelSignature
 from compilers.targets import BuildSource, get_target
-from compilers.targets.torch import TorchTarget, artifact_file
+from compilers.targets.torch import TorchTarget, artifact_file, required_cpu_flags
 from compilers.validate import TOLERANCES
 from model_store.manifest import TensorSpec
 from model_store.store import ModelStore
+from serving.inference.executors.torch import TorchExecutor
+from serving.inference.hosts import detect_host
 from tests.helpers.tiny_models import tiny_mlp, write_matmul_onnx
 from tests.helpers.torch_store import TorchStore, torch_store
 
@@ -42,11 +44,43 @@ def test_a_cpu_package_records_what_a_host_needs(built: TorchStore) -> None:
     assert artifact.options["device"] == "cpu"
     assert artifact.options["precision"] == "fp32"
     assert artifact.options["torch_version"] == torch.__version__
-    assert artifact.options["cpu_isa"] in {"avx2", "avx512", "neon", "sve", ""}
+    flags = artifact.options["cpu_flags"]
+    assert isinstance(flags, list) and all(isinstance(f, str) for f in flags)
+    # What the package needs, this host has (as /proc/cpuinfo names it): the host that
+    # built it would serve it.
+    host = detect_host()
+    if host.cpu_flags:
+        assert set(flags) <= host.cpu_flags
+        assert TorchExecutor.unfit_reason(artifact, host) is None
     parity = artifact.parity
     assert parity is not None and parity.samples == 64
     assert parity.max_abs_err <= TOLERANCES["fp32"].atol
     assert parity.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize(
+    ("isa", "arch_flags", "needed"),
+    [
+        ("avx2", "-mavx2 -mfma -mf16c", ["avx2", "f16c", "fma"]),
+        (
+            "avx512 avx512_vnni",
+            "-mavx512f -mavx512dq -mavx512vl -mavx512bw -mfma -mavx512vnni -mavx512vl",
+            ["avx512_vnni", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"],
+        ),
+        (
+            "avx512 avx512_vnni amx_tile",
+            "-mavx512f -mfma -mavx512vnni -mamx-tile -mamx-bf16 -mamx-int8 -mavx512bf16",
+            ["amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "fma"],
+        ),
+        ("asimd", "", ["asimd"]),
+        ("asimd", "-march=armv8-a+sve+bf16 -msve-vector-bits=256", ["asimd", "bf16", "sve"]),
+        ("invalid_vec_isa", "", []),
+    ],
+)
+def test_the_cpu_flags_a_package_needs_are_named_as_proc_cpuinfo_names_them(
+    isa: str, arch_flags: str, needed: list[str]
+) -> None:
+    assert required_cpu_flags(isa, arch_flags) == needed
 
 
 def test_the_package_runs_any_batch_size_like_the_module(built: TorchStore) -> None:

@@ -30,8 +30,35 @@ __all__ = ["TorchExecutor", "graph_batch_sizes"]
 
 log = logging.getLogger("fermion.executors.torch")
 
-# AOTInductor writes these ISA names into a package; the CPU flag each needs.
-_ISA_FLAGS = {"avx2": "avx2", "avx512": "avx512f", "amx": "amx_tile"}
+_AVX512 = ("avx512f", "avx512dq", "avx512vl", "avx512bw", "fma")
+_AMX = ("amx_tile", "amx_bf16", "amx_int8")
+#: Manifests written before ``cpu_flags`` hold only Inductor's ISA name (``cpu_isa``):
+#: the CPU flags (as /proc/cpuinfo names them) that the kernels of each need.
+_LEGACY_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx2": ("avx2", "fma", "f16c"),
+    "avx512": _AVX512,
+    "avx512 avx512_vnni": (*_AVX512, "avx512_vnni"),
+    "avx512 avx512_vnni amx_tile": (*_AVX512, "avx512_vnni", *_AMX),
+    "amx": (*_AVX512, "avx512_vnni", *_AMX),
+    "asimd": ("asimd",),
+    "invalid_vec_isa": (),
+}
+
+
+def _needed_cpu_flags(options: Mapping[str, Any]) -> frozenset[str] | str:
+    """The CPU flags a CPU package needs, or why they cannot be known."""
+    recorded = options.get("cpu_flags")
+    if recorded is not None:
+        if not isinstance(recorded, list) or not all(isinstance(f, str) for f in recorded):
+            return f"its cpu_flags {recorded!r} are not a list of CPU flag names"
+        return frozenset(recorded)
+    isa = options.get("cpu_isa")
+    if not isinstance(isa, str) or isa.strip().lower() not in _LEGACY_ISA_FLAGS:
+        return (
+            f"built for an unknown CPU instruction set (cpu_isa {isa!r}); "
+            "rebuild it to record the CPU flags it needs"
+        )
+    return frozenset(_LEGACY_ISA_FLAGS[isa.strip().lower()])
 
 
 def _release(version: str) -> tuple[str, ...]:
@@ -125,10 +152,15 @@ class TorchExecutor(Executor):
             return None
         if device != "cpu":
             return f"unknown device {device!r}"
-        flag = _ISA_FLAGS.get(str(artifact.options.get("cpu_isa", "")))
-        if flag is not None and host.cpu_flags and flag not in host.cpu_flags:
-            return f"built for CPUs with {flag}; this host's CPU lacks it"
-        return None
+        needed = _needed_cpu_flags(artifact.options)
+        if isinstance(needed, str):
+            return needed
+        missing = sorted(needed - host.cpu_flags)
+        if not missing:
+            return None
+        if not host.cpu_flags:
+            return f"built for CPUs with {', '.join(missing)}; this host's CPU flags are unknown"
+        return f"built for CPUs with {', '.join(missing)}; this host's CPU lacks them"
 
     def __init__(
         self, path: Path, manifest: ModelManifest, artifact: Artifact, options: ExecutorOptions

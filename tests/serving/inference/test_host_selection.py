@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import re
 import subprocess
 import sys
 from typing import Any
@@ -14,7 +15,7 @@ from serving.config import ExecutorConfig
 from serving.inference.executors import HostInfo
 from serving.inference.hosts import detect_host, torch_has_cuda
 from serving.inference.replica import NoFittingArtifact, select_artifact
-from tests.conftest import REPO_ROOT
+from tests.helpers.servers import REPO_ROOT
 
 _TORCH = "2.13.0"
 _DIGEST = "0" * 64
@@ -63,13 +64,23 @@ FLEET = ModelManifest(
     ],
 )
 PREFER = ExecutorConfig().prefer
+#: CPU flags of described hosts, as /proc/cpuinfo lists them.
+AVX2_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c"})
+AVX512_VNNI_FLAGS = AVX2_FLAGS | {
+    "avx512f",
+    "avx512dq",
+    "avx512vl",
+    "avx512bw",
+    "avx512cd",
+    "avx512_vnni",
+}
 CPU_HOST = HostInfo(
-    runtimes={"onnxruntime": "1.20.0", "torch": f"{_TORCH}+cpu"}, cpu_flags=frozenset({"avx2"})
+    runtimes={"onnxruntime": "1.20.0", "torch": f"{_TORCH}+cpu"}, cpu_flags=AVX2_FLAGS
 )
 H100_HOST = HostInfo(
     cuda_compute_capabilities=("9.0",),
     runtimes={"onnxruntime": "1.20.0", "torch": f"{_TORCH}+cu128", "tensorrt": "10.3.0"},
-    cpu_flags=frozenset({"avx2", "avx512f"}),
+    cpu_flags=AVX512_VNNI_FLAGS,
 )
 
 
@@ -148,6 +159,89 @@ def test_a_cpu_package_needs_its_torch_release_and_cpu(host: HostInfo, reason: s
     only_torch = FLEET.model_copy(update={"artifacts": [FLEET.artifacts[1]]})
     with pytest.raises(NoFittingArtifact, match=reason):
         select_artifact(only_torch, PREFER, host)
+
+
+def _cpu_package(*, fallback: bool = False, **options: Any) -> ModelManifest:
+    """FLEET with only a CPU torch package carrying ``options`` (and onnxruntime if fallback)."""
+    artifact = _artifact(
+        "torch", "model.torch-cpu-fp32.pt2", device="cpu", torch_version=_TORCH, **options
+    )
+    others = [FLEET.artifacts[0]] if fallback else []
+    return FLEET.model_copy(update={"artifacts": [*others, artifact]})
+
+
+_VNNI_BUILD = {
+    "cpu_isa": "avx512 avx512_vnni",
+    "cpu_flags": ["avx512_vnni", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"],
+}
+
+
+def test_a_package_built_on_an_avx512_vnni_host_runs_on_one() -> None:
+    vnni_host = HostInfo(runtimes=CPU_HOST.runtimes, cpu_flags=AVX512_VNNI_FLAGS)
+    assert _chosen(_cpu_package(**_VNNI_BUILD), vnni_host, ["torch", "onnxruntime"]) == (
+        "model.torch-cpu-fp32.pt2"
+    )
+
+
+def test_an_avx2_host_passes_over_an_avx512_vnni_package_naming_the_missing_flags() -> None:
+    choice = select_artifact(
+        _cpu_package(fallback=True, **_VNNI_BUILD), ["torch", "onnxruntime"], CPU_HOST
+    )
+    assert choice.artifact.file == "model.ort.onnx"
+    reason = choice.skipped["torch:model.torch-cpu-fp32.pt2"]
+    assert reason == (
+        "built for CPUs with avx512_vnni, avx512bw, avx512dq, avx512f, avx512vl; "
+        "this host's CPU lacks them"
+    )
+
+
+@pytest.mark.parametrize(
+    ("isa", "missing"),
+    [
+        ("avx512 avx512_vnni", "avx512_vnni"),
+        ("avx512", "avx512f"),
+        ("avx512 avx512_vnni amx_tile", "amx_tile"),
+    ],
+)
+def test_an_old_manifest_s_isa_name_still_keeps_its_package_off_an_avx2_host(
+    isa: str, missing: str
+) -> None:
+    with pytest.raises(NoFittingArtifact, match=f"built for CPUs with .*{missing}"):
+        select_artifact(_cpu_package(cpu_isa=isa), ["torch"], CPU_HOST)
+    amx_host = HostInfo(
+        runtimes=CPU_HOST.runtimes,
+        cpu_flags=AVX512_VNNI_FLAGS | {"amx_tile", "amx_bf16", "amx_int8"},
+    )
+    assert _chosen(_cpu_package(cpu_isa=isa), amx_host, ["torch"]) == "model.torch-cpu-fp32.pt2"
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"cpu_isa": "avx10"}, "unknown CPU instruction set (cpu_isa 'avx10')"),
+        ({"cpu_isa": ""}, "unknown CPU instruction set (cpu_isa '')"),
+        ({}, "unknown CPU instruction set (cpu_isa None)"),
+        ({"cpu_flags": "avx2"}, "cpu_flags 'avx2' are not a list"),
+    ],
+)
+def test_a_package_whose_cpu_needs_are_unknown_is_refused(
+    options: dict[str, Any], reason: str
+) -> None:
+    rich_host = HostInfo(runtimes=CPU_HOST.runtimes, cpu_flags=AVX512_VNNI_FLAGS)
+    with pytest.raises(NoFittingArtifact, match=re.escape(reason)):
+        select_artifact(_cpu_package(**options), ["torch"], rich_host)
+
+
+def test_a_host_whose_cpu_flags_are_unknown_runs_no_package_that_needs_some() -> None:
+    unknown = HostInfo(runtimes=CPU_HOST.runtimes)
+    choice = select_artifact(
+        _cpu_package(fallback=True, **_VNNI_BUILD), ["torch", "onnxruntime"], unknown
+    )
+    assert choice.artifact.file == "model.ort.onnx"
+    assert "this host's CPU flags are unknown" in choice.skipped["torch:model.torch-cpu-fp32.pt2"]
+    # A package built without vector instructions needs nothing of the CPU.
+    plain = _cpu_package(cpu_isa="invalid_vec_isa", cpu_flags=[])
+    assert _chosen(plain, unknown, ["torch"]) == "model.torch-cpu-fp32.pt2"
 
 
 def test_no_fitting_artifact_says_why_for_each() -> None:
