@@ -170,7 +170,7 @@ def _cpu_package(*, fallback: bool = False, **options: Any) -> ModelManifest:
     return FLEET.model_copy(update={"artifacts": [*others, artifact]})
 
 
-_VNNI_BUILD = {
+_VNNI_BUILD: dict[str, Any] = {
     "cpu_isa": "avx512 avx512_vnni",
     "cpu_flags": ["avx512_vnni", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"],
 }
