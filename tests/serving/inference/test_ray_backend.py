@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+import numpy as np
 import pytest
 
 from model_store.store import ModelStore
 from serving.config import ConfigError, load_config
-from serving.inference.backends.ray import AppLeases, RayBackend
+from serving.errors import InferenceFailed, ModelNotReady
+from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
+from serving.inference.batcher import batch_deadline_ns
 
 
 def test_defaults_and_per_model_override() -> None:
@@ -103,3 +111,111 @@ def test_a_gateway_arriving_during_a_delete_waits_for_it_then_deploys() -> None:
     assert leases.give_back("other", "gw-a") is True, "an application nobody holds is the caller's"
     leases.deleted("other")
     assert leases.take("other", "gw-a") is False
+
+
+# -- the retry of a batch whose replica died -------------------------------------------------
+# A fake of Ray Serve's DeploymentHandle (the remote boundary) whose calls fail with Ray's
+# own exception types; RayBackend itself runs as it does against a cluster.
+
+
+class _Response:
+    """What ``handle.remote()`` returns: awaitable once, cancellable."""
+
+    def __init__(self, outcome: BaseException | dict[str, np.ndarray]) -> None:
+        self._outcome = outcome
+
+    def __await__(self) -> Generator[Any, None, dict[str, np.ndarray]]:
+        return self._result().__await__()
+
+    async def _result(self) -> dict[str, np.ndarray]:
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+    def cancel(self) -> None:
+        """What the gateway calls on a timeout (unused by these tests)."""
+
+
+class _ScriptedHandle:
+    """Answers each ``remote()`` call with the next outcome of a script."""
+
+    def __init__(self, *outcomes: BaseException | dict[str, np.ndarray]) -> None:
+        self._outcomes = list(outcomes)
+        self.calls: list[dict[str, np.ndarray]] = []
+
+    def remote(self, inputs: dict[str, np.ndarray], *carrier: dict[str, str]) -> _Response:
+        self.calls.append(inputs)
+        return _Response(self._outcomes.pop(0))
+
+
+_INPUTS = {"input": np.zeros((2, 1, 28, 28), np.float32)}
+_OUTPUTS = {"logits": np.ones((2, 10), np.float32)}
+
+
+def _backend_on(handle: _ScriptedHandle, store: ModelStore) -> RayBackend:
+    """A RayBackend whose ``digits`` v1 deployment is ``handle``, as ``_connect`` sets it up."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    backend = RayBackend(load_config(None, {"backend": "ray"}), store)
+    backend._gone_errors = (RayActorError,)
+    backend._task_error = RayTaskError
+    fake: Any = handle
+    backend._deployments[("digits", 1)] = _Deployment("fermion.digits.1", fake, fake)
+    return backend
+
+
+def _died() -> BaseException:
+    from ray.exceptions import ActorDiedError
+
+    return ActorDiedError()
+
+
+def _died_in_task() -> BaseException:
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+
+    unreachable = ActorUnavailableError("unreachable", b"\0" * 16)
+    return RayTaskError("infer", "traceback", unreachable)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("death", [_died, _died_in_task], ids=["actor-died", "task-cause"])
+def test_a_batch_whose_replica_died_is_retried_once_and_answers(
+    demo_store: ModelStore, death: Callable[[], BaseException]
+) -> None:
+    handle = _ScriptedHandle(death(), _OUTPUTS)
+    outputs = asyncio.run(_backend_on(handle, demo_store).infer_batch("digits", 1, _INPUTS))
+    assert outputs is _OUTPUTS
+    assert len(handle.calls) == 2, "exactly one retry"
+    assert all(call is _INPUTS for call in handle.calls), "the same batch, sent again"
+
+
+def test_a_batch_whose_replicas_die_twice_is_503(demo_store: ModelStore) -> None:
+    handle = _ScriptedHandle(_died(), _died(), _OUTPUTS)
+    with pytest.raises(ModelNotReady, match="died twice") as raised:
+        asyncio.run(_backend_on(handle, demo_store).infer_batch("digits", 1, _INPUTS))
+    assert raised.value.status_code == 503
+    assert len(handle.calls) == 2, "no second retry"
+
+
+def test_a_model_error_on_the_replica_is_not_retried(demo_store: ModelStore) -> None:
+    from ray.exceptions import RayTaskError
+
+    model_error = RayTaskError("infer", "tb", ValueError("bad rank"))  # type: ignore[no-untyped-call]
+    handle = _ScriptedHandle(model_error, _OUTPUTS)
+    with pytest.raises(InferenceFailed, match="bad rank") as raised:
+        asyncio.run(_backend_on(handle, demo_store).infer_batch("digits", 1, _INPUTS))
+    assert raised.value.status_code == 500
+    assert len(handle.calls) == 1
+
+
+def test_no_retry_when_the_batch_deadline_leaves_no_time(demo_store: ModelStore) -> None:
+    handle = _ScriptedHandle(_died(), _OUTPUTS)
+    backend = _backend_on(handle, demo_store)
+
+    async def infer_near_the_deadline() -> dict[str, np.ndarray]:
+        # The batch's requests expire 10 ms from now: below the least time worth a retry.
+        batch_deadline_ns.set(time.perf_counter_ns() + 10_000_000)
+        return await backend.infer_batch("digits", 1, _INPUTS)
+
+    with pytest.raises(ModelNotReady, match="no time was left to retry"):
+        asyncio.run(infer_near_the_deadline())
+    assert len(handle.calls) == 1
