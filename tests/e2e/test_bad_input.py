@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 from collections.abc import Iterator, Mapping
 
 import httpx
@@ -129,6 +130,47 @@ def test_body_over_the_limit(http: httpx.Client) -> None:
             yield b" " * (MAX_BODY_BYTES // 4)
 
     _expect(http.post(URL, content=chunks()), 413)
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
+    server: RunningServer,
+) -> None:
+    """The 413 answers the headers: the server neither waits for nor reads the body."""
+    declared = 100 * MAX_BODY_BYTES
+    head = (
+        f"POST {URL} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + b"[" * 4096)  # a sliver of the body; the rest is never sent
+        status, headers, body = _read_response(sock)
+        assert status == 413, body
+        assert headers["connection"] == "close"
+        error = orjson.loads(body)["error"]
+        assert str(declared) in error, error
+        # The server closes the connection rather than drain the 100 MiB it was promised.
+        try:
+            rest = sock.recv(1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length: status, lower-cased headers, body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
 
 
 def test_gzip_bomb_is_refused(http: httpx.Client) -> None:
