@@ -8,7 +8,7 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck pytest bench demo clean
+.PHONY: serve test lint typecheck imports pytest bench demo clean
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,14 @@ lint: $(BIN)/.fermion-installed
 typecheck: $(BIN)/.fermion-installed
 	$(BIN)/mypy serving compilers model_store loadtest bench tests
 
+# The layer contract of DESIGN.md ([tool.importlinter] in pyproject.toml).
+imports: $(BIN)/.fermion-installed
+	$(BIN)/lint-imports
+
 pytest: $(BIN)/.fermion-installed
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: lint typecheck imports pytest
 
 bench: demo
 	bash bench/run.sh

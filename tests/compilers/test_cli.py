@@ -11,7 +11,7 @@ import pytest
 from compilers.cli import add_build_parser, add_demo_parser, parse_tensor_spec
 from compilers.errors import BuildError
 from model_store.store import ModelStore
-from tests.conftest import PublishedDemo
+from tests.helpers.demo import PublishedDemo
 from tests.helpers.tiny_models import write_matmul_onnx
 
 

@@ -14,7 +14,7 @@ from compilers.demo import (
     publish_demo,
     train_digits,
 )
-from tests.conftest import PublishedDemo
+from tests.helpers.demo import PublishedDemo
 
 
 def test_two_versions_with_different_recipes_are_published(demo: PublishedDemo) -> None:

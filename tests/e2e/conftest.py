@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from model_store.store import ModelStore
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.helpers.servers import RunningServer, start_server, stop_server
 
 #: Small enough that the body-limit test stays cheap; large enough for a batch of 64.
 MAX_BODY_BYTES = 1024 * 1024

@@ -17,8 +17,8 @@ import pytest
 
 from model_store.store import ModelStore
 from serving.config import load_config
-from tests.conftest import REPO_ROOT, RunningServer, start_server, stop_server
 from tests.helpers.ab_models import FAIL_AT, MODEL, build_ab_store, expected_logits
+from tests.helpers.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

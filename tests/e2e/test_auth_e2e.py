@@ -15,7 +15,7 @@ import pytest
 
 from model_store.store import ModelStore
 from serving.cli.banner import usage_text
-from tests.conftest import REPO_ROOT, RunningServer, start_server, stop_server
+from tests.helpers.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 

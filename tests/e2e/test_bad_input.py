@@ -11,8 +11,8 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.conftest import RunningServer
 from tests.e2e.conftest import MAX_BODY_BYTES
+from tests.helpers.servers import RunningServer
 
 ROW = np.linspace(0, 1, 784, dtype=np.float32)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from model_store.store import ModelStore
-from tests.conftest import REPO_ROOT, RunningServer
+from tests.helpers.servers import REPO_ROOT, RunningServer
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from model_store.store import ModelStore
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.helpers.servers import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import RunningServer, start_server, stop_server
+from tests.helpers.servers import RunningServer, start_server, stop_server
 from tests.helpers.torch_store import GPU_ONLY, MODEL, TorchStore, torch_store
 
 pytestmark = pytest.mark.e2e
@@ -83,6 +83,7 @@ def _maps(server: RunningServer) -> str:
     return Path(f"/proc/{server.process.pid}/maps").read_text()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
 def test_prefer_torch_serves_the_package(torch_server: RunningServer) -> None:
     artifact = _config(torch_server, MODEL)["artifact"]
     assert artifact["target"] == "torch"

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from model_store.store import ModelStore
-from tests.conftest import RunningServer
+from tests.helpers.servers import RunningServer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from loadtest.compare import compare, format_comparison, load_summary
 from loadtest.summary import summarize
 from serving.cli import main
-from tests.conftest import REPO_ROOT, free_port
+from tests.helpers.servers import REPO_ROOT, free_port
 from tests.loadtest.conftest import raw_run
 
 
