@@ -20,7 +20,7 @@ from serving.config import RouteConfig
 from serving.errors import Forbidden, InvalidInput, ModelNotFound
 from serving.http.responses import send_error
 from serving.traffic.canary import RolloutController, RolloutSpec
-from serving.traffic.router import Router
+from serving.traffic.route_table import RouteTable
 
 __all__ = ["LOOPBACK_HOSTS", "LoopbackOnlyMiddleware", "admin_mount"]
 
@@ -48,9 +48,9 @@ def _json(data: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")
 
 
-def _router(request: Request) -> Router:
-    router: Router = request.app.state.router
-    return router
+def _router(request: Request) -> RouteTable:
+    routes: RouteTable = request.app.state.routes
+    return routes
 
 
 def _controller(request: Request) -> RolloutController:
@@ -102,7 +102,7 @@ async def get_route(request: Request) -> Response:
 async def put_route(request: Request) -> Response:
     name = request.path_params["model"]
     config = await _body(request, RouteConfig)
-    await _controller(request).set_route(name, config)
+    await _router(request).set_route(name, config)
     return _json(_route_view(request, name))
 
 
@@ -119,13 +119,13 @@ async def put_split(request: Request) -> Response:
         config = RouteConfig.model_validate(base | {"split": body.split})
     except ValidationError as e:
         raise InvalidInput(f"invalid split: {e.errors()[0]['msg']}") from None
-    await _controller(request).set_route(name, config)
+    await _router(request).set_route(name, config)
     return _json(_route_view(request, name))
 
 
 async def delete_route(request: Request) -> Response:
     name = request.path_params["model"]
-    await _controller(request).set_route(name, None)
+    await _router(request).set_route(name, None)
     return _json({})
 
 

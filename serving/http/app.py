@@ -34,12 +34,13 @@ from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.limits import RateLimiter, RequestLimits
 from serving.inference.repository import ModelRepository
+from serving.inference.service import InferenceService
 from serving.observability import tracing
+from serving.observability.counters import VersionCounters
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutController
 from serving.traffic.route_file import RouteFile
-from serving.traffic.router import Router
-from serving.traffic.shadow import ShadowMirror
+from serving.traffic.route_table import RouteTable
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -148,9 +149,11 @@ def create_app(
     """
     store = store or ModelStore(config.store.root)
     backend = backend or create_backend(config, store)
+    counters = VersionCounters()
     metrics: GatewayMetrics | None = None
     if config.metrics.enabled:
         metrics = GatewayMetrics(
+            counters,
             lambda: (
                 (sv.name, sv.version, sv.batcher.queue_depth)
                 for sv in repository.served()
@@ -167,18 +170,18 @@ def create_app(
                 if sv.replica
             ),
         )
-    repository = ModelRepository(
-        config, store, backend, observers=metrics.version if metrics is not None else None
-    )
+    repository = ModelRepository(config, store, backend, counters=counters)
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
-    router = Router(config.routes, ShadowMirror(repository))
+    route_table = RouteTable(config.routes, repository, route_file=RouteFile(config_path))
     rollouts = RolloutController(
-        router,
+        route_table,
         repository,
-        RouteFile(config_path),
         config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
     )
+    if metrics is not None:
+        for collector in (route_table, route_table.shadow, rollouts):
+            metrics.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -199,7 +202,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await rollouts.stop()
-            await router.shadow.stop()
+            await route_table.shadow.stop()
             await repository.stop()
             await backend.stop()
             tracing.shutdown()
@@ -218,7 +221,12 @@ def create_app(
     app.state.config = config
     app.state.repository = repository
     app.state.metrics = metrics
-    app.state.limits = RequestLimits(config.limits)
-    app.state.router = router
+    app.state.routes = route_table
     app.state.rollouts = rollouts
+    app.state.service = InferenceService(
+        repository,
+        RequestLimits(config.limits),
+        routes=route_table,
+        max_body_bytes=config.server.max_body_bytes,
+    )
     return app

@@ -9,13 +9,17 @@ rest of the gateway together. Every other path goes on to the Starlette app.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from starlette.requests import Request
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.errors import FermionError
 from serving.http.responses import send_error
-from serving.http.v2 import infer_body
+from serving.inference.service import InferCall, InferenceService
 
 __all__ = ["InferenceFastPath"]
 
@@ -33,21 +37,31 @@ class InferenceFastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or not path.endswith("/infer"):
             await self.app(scope, receive, send)
             return
+        version: str | None
         parts = path.split("/")
         n = len(parts)
         if n == 5 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
-            scope["path_params"] = {"model": parts[3]}
+            model, version = parts[3], None
         elif (
             (n == 7 and parts[1] == "v2" and parts[2] == "models" and parts[4] == "versions")
             and parts[3]
             and parts[5]
         ):
-            scope["path_params"] = {"model": parts[3], "version": parts[5]}
+            model, version = parts[3], parts[5]
         else:
             await self.app(scope, receive, send)
             return
+        service: InferenceService[Any] = scope["app"].state.service
+        call = InferCall(
+            model=model,
+            version=version,
+            headers=Headers(scope=scope),
+            read_body=_body_reader(receive),
+            started_ns=time.perf_counter_ns(),
+            state=scope.setdefault("state", {}),
+        )
         try:
-            content, headers = await infer_body(Request(scope, receive))
+            content, headers = await service.infer(call)
         except FermionError as e:
             await send_error(send, e)
             return
@@ -59,3 +73,19 @@ class InferenceFastPath:
         raw.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": content})
+
+
+def _body_reader(receive: Receive) -> Callable[[], Awaitable[bytes]]:
+    """Reads the whole request body from ``receive`` when called."""
+
+    async def read() -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    return read

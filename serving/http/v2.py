@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import zlib
 from typing import Any
 
 import orjson
@@ -11,16 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.errors import InvalidInput, ModelNotFound, PayloadTooLarge
-from serving.inference.batcher import DynamicBatcher
-from serving.inference.codec import HEADER_LENGTH, InferRequest, decode_request, encode_response
-from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
+from serving.errors import ModelNotFound
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
-from serving.observability.metrics import GatewayMetrics
-from serving.observability.tracing import recording_tracer
-from serving.traffic.router import VERSION_HEADER, ModelRoute, Router
+from serving.inference.service import InferCall, InferenceService
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer_body", "routes"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes"]
 
 SERVER_NAME = "fermion"
 SERVER_VERSION = "0.1.0"
@@ -187,128 +181,19 @@ def _served(repo: ModelRepository, name: str) -> list[ServedVersion]:
         return []
 
 
-async def _read_body(request: Request) -> bytes:
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    limit: int = request.app.state.config.server.max_body_bytes
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
-    if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
-    return out
-
-
 async def infer(request: Request) -> Response:
     """POST .../infer through Starlette's router (the fast path in fastpath.py serves it first)."""
-    content, headers = await infer_body(request)
+    service: InferenceService[Any] = request.app.state.service
+    call = InferCall(
+        model=request.path_params["model"],
+        version=request.path_params.get("version"),
+        headers=request.headers,
+        read_body=request.body,
+        started_ns=time.perf_counter_ns(),
+        state=request.scope.setdefault("state", {}),
+    )
+    content, headers = await service.infer(call)
     return Response(content, headers=headers)
-
-
-async def infer_body(request: Request) -> tuple[bytes, dict[str, str]]:
-    """Run one V2 inference request: the response body and headers, or a FermionError."""
-    started_ns = time.perf_counter_ns()
-    metrics: GatewayMetrics | None = request.app.state.metrics
-    if metrics is None:
-        return await _infer(request, started_ns)
-    state = request.scope.setdefault("state", {})
-    return await metrics.track(
-        _infer(request, started_ns), request.path_params["model"], state, started_ns
-    )
-
-
-async def _infer(request: Request, started_ns: int) -> tuple[bytes, dict[str, str]]:
-    name = request.path_params["model"]
-    pinned = request.path_params.get("version")
-    repo = _repo(request)
-    route: ModelRoute | None = None if pinned is not None else request.app.state.router.get(name)
-    tracer = recording_tracer()
-    if tracer is None:
-        sv, batcher = repo.resolve(name, pinned if route is None else route.pick(request.headers))
-    else:
-        with tracer.start_as_current_span("fermion.route") as span:
-            sv, batcher = repo.resolve(
-                name, pinned if route is None else route.pick(request.headers)
-            )
-            span.set_attributes({"fermion.model": name, "fermion.version": sv.version})
-    state = request.scope.setdefault("state", {})
-    state["served"] = (name, sv.version)
-    limits: RequestLimits = request.app.state.limits
-    body = await _read_body(request)
-    header_length: int | None = None
-    raw = request.headers.get(HEADER_LENGTH)
-    if raw is not None:
-        try:
-            header_length = int(raw)
-        except ValueError:
-            raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
-    max_batch = batcher.max_batch_size
-    if limits.max_batch is not None:
-        max_batch = min(max_batch, limits.max_batch)
-    req = decode_request(body, sv.manifest, header_length=header_length, max_batch_size=max_batch)
-    limits.check_elements(req.inputs)
-    if route is None:
-        outputs = await batcher.submit(
-            req.inputs,
-            req.batch_size,
-            deadline_ns=limits.deadline_ns(
-                request.headers.get(TIMEOUT_HEADER), req.parameters, started_ns
-            ),
-            priority=limits.priority(req.parameters),
-        )
-    else:
-        if route.parameter is not None:
-            sv, batcher, req = _stick_by_parameter(
-                route, repo, sv, batcher, req, body, header_length
-            )
-            state["served"] = (name, sv.version)
-        router: Router = request.app.state.router
-        outputs = await router.submit(
-            route,
-            sv,
-            batcher,
-            req.inputs,
-            req.batch_size,
-            deadline_ns=limits.deadline_ns(
-                request.headers.get(TIMEOUT_HEADER), req.parameters, started_ns
-            ),
-            priority=limits.priority(req.parameters),
-        )
-    content, headers = encode_response(
-        req, outputs, model_name=name, model_version=str(sv.version), manifest=sv.manifest
-    )
-    headers[VERSION_HEADER] = str(sv.version)
-    return content, headers
-
-
-def _stick_by_parameter(
-    route: ModelRoute,
-    repo: ModelRepository,
-    sv: ServedVersion,
-    batcher: DynamicBatcher,
-    req: InferRequest,
-    body: bytes,
-    header_length: int | None,
-) -> tuple[ServedVersion, DynamicBatcher, InferRequest]:
-    """Move a request to its sticky version once its parameters are known."""
-    version = route.pick_by_parameter(req.parameters)
-    if version is None or version == str(sv.version):
-        return sv, batcher, req
-    sticky, sticky_batcher = repo.resolve(route.name, version)
-    m, n = sv.manifest, sticky.manifest
-    if m.inputs != n.inputs or m.outputs != n.outputs or m.max_batch_size != n.max_batch_size:
-        req = decode_request(
-            body, n, header_length=header_length, max_batch_size=sticky_batcher.max_batch_size
-        )
-    return sticky, sticky_batcher, req
 
 
 async def repository_index(request: Request) -> Response:

@@ -15,8 +15,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +29,9 @@ from serving.errors import (
     Overloaded,
 )
 from serving.observability import tracing as _tracing
+from serving.observability.counters import VersionCounter
 
-__all__ = ["BatchObserver", "BatchRunner", "BatcherStats", "DynamicBatcher", "batch_deadline_ns"]
+__all__ = ["BatchRunner", "DynamicBatcher", "batch_deadline_ns"]
 
 #: While a batch runs: the last deadline (``time.perf_counter_ns``) of its requests,
 #: or None when one of them has none. Past it nobody waits for the batch, so a
@@ -39,44 +40,6 @@ batch_deadline_ns: ContextVar[int | None] = ContextVar("fermion_batch_deadline_n
 
 #: Computes one batch: named inputs with the batch in dim 0 -> named outputs.
 BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
-
-
-@dataclass
-class _Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, n: int = 1) -> None:
-        self.count += n
-        self.ns += ns
-
-
-@dataclass
-class BatcherStats:
-    """Counters in the shape of Triton's statistics extension."""
-
-    inference_count: int = 0
-    execution_count: int = 0
-    last_inference_ms: int = 0
-    success: _Duration = field(default_factory=_Duration)
-    fail: _Duration = field(default_factory=_Duration)
-    queue: _Duration = field(default_factory=_Duration)
-    compute: _Duration = field(default_factory=_Duration)
-    rejected: int = 0
-    #: Requests whose deadline passed while they waited (never computed).
-    expired: int = 0
-    #: rows per batch -> (batches, compute ns)
-    batch_sizes: dict[int, _Duration] = field(default_factory=dict)
-
-
-class BatchObserver(Protocol):
-    """Receives the timings of one model version's requests and batches (e.g. metrics)."""
-
-    def observe_queue(self, seconds: float) -> None:
-        """One request waited ``seconds`` in the queue."""
-
-    def observe_batch(self, rows: int, seconds: float, ok: bool) -> None:
-        """One batch of ``rows`` rows was computed in ``seconds``."""
 
 
 @dataclass(slots=True, eq=False)
@@ -104,7 +67,8 @@ class DynamicBatcher:
     ``max_concurrent_batches`` is how many batches run at once;
     ``priority_levels`` queues (0 or 1: one), ``default_priority_level`` for
     requests without a priority (0: the lowest level); ``model``/``version``
-    name spans; ``observer`` receives queue and batch timings.
+    name spans; ``stats`` is the version's counter (a fresh one when None), which
+    receives queue and batch timings.
     """
 
     def __init__(
@@ -120,7 +84,7 @@ class DynamicBatcher:
         default_priority_level: int = 0,
         model: str = "",
         version: str = "",
-        observer: BatchObserver | None = None,
+        stats: VersionCounter | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -139,12 +103,16 @@ class DynamicBatcher:
         self._queues: list[deque[_Pending]] = [deque() for _ in range(self.priority_levels)]
         self._queued = 0
         self._attributes = {"fermion.model": model, "fermion.version": version}
-        self._observer = observer
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.stats = BatcherStats()
+        #: Triton-style statistics of this version (shared with its metrics).
+        self.stats = (
+            stats
+            if stats is not None
+            else VersionCounter(model, int(version) if version.isdigit() else 0)
+        )
 
     @property
     def queue_depth(self) -> int:
@@ -369,23 +337,7 @@ class DynamicBatcher:
         return parts
 
     def _record(self, live: list[_Pending], rows: int, started: int, *, ok: bool) -> None:
-        now = time.perf_counter_ns()
-        s = self.stats
-        compute = now - started
-        observer = self._observer
-        for p in live:
-            s.queue.add(started - p.enqueued_ns)
-            (s.success if ok else s.fail).add(now - p.enqueued_ns)
-            if observer is not None:
-                observer.observe_queue((started - p.enqueued_ns) / 1e9)
-        if observer is not None:
-            observer.observe_batch(rows, compute / 1e9, ok)
-        if ok:
-            s.inference_count += rows
-            s.execution_count += 1
-            s.compute.add(compute)
-            s.batch_sizes.setdefault(rows, _Duration()).add(compute)
-            s.last_inference_ms = int(time.time() * 1000)
+        self.stats.batch_done([p.enqueued_ns for p in live], started, rows, ok=ok)
 
     async def close(self) -> None:
         """Stop taking requests; finish every request already queued or running."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -14,7 +13,8 @@ from model_store.store import ModelStore, StoreError
 from serving.config import FermionConfig
 from serving.errors import ModelNotFound, ModelNotReady
 from serving.inference.backends import Backend
-from serving.inference.batcher import BatchObserver, DynamicBatcher
+from serving.inference.batcher import DynamicBatcher
+from serving.observability.counters import VersionCounter, VersionCounters
 
 __all__ = ["ModelRepository", "ServedVersion", "VersionState"]
 
@@ -35,6 +35,8 @@ class ServedVersion:
     """One model version as the gateway serves it."""
 
     manifest: ModelManifest
+    #: Every count of this version (kept across reloads, shared with its batcher).
+    counter: VersionCounter
     state: VersionState = VersionState.LOADING
     reason: str = ""
     batcher: DynamicBatcher | None = None
@@ -58,13 +60,13 @@ class ModelRepository:
         store: ModelStore,
         backend: Backend,
         *,
-        observers: Callable[[str, int], BatchObserver] | None = None,
+        counters: VersionCounters | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._backend = backend
-        #: (model, version) -> what receives that version's batch timings (e.g. metrics).
-        self._observers = observers
+        #: Every served version's counter (requests, batches), for metrics and canaries.
+        self.counters = counters if counters is not None else VersionCounters()
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._started = False
@@ -129,7 +131,7 @@ class ModelRepository:
                 if existing is not None and existing.state is VersionState.READY:
                     loaded.append(existing)
                     continue
-                sv = ServedVersion(manifest)
+                sv = ServedVersion(manifest, self.counters.version(name, manifest.version))
                 current[manifest.version] = sv
                 await self._load_version(sv)
                 loaded.append(sv)
@@ -164,7 +166,7 @@ class ModelRepository:
             default_priority_level=b.default_priority_level,
             model=name,
             version=str(version),
-            observer=self._observers(name, version) if self._observers else None,
+            stats=sv.counter,
         )
         sv.state = VersionState.READY
         sv.reason = ""

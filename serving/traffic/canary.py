@@ -1,4 +1,4 @@
-"""Route changes at run time and the automatic canary that raises a new version step by step.
+"""The automatic canary: raises a new version's share of a route step by step.
 
 A rollout moves a route's traffic from a baseline version to a candidate: an
 optional shadow phase (the candidate gets a mirrored copy of baseline traffic and
@@ -16,18 +16,18 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving.atomic_file import write_atomically
 from serving.config import RolloutBounds, RouteConfig, ShadowConfig
-from serving.errors import FermionError, InvalidInput, ModelNotFound
+from serving.errors import InvalidInput, ModelNotFound
 from serving.inference.repository import ModelRepository
-from serving.observability.traffic_metrics import ROLLOUT_ROLLBACKS, ROLLOUT_STEP
-from serving.traffic.route_file import RouteFile
-from serving.traffic.router import Router
+from serving.traffic.route_table import RolloutConflict, RouteTable
 from serving.traffic.windows import LatencyFigures, ShadowFigures
 
 __all__ = [
@@ -40,12 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("fermion.rollout")
-
-
-class RolloutConflict(FermionError):
-    """The route is being rolled out, or no rollout runs where one was expected (409)."""
-
-    status_code = 409
 
 
 class RolloutSpec(BaseModel):
@@ -157,44 +151,20 @@ def judge(
 
 
 class RolloutController:
-    """Changes routes (by hand through the admin API, or step by step) and runs canaries."""
+    """Runs canary rollouts on the route table; a route is locked while its rollout runs."""
 
     def __init__(
         self,
-        router: Router,
+        routes: RouteTable,
         repository: ModelRepository,
-        route_file: RouteFile,
         state_path: Path | None,
     ) -> None:
-        self._router = router
+        self._routes = routes
         self._repository = repository
-        self._route_file = route_file
         self._state_path = state_path
         self._states: dict[str, RolloutState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-
-    # ----------------------------------------------------------------- routes by hand
-
-    def check_versions(self, name: str, route: RouteConfig) -> None:
-        """Raise unless every version the route sends traffic to is served and ready."""
-        for version in sorted(route.versions_in_use()):
-            try:
-                self._repository.resolve(name, str(version))
-            except FermionError as e:
-                raise InvalidInput(f"route {name}: {e.message}") from None
-
-    async def set_route(self, name: str, route: RouteConfig | None) -> None:
-        """Replace (None: remove) a route at once and persist it; 409 while a rollout runs."""
-        if self.running(name):
-            raise RolloutConflict(f"a rollout of {name} is running; stop it first")
-        if route is not None:
-            self.check_versions(name, route)
-            self._router.set(name, route)
-        elif self._router.remove(name) is None:
-            raise InvalidInput(f"no route {name!r}")
-        await self._route_file.save(name, route)
-
-    # ----------------------------------------------------------------- rollouts
+        self._rollbacks: dict[str, int] = {}
 
     def running(self, name: str) -> bool:
         """Whether a rollout of ``name`` is running."""
@@ -215,7 +185,7 @@ class RolloutController:
         """Start rolling ``spec.to`` out on route ``name``."""
         if self.running(name):
             raise RolloutConflict(f"a rollout of {name} is already running")
-        route = self._router.get(name)
+        route = self._routes.get(name)
         baseline = spec.from_ if spec.from_ is not None else self._baseline(name, spec.to)
         if baseline == spec.to:
             raise InvalidInput("the baseline and the candidate are the same version")
@@ -231,7 +201,7 @@ class RolloutController:
             original_shadow=route.shadow if route else None,
         )
         probe = RouteConfig(split={baseline: 1.0, spec.to: 1.0})
-        self.check_versions(name, probe)
+        self._routes.check_versions(name, probe)
         self._states[name] = state
         shadow_phase = state.step_index < 0
         await self._apply(state, 0.0 if shadow_phase else spec.steps[0], shadow=shadow_phase)
@@ -251,7 +221,7 @@ class RolloutController:
         return state
 
     def _baseline(self, name: str, candidate: int) -> int:
-        route = self._router.get(name)
+        route = self._routes.get(name)
         if route is not None:
             others = {v: w for v, w in route.split.weights.items() if v != candidate and w > 0}
             if others:
@@ -265,10 +235,12 @@ class RolloutController:
         task = asyncio.get_running_loop().create_task(self._drive(state, applied))
         self._tasks[state.model] = task
         name = state.model
+        self._routes.lock(name, f"a rollout of {name} is running; stop it first")
 
         def forget(done: asyncio.Task[None]) -> None:
             if self._tasks.get(name) is done:
                 del self._tasks[name]
+                self._routes.unlock(name)
 
         task.add_done_callback(forget)
 
@@ -284,7 +256,6 @@ class RolloutController:
             return
         for state in states:
             self._states[state.model] = state
-            ROLLOUT_STEP.labels(state.model, str(state.candidate)).set(state.percent)
             if state.status == "running":
                 log.info("resuming the rollout of %s at step %d", state.model, state.step_index)
                 self._launch(state)
@@ -327,7 +298,7 @@ class RolloutController:
             await self._roll_back(state, f"rollout failed: {e}")
 
     async def _apply(self, state: RolloutState, percent: float, *, shadow: bool = False) -> None:
-        route = self._router.get(state.model)
+        route = self._routes.get(state.model)
         base = route.config if route else RouteConfig(split={state.baseline: 1.0})
         mirror = (
             ShadowConfig(version=state.candidate, percent=state.shadow_percent)
@@ -340,17 +311,15 @@ class RolloutController:
                 "shadow": mirror,
             }
         )
-        self._router.set(state.model, config)
-        await self._route_file.save(state.model, config)
+        await self._routes.save(state.model, config)
         state.percent = percent
-        ROLLOUT_STEP.labels(state.model, str(state.candidate)).set(percent)
         await self._touch(state)
 
     async def _interval(self, state: RolloutState, phase: Literal["shadow", "step"]) -> bool:
         """Wait for an interval with enough candidate traffic and judge it; False on a breach."""
-        base_w = self._router.window(state.model, state.baseline)
-        cand_w = self._router.window(state.model, state.candidate)
-        shadow_w = self._router.shadow.window(state.model, state.baseline, state.candidate)
+        base_w = self._routes.window(state.model, state.baseline)
+        cand_w = self._routes.window(state.model, state.candidate)
+        shadow_w = self._routes.shadow.window(state.model, state.baseline, state.candidate)
         base_w.take(), cand_w.take(), shadow_w.take()
         base, cand, shadow = LatencyFigures(), LatencyFigures(), ShadowFigures()
         bounds = state.bounds
@@ -399,7 +368,7 @@ class RolloutController:
     ) -> None:
         state.status, state.reason = status, reason
         await self._apply(state, 0.0)
-        ROLLOUT_ROLLBACKS.labels(state.model).inc()
+        self._rollbacks[state.model] = self._rollbacks.get(state.model, 0) + 1
         log.warning("rollout of %s rolled back: %s", state.model, reason)
 
     async def _touch(self, state: RolloutState) -> None:
@@ -411,6 +380,25 @@ class RolloutController:
             return
         text = _StateFile(rollouts=self.states()).model_dump_json(indent=2)
         await asyncio.to_thread(write_atomically, self._state_path, text)
+
+    def collect(self) -> Iterator[Metric]:
+        """The rollout families: the candidate's share now, and rollbacks."""
+        step = GaugeMetricFamily(
+            "fermion_rollout_step_percent",
+            "The candidate's share of traffic in the model's current or last rollout, in percent.",
+            labels=["model", "candidate"],
+        )
+        for state in self.states():
+            step.add_metric([state.model, str(state.candidate)], state.percent)
+        yield step
+        rollbacks = CounterMetricFamily(
+            "fermion_rollout_rollbacks",
+            "Rollouts rolled back to 0%, automatically or by an operator.",
+            labels=["model"],
+        )
+        for model, count in sorted(self._rollbacks.items()):
+            rollbacks.add_metric([model], count)
+        yield rollbacks
 
 
 class _StateFile(BaseModel):

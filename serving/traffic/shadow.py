@@ -12,22 +12,22 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from opentelemetry import trace
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from serving.config import ShadowConfig
 from serving.errors import FermionError
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository, ServedVersion
 from serving.observability.tracing import current_tracer
-from serving.observability.traffic_metrics import (
-    SHADOW_MAX_ABS_DIFF,
-    SHADOW_REQUESTS,
-    SHADOW_ROWS,
-    SHADOW_TOP1_AGREEMENT,
-)
 from serving.traffic.windows import ShadowFigures, ShadowWindow
 
 __all__ = ["ShadowMirror", "compare_outputs"]
@@ -111,7 +111,6 @@ class ShadowMirror:
         """Maybe queue a copy of a request that ``primary`` answered; True if queued."""
         if config.percent < 100.0 and random.random() * 100.0 >= config.percent:
             return False
-        labels = (model, str(primary.version), str(config.version))
         window = self.window(model, primary.version, config.version)
         batcher = self._shadow_batcher(model, config.version)
         primary_depth = primary.batcher.queue_depth if primary.batcher is not None else 0
@@ -122,10 +121,16 @@ class ShadowMirror:
             or primary_depth >= config.max_queue_depth
         ):
             window.add(_SHED)
-            SHADOW_REQUESTS.labels(*labels, "shed").inc()
             return False
         task = asyncio.get_running_loop().create_task(
-            self._run(batcher, window, labels, inputs, rows, primary_outputs)
+            self._run(
+                batcher,
+                window,
+                (model, primary.version, config.version),
+                inputs,
+                rows,
+                primary_outputs,
+            )
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -142,7 +147,7 @@ class ShadowMirror:
         self,
         batcher: DynamicBatcher,
         window: ShadowWindow,
-        labels: tuple[str, str, str],
+        pair: tuple[str, int, int],
         inputs: dict[str, np.ndarray],
         rows: int,
         primary_outputs: dict[str, np.ndarray],
@@ -150,6 +155,7 @@ class ShadowMirror:
         # The request's span may have ended (the client has its answer): follow its
         # sampling decision rather than whether it still records.
         tracer = current_tracer()
+        labels = (pair[0], str(pair[1]), str(pair[2]))
         if (
             tracer is not None
             and not trace.get_current_span().get_span_context().trace_flags.sampled
@@ -177,19 +183,55 @@ class ShadowMirror:
                 raise
             except Exception as e:  # a failing shadow only counts as a failure
                 window.add(_FAILED)
-                SHADOW_REQUESTS.labels(*labels, "error").inc()
                 log.debug("shadow %s version %s failed: %s", labels[0], labels[2], e)
                 return
         window.add(figures)
-        SHADOW_REQUESTS.labels(*labels, "ok").inc()
-        if figures.max_abs_diff is not None:
-            SHADOW_MAX_ABS_DIFF.labels(*labels).observe(figures.max_abs_diff)
-        if figures.top1_rows:
-            SHADOW_ROWS.labels(*labels, "true").inc(figures.agree_rows)
-            SHADOW_ROWS.labels(*labels, "false").inc(figures.top1_rows - figures.agree_rows)
-            agreement = window.total.top1_agreement
-            if agreement is not None:
-                SHADOW_TOP1_AGREEMENT.labels(*labels).set(agreement)
+
+    def collect(self) -> Iterator[Metric]:
+        """The shadow families, from every pair's figures since the gateway started."""
+        pair = ["model", "primary", "shadow"]
+        requests = CounterMetricFamily(
+            "fermion_shadow_requests",
+            "Mirrored requests by outcome: ok, error (the shadow failed), shed (not mirrored).",
+            labels=[*pair, "outcome"],
+        )
+        rows = CounterMetricFamily(
+            "fermion_shadow_rows",
+            "Rows compared between primary and shadow; agree: whether their top-1 class agreed.",
+            labels=[*pair, "agree"],
+        )
+        diffs = HistogramMetricFamily(
+            "fermion_shadow_max_abs_diff",
+            "Largest absolute difference between primary and shadow outputs, per mirrored request.",
+            labels=pair,
+        )
+        agreement = GaugeMetricFamily(
+            "fermion_shadow_top1_agreement",
+            "Share of compared rows whose top-1 class agreed, since the gateway started.",
+            labels=pair,
+        )
+        for (model, primary, shadow), w in sorted(self._windows.items()):
+            labels = [model, str(primary), str(shadow)]
+            t = w.total
+            for outcome, count in (
+                ("ok", t.mirrored - t.errors),
+                ("error", t.errors),
+                ("shed", t.shed),
+            ):
+                if count:
+                    requests.add_metric([*labels, outcome], count)
+            if t.top1_rows:
+                rows.add_metric([*labels, "true"], t.agree_rows)
+                rows.add_metric([*labels, "false"], t.top1_rows - t.agree_rows)
+            if any(w.diffs.counts):
+                diffs.add_metric(labels, w.diffs.buckets(), w.diffs.total)
+            share = t.top1_agreement
+            if share is not None:
+                agreement.add_metric(labels, share)
+        yield requests
+        yield rows
+        yield diffs
+        yield agreement
 
     async def stop(self) -> None:
         """Cancel every shadow copy still queued or running (clients never wait on them)."""

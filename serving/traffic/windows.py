@@ -1,6 +1,7 @@
-"""Figures the gateway records about routed traffic, read and reset once per canary interval.
+"""Figures of routed traffic, read and reset once per canary interval.
 
-Per model version: requests, server-side errors and a bounded sample of latencies.
+Per model version: requests, server-side errors and a sample of latencies, read
+as deltas of the version's counter (the gateway counts each request once).
 Per shadow pair (model, primary version, shadow version): mirrored requests, shadow
 errors, shed copies, compared rows, top-1 agreement and the largest output difference.
 """
@@ -8,13 +9,11 @@ errors, shed copies, compared rows, top-1 agreement and the largest output diffe
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
-__all__ = ["LATENCY_SAMPLES", "LatencyFigures", "ShadowFigures", "ShadowWindow", "VersionWindow"]
+from serving.observability.counters import Histogram, VersionCounter
 
-#: Latencies kept per window; above it, a uniform reservoir sample of them.
-LATENCY_SAMPLES = 20_000
+__all__ = ["LatencyFigures", "ShadowFigures", "ShadowWindow", "VersionWindow"]
 
 
 @dataclass(frozen=True)
@@ -58,38 +57,23 @@ class LatencyFigures:
 
 
 class VersionWindow:
-    """Accumulates one version's figures until ``take`` reads and resets them."""
+    """One version's figures since the last ``take`` (or the counter's start)."""
 
-    __slots__ = ("_latencies", "_seen", "errors", "requests")
+    __slots__ = ("_counter", "_errors", "_requests")
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self._latencies: list[float] = []
-        self._seen = 0
-
-    def record(self, latency_s: float) -> None:
-        """One successful request that took ``latency_s``."""
-        self.requests += 1
-        ms = latency_s * 1000.0
-        self._seen += 1
-        if len(self._latencies) < LATENCY_SAMPLES:
-            self._latencies.append(ms)
-        else:
-            slot = random.randrange(self._seen)
-            if slot < LATENCY_SAMPLES:
-                self._latencies[slot] = ms
-
-    def record_error(self) -> None:
-        """One request that failed on the server's side."""
-        self.requests += 1
-        self.errors += 1
+    def __init__(self, counter: VersionCounter) -> None:
+        self._counter = counter
+        self._requests = self._errors = 0
 
     def take(self) -> LatencyFigures:
-        """The figures since the last ``take``; the window starts afresh."""
-        figures = LatencyFigures(self.requests, self.errors, tuple(self._latencies))
-        self.requests = self.errors = self._seen = 0
-        self._latencies = []
+        """The figures since the last ``take`` (answered and 5xx requests); starts afresh."""
+        c = self._counter
+        errors = c.server_errors
+        requests = c.ok + errors
+        figures = LatencyFigures(
+            requests - self._requests, errors - self._errors, c.take_latencies()
+        )
+        self._requests, self._errors = requests, errors
         return figures
 
 
@@ -143,17 +127,25 @@ class ShadowFigures:
         }
 
 
+#: Buckets of the largest output difference per compared request.
+_DIFF_BOUNDS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+
+
 class ShadowWindow:
     """Accumulates one shadow pair's comparisons: since start, and since the last ``take``."""
 
     def __init__(self) -> None:
         self._total = ShadowFigures()
         self._window = ShadowFigures()
+        #: The largest difference of each compared request, since start.
+        self.diffs = Histogram(_DIFF_BOUNDS)
 
     def add(self, figures: ShadowFigures) -> None:
         """Count one mirrored, shed or failed request (as figures of its own)."""
         self._total = self._total.merge(figures)
         self._window = self._window.merge(figures)
+        if figures.max_abs_diff is not None:
+            self.diffs.observe(figures.max_abs_diff)
 
     @property
     def total(self) -> ShadowFigures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,7 +11,6 @@ from model_store.store import ModelStore
 from serving.auth import create_key
 from serving.config import AuthConfig, FermionConfig, MetricsConfig
 from serving.observability.metrics import GatewayMetrics
-from serving.observability.traffic_metrics import ROUTE_REQUESTS
 from tests.helpers.inprocess import digits_body, serve_in_process
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -78,21 +78,42 @@ async def test_metric_values_after_known_requests(demo_store: ModelStore, tmp_pa
     assert any(name.startswith("process_") for name, _ in s)
 
 
-def test_histogram_buckets_and_routing_metrics() -> None:
+def test_histogram_buckets() -> None:
     m = GatewayMetrics()
     vm = m.version("m", 3)
     for seconds in (0.0004, 0.002, 0.002, 30.0):
         vm.latency.observe(seconds)
     vm.ok = 4
-    ROUTE_REQUESTS.labels("m", "3", "ok").inc(2)
     s = _samples(m.render().decode())
     labels = {"model": "m", "version": "3"}
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0005") == 1
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="0.0025") == 3
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="10.0") == 3
     assert _value(s, "fermion_request_duration_seconds_bucket", **labels, le="+Inf") == 4
-    # Routing, shadow and rollout metrics live in prometheus_client's default registry.
-    assert _value(s, "fermion_route_requests_total", **labels, outcome="ok") >= 2
+
+
+async def test_route_and_shadow_families_in_the_one_registry(demo_store: ModelStore) -> None:
+    config = FermionConfig.model_validate(
+        {"routes": {"digits": {"split": {1: 100}, "shadow": {"version": 2, "percent": 100}}}}
+    )
+    async with serve_in_process(config, demo_store) as gw:
+        for _ in range(3):
+            r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
+            assert r.status_code == 200 and r.headers["fermion-model-version"] == "1"
+            for _ in range(500):  # one copy at a time: none is shed
+                if gw.app.state.routes.shadow.in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+        s = _samples((await gw.client.get("/metrics")).text)
+    v1 = {"model": "digits", "version": "1"}
+    pair = {"model": "digits", "primary": "1", "shadow": "2"}
+    assert _value(s, "fermion_requests_total", **v1, status="200") == 3
+    assert _value(s, "fermion_route_requests_total", **v1, outcome="ok") == 3
+    assert _value(s, "fermion_route_requests_total", **v1, outcome="error") == 0
+    assert _value(s, "fermion_shadow_requests_total", **pair, outcome="ok") == 3
+    assert _value(s, "fermion_shadow_max_abs_diff_count", **pair) == 3
+    # The shadow's own work is no client request of version 2.
+    assert _value(s, "fermion_requests_total", model="digits", version="2", status="200") == 0
 
 
 async def test_metrics_off_or_protected(demo_store: ModelStore, tmp_path: Path) -> None:

@@ -11,24 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from serving.config import RolloutBounds, RouteConfig, load_config
 from serving.errors import FermionError
 from serving.inference.repository import ModelRepository
+from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutConflict, RolloutController, RolloutSpec, judge
 from serving.traffic.route_file import RouteFile
-from serving.traffic.router import Router
-from serving.traffic.shadow import ShadowMirror
+from serving.traffic.route_table import RouteTable
 from serving.traffic.windows import LatencyFigures, ShadowFigures
 from tests.helpers.ab_models import FAIL_AT, MODEL
+from tests.serving.traffic.infer_calls import infer, service
 
 #: Loose enough for a busy 2-core machine; the faults below overshoot them by far.
 _BOUNDS = {"min_requests": 5, "max_p99_ratio": 3.0, "p99_slack_ms": 30.0}
 
 
-def _gateway(repo: ModelRepository, tmp: Path) -> tuple[Router, RolloutController, Path]:
-    """A router and a controller as the gateway builds them from ``tmp/fermion.yaml``."""
+def _gateway(repo: ModelRepository, tmp: Path) -> tuple[RouteTable, RolloutController, Path]:
+    """A route table and a controller as the gateway builds them from ``tmp/fermion.yaml``."""
     config_path = tmp / "fermion.yaml"
     if not config_path.exists():
         config_path.write_text(
@@ -36,28 +36,33 @@ def _gateway(repo: ModelRepository, tmp: Path) -> tuple[Router, RolloutControlle
             f"    split: {{'1': 100}}\n    rollout: {json.dumps(_BOUNDS)}\n"
         )
     config = load_config(config_path)
-    router = Router(config.routes, ShadowMirror(repo))
+    router = RouteTable(config.routes, repo, route_file=RouteFile(config_path))
     state_path = tmp / "fermion.rollouts.json"
-    return router, RolloutController(router, repo, RouteFile(config_path), state_path), config_path
+    return router, RolloutController(router, repo, state_path), config_path
+
+
+def _metrics(controller: RolloutController) -> GatewayMetrics:
+    """The gateway's registry, exporting this controller's rollout families."""
+    metrics = GatewayMetrics()
+    metrics.register(controller)
+    return metrics
 
 
 @contextlib.asynccontextmanager
 async def _traffic(
-    router: Router, repo: ModelRepository, make_x: Callable[[int], np.ndarray]
+    router: RouteTable, repo: ModelRepository, make_x: Callable[[int], np.ndarray]
 ) -> AsyncIterator[None]:
     """Two clients sending requests through the route until the block ends."""
     done = asyncio.Event()
+    svc = service(router, repo)
 
     async def client(seed: int) -> None:
         i = seed
         while not done.is_set():
-            route = router.get(MODEL)
-            assert route is not None
             x = make_x(i)
             i += 2
             with contextlib.suppress(FermionError):
-                sv, batcher = repo.resolve(MODEL, route.pick({}))
-                await router.submit(route, sv, batcher, {"x": x}, x.shape[0])
+                await infer(svc, x)
             await asyncio.sleep(0.002)
 
     tasks = [asyncio.create_task(client(s)) for s in range(2)]
@@ -128,14 +133,16 @@ async def test_a_healthy_candidate_is_promoted(repository: ModelRepository, tmp_
     saved = json.loads((tmp_path / "fermion.rollouts.json").read_text())["rollouts"][0]
     assert saved["status"] == "promoted" and saved["percent"] == 100
     labels = {"model": MODEL, "candidate": "2"}
-    assert REGISTRY.get_sample_value("fermion_rollout_step_percent", labels) == 100
+    registry = _metrics(controller).registry
+    assert registry.get_sample_value("fermion_rollout_step_percent", labels) == 100
 
 
 async def test_a_candidate_failing_on_some_inputs_is_rolled_back(
     repository: ModelRepository, tmp_path: Path
 ) -> None:
     router, controller, config_path = _gateway(repository, tmp_path)
-    before = REGISTRY.get_sample_value("fermion_rollout_rollbacks_total", {"model": MODEL}) or 0
+    registry = _metrics(controller).registry
+    before = registry.get_sample_value("fermion_rollout_rollbacks_total", {"model": MODEL}) or 0
 
     def some_bad(i: int) -> np.ndarray:
         x = _good(i)
@@ -154,10 +161,10 @@ async def test_a_candidate_failing_on_some_inputs_is_rolled_back(
     assert last.verdict == "breach" and last.candidate["errors"] > 0  # type: ignore[operator]
     assert last.baseline["errors"] == 0
     assert _split(config_path) == {1: 100.0, 3: 0.0}
-    assert REGISTRY.get_sample_value("fermion_rollout_rollbacks_total", {"model": MODEL}) == (
+    assert registry.get_sample_value("fermion_rollout_rollbacks_total", {"model": MODEL}) == (
         before + 1
     )
-    assert REGISTRY.get_sample_value(
+    assert registry.get_sample_value(
         "fermion_rollout_step_percent", {"model": MODEL, "candidate": "3"}
     ) == (0)
 
@@ -245,16 +252,16 @@ async def test_a_rollout_resumes_after_a_restart(
 async def test_routes_are_locked_while_a_rollout_runs_and_stop_rolls_back(
     repository: ModelRepository, tmp_path: Path
 ) -> None:
-    _, controller, config_path = _gateway(repository, tmp_path)
+    routes, controller, config_path = _gateway(repository, tmp_path)
     await controller.begin(MODEL, RolloutSpec(to=2, steps=[10, 100], interval_s=30))
     with pytest.raises(RolloutConflict):
-        await controller.set_route(MODEL, RouteConfig(split={1: 1}))
+        await routes.set_route(MODEL, RouteConfig(split={1: 1}))
     with pytest.raises(RolloutConflict):
         await controller.begin(MODEL, RolloutSpec(to=2))
     state = await controller.abort(MODEL)
     assert state.status == "stopped" and state.reason == "stopped by an operator"
     assert _split(config_path) == {1: 100.0, 2: 0.0}
-    await controller.set_route(MODEL, RouteConfig(split={1: 1, 2: 3}))
+    await routes.set_route(MODEL, RouteConfig(split={1: 1, 2: 3}))
     assert _split(config_path) == {1: 1.0, 2: 3.0}
     with pytest.raises(FermionError, match="unknown version"):
-        await controller.set_route(MODEL, RouteConfig(split={1: 1, 9: 1}))
+        await routes.set_route(MODEL, RouteConfig(split={1: 1, 9: 1}))

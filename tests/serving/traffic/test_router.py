@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from serving.config import ConfigError, RouteConfig, load_config
-from serving.traffic.router import ModelRoute, TrafficSplit
+from serving.traffic.split import ModelRoute, TrafficSplit
 
 # Chi-square critical values at p = 0.001: a correct split fails this 1 time in 1000
 # (the draws are seeded, so the suite itself is deterministic).

@@ -8,11 +8,11 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client import REGISTRY
 
 from serving.config import RouteConfig
 from serving.inference.repository import ModelRepository
-from serving.traffic.router import Router
+from serving.observability.metrics import GatewayMetrics
+from serving.traffic.route_table import RouteTable
 from serving.traffic.shadow import ShadowMirror, compare_outputs
 from tests.helpers.ab_models import (
     DELTA,
@@ -20,18 +20,16 @@ from tests.helpers.ab_models import (
     MODEL,
     expected_logits,
 )
+from tests.serving.traffic.infer_calls import infer, service
 
 
-def _router(repo: ModelRepository, shadow: dict[str, object]) -> Router:
+def _router(repo: ModelRepository, shadow: dict[str, object]) -> RouteTable:
     config = RouteConfig.model_validate({"split": {1: 100}, "shadow": shadow})
-    return Router({MODEL: config}, ShadowMirror(repo))
+    return RouteTable({MODEL: config}, repo)
 
 
-async def _send(router: Router, repo: ModelRepository, x: np.ndarray) -> dict[str, np.ndarray]:
-    route = router.get(MODEL)
-    assert route is not None
-    sv, batcher = repo.resolve(MODEL, route.pick({}))
-    return await router.submit(route, sv, batcher, {"x": x}, x.shape[0])
+async def _send(router: RouteTable, repo: ModelRepository, x: np.ndarray) -> dict[str, np.ndarray]:
+    return await infer(service(router, repo), x)
 
 
 async def _drain(mirror: ShadowMirror, timeout_s: float = 10.0) -> None:
@@ -52,16 +50,24 @@ def test_compare_outputs_of_a_known_pair() -> None:
     assert same.max_abs_diff == 0.0 and same.top1_agreement == 1.0
 
 
-def _sample(metric: str, labels: dict[str, str]) -> float:
-    return REGISTRY.get_sample_value(metric, labels) or 0.0
+def _metrics(router: RouteTable) -> GatewayMetrics:
+    """The gateway's registry, exporting this router's shadow families."""
+    metrics = GatewayMetrics()
+    metrics.register(router.shadow)
+    return metrics
+
+
+def _sample(metrics: GatewayMetrics, metric: str, labels: dict[str, str]) -> float:
+    return metrics.registry.get_sample_value(metric, labels) or 0.0
 
 
 async def test_divergence_metrics_of_a_known_pair_of_models(repository: ModelRepository) -> None:
     router = _router(repository, {"version": 2, "percent": 100})
+    metrics = _metrics(router)
     labels = {"model": MODEL, "primary": "1", "shadow": "2"}
-    agree_before = _sample("fermion_shadow_rows_total", labels | {"agree": "true"})
-    differ_before = _sample("fermion_shadow_rows_total", labels | {"agree": "false"})
-    count_before = _sample("fermion_shadow_max_abs_diff_count", labels)
+    agree_before = _sample(metrics, "fermion_shadow_rows_total", labels | {"agree": "true"})
+    differ_before = _sample(metrics, "fermion_shadow_rows_total", labels | {"agree": "false"})
+    count_before = _sample(metrics, "fermion_shadow_max_abs_diff_count", labels)
     rng = np.random.default_rng(3)
     batches = [rng.normal(size=(8, 4)).astype(np.float32) for _ in range(12)]
     for x in batches:
@@ -78,12 +84,18 @@ async def test_divergence_metrics_of_a_known_pair_of_models(repository: ModelRep
     assert total.top1_rows == len(xs) and total.agree_rows == want_agree
     assert 0 < want_agree < len(xs)  # the pair really disagrees on some rows
     # The same figures reach Prometheus.
-    agree = _sample("fermion_shadow_rows_total", labels | {"agree": "true"}) - agree_before
-    differ = _sample("fermion_shadow_rows_total", labels | {"agree": "false"}) - differ_before
+    agree = _sample(metrics, "fermion_shadow_rows_total", labels | {"agree": "true"}) - agree_before
+    differ = (
+        _sample(metrics, "fermion_shadow_rows_total", labels | {"agree": "false"}) - differ_before
+    )
     assert (agree, differ) == (want_agree, len(xs) - want_agree)
-    assert _sample("fermion_shadow_max_abs_diff_count", labels) - count_before == len(batches)
+    assert _sample(metrics, "fermion_shadow_max_abs_diff_count", labels) - count_before == len(
+        batches
+    )
     # The gauge is per mirror (this test's router): its agreement since it started.
-    assert _sample("fermion_shadow_top1_agreement", labels) == pytest.approx(want_agree / len(xs))
+    assert _sample(metrics, "fermion_shadow_top1_agreement", labels) == pytest.approx(
+        want_agree / len(xs)
+    )
 
 
 async def test_a_failing_shadow_never_changes_the_answer(repository: ModelRepository) -> None:
@@ -134,9 +146,7 @@ async def test_percent_of_requests_mirrored(repository: ModelRepository) -> None
 
 
 async def test_routed_requests_are_counted_per_version(repository: ModelRepository) -> None:
-    router = Router(
-        {MODEL: RouteConfig.model_validate({"split": {1: 50, 3: 50}})}, ShadowMirror(repository)
-    )
+    router = RouteTable({MODEL: RouteConfig.model_validate({"split": {1: 50, 3: 50}})}, repository)
     bad = np.full((1, 4), FAIL_AT + 1, np.float32)
     outcomes: dict[str, int] = {}
     for _ in range(60):

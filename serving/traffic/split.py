@@ -1,4 +1,4 @@
-"""A/B routing: a public model name -> weighted versions, sticky keys, and the route table.
+"""A/B splits: a public model name -> weighted versions and sticky keys.
 
 A request without a sticky key draws a version at random in proportion to the
 weights. A request with a key gets the version of highest weighted rendezvous
@@ -13,24 +13,12 @@ import bisect
 import hashlib
 import math
 import random
-import time
 from collections.abc import Callable, Mapping
 from itertools import accumulate
 
-import numpy as np
-
 from serving.config import RouteConfig, ShadowConfig
-from serving.errors import FermionError
-from serving.inference.batcher import DynamicBatcher
-from serving.inference.repository import ServedVersion
-from serving.observability.traffic_metrics import ROUTE_REQUESTS
-from serving.traffic.shadow import ShadowMirror
-from serving.traffic.windows import VersionWindow
 
-__all__ = ["VERSION_HEADER", "ModelRoute", "Router", "TrafficSplit"]
-
-#: The response header naming the version that answered.
-VERSION_HEADER = "fermion-model-version"
+__all__ = ["ModelRoute", "TrafficSplit"]
 
 _TWO_64 = float(2**64)
 
@@ -112,70 +100,3 @@ class ModelRoute:
             return None
         key = parameters.get(self.parameter)
         return None if key is None else self.split.pick_sticky(str(key))
-
-
-class Router:
-    """The route table, the figures of routed traffic, and its shadow copies."""
-
-    def __init__(self, routes: Mapping[str, RouteConfig], shadow: ShadowMirror) -> None:
-        self._routes: dict[str, ModelRoute] = {
-            name: ModelRoute(name, rc) for name, rc in routes.items()
-        }
-        self._windows: dict[tuple[str, int], VersionWindow] = {}
-        self.shadow = shadow
-
-    def get(self, name: str) -> ModelRoute | None:
-        """The route of ``name`` (None: requests go to the latest version)."""
-        return self._routes.get(name)
-
-    def routes(self) -> dict[str, ModelRoute]:
-        """Every route by name."""
-        return dict(self._routes)
-
-    def set(self, name: str, config: RouteConfig) -> ModelRoute:
-        """Replace (or add) a route at once: each request sees the old or the new one whole."""
-        route = ModelRoute(name, config)
-        self._routes[name] = route
-        return route
-
-    def remove(self, name: str) -> ModelRoute | None:
-        """Drop a route: its model's requests go to the latest version again."""
-        return self._routes.pop(name, None)
-
-    def window(self, name: str, version: int) -> VersionWindow:
-        """The figures window of one version of a routed model."""
-        key = (name, version)
-        w = self._windows.get(key)
-        if w is None:
-            w = self._windows[key] = VersionWindow()
-        return w
-
-    async def submit(
-        self,
-        route: ModelRoute,
-        sv: ServedVersion,
-        batcher: DynamicBatcher,
-        inputs: dict[str, np.ndarray],
-        rows: int,
-        *,
-        deadline_ns: int | None = None,
-        priority: int = 0,
-    ) -> dict[str, np.ndarray]:
-        """Run a routed request on ``sv``, record its figures and mirror it to the shadow.
-
-        ``deadline_ns`` and ``priority`` go to the batcher as for any request.
-        """
-        window = self.window(route.name, sv.version)
-        started = time.perf_counter()
-        try:
-            outputs = await batcher.submit(inputs, rows, deadline_ns=deadline_ns, priority=priority)
-        except FermionError as e:
-            if e.status_code >= 500:
-                window.record_error()
-                ROUTE_REQUESTS.labels(route.name, str(sv.version), "error").inc()
-            raise
-        window.record(time.perf_counter() - started)
-        ROUTE_REQUESTS.labels(route.name, str(sv.version), "ok").inc()
-        if route.shadow is not None and route.shadow.version != sv.version:
-            self.shadow.mirror(route.name, route.shadow, sv, inputs, rows, outputs)
-        return outputs

@@ -1,0 +1,52 @@
+"""Send a tensor through the real inference service, as a transport would, and read the answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+
+from serving.config import LimitsConfig
+from serving.inference.limits import RequestLimits
+from serving.inference.repository import ModelRepository
+from serving.inference.service import InferCall, InferenceService
+from serving.traffic.route_table import RouteTable
+from tests.helpers.ab_models import MODEL
+
+__all__ = ["infer", "service"]
+
+
+def service(table: RouteTable, repository: ModelRepository) -> InferenceService[Any]:
+    """The gateway's inference service over ``table`` and ``repository``."""
+    limits = RequestLimits(LimitsConfig())
+    return InferenceService(repository, limits, routes=table, max_body_bytes=64 * 1024 * 1024)
+
+
+async def infer(
+    svc: InferenceService[Any], x: np.ndarray, headers: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """The outputs for ``x`` sent as a V2 JSON request to the routed model."""
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": list(x.shape),
+                    "data": x.ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+    async def read_body() -> bytes:
+        return body
+
+    call = InferCall(MODEL, None, headers or {}, read_body, time.perf_counter_ns(), {})
+    content, _ = await svc.infer(call)
+    answer = orjson.loads(content)
+    return {
+        o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in answer["outputs"]
+    }
