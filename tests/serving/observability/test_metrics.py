@@ -105,6 +105,11 @@ async def test_route_and_shadow_families_in_the_one_registry(demo_store: ModelSt
                     break
                 await asyncio.sleep(0.01)
         s = _samples((await gw.client.get("/metrics")).text)
+        stats = (await gw.client.get("/v2/models/digits/versions/1/stats")).json()
+        window = gw.app.state.routes.window("digits", 1).take()
+    # One count per request, read three ways: Triton statistics, canary window, Prometheus.
+    assert stats["model_stats"][0]["inference_stats"]["success"]["count"] == 3
+    assert (window.requests, window.errors, len(window.latencies_ms)) == (3, 0, 3)
     v1 = {"model": "digits", "version": "1"}
     pair = {"model": "digits", "primary": "1", "shadow": "2"}
     assert _value(s, "fermion_requests_total", **v1, status="200") == 3
