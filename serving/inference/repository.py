@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -150,13 +151,10 @@ class ModelRepository:
         b = self._config.batching_for(sv.name)
         batched = sv.manifest.max_batch_size > 0
         max_batch = min(b.max_batch_size, sv.manifest.max_batch_size) if batched else 1
-        name, version, backend = sv.name, sv.version, self._backend
-
-        async def run_batch(inputs: dict[str, Any]) -> dict[str, Any]:
-            return await backend.infer_batch(name, version, inputs)
-
+        name, version = sv.name, sv.version
         sv.batcher = DynamicBatcher(
-            run_batch,
+            # The batcher calls the backend itself: no frame of this module in between.
+            functools.partial(self._backend.infer_batch, name, version),
             max_batch_size=max_batch,
             max_queue_delay_s=b.max_queue_delay_ms / 1000.0,
             max_queue_size=b.max_queue_size,
