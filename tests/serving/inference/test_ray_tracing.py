@@ -1,4 +1,8 @@
-"""Trace context crosses the Ray hop: replica spans are children of the gateway's."""
+"""The replica continues the trace context it is handed (the carrier), without Ray.
+
+That the carrier really crosses the Ray hop, from the gateway's process to a replica's,
+is checked end to end in ``tests/e2e/test_ray_backend.py``.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     tracing.shutdown()
 
 
-def test_replica_span_is_a_child_of_the_gateway_span(
+def test_replica_span_is_a_child_of_the_span_in_its_carrier(
     demo_store: ModelStore, exporter: InMemorySpanExporter
 ) -> None:
     manifest = demo_store.manifest("digits", 2)
@@ -35,7 +39,7 @@ def test_replica_span_is_a_child_of_the_gateway_span(
     with tracer.start_as_current_span("fermion.execute") as gateway_span:
         carrier = tracing.inject_context()
         assert "traceparent" in carrier
-    # The replica runs in another process: only the carrier crosses.
+    # Only the carrier is handed over, as it would be across processes.
     out = replica.infer({"input": x}, carrier)
     assert out["logits"].shape == (3, 10)
     spans = {s.name: s for s in exporter.get_finished_spans()}
