@@ -2,8 +2,8 @@
 
 The transports (HTTP, gRPC) read their own framing and call ``InferenceService.infer``;
 everything between the model name and the encoded outputs happens here, in one pass:
-version, body, decode, limits, sticky version, one submit to the batcher, the
-outcome recorded once, the shadow copy, encode. Nothing here knows a web framework.
+version, body, decode, limits, sticky version, one submit to the batcher, encode,
+the outcome recorded once, the shadow copy. Nothing here knows a web framework.
 Routing is reached through ``RoutePolicy``, which the traffic layer implements.
 """
 
@@ -149,24 +149,25 @@ class InferenceService(Generic[R]):
                 ),
                 priority=limits.priority(req.parameters),
             )
+            # 5. The answer, encoded (a model output that cannot be encoded fails here).
+            content, headers = encode_response(
+                req,
+                outputs,
+                model_name=name,
+                model_version=str(served.version),
+                manifest=served.manifest,
+            )
         except Exception as e:
-            # 5. The outcome, recorded once: a failure here, a success below.
+            # 6. The outcome, recorded once: a failure here, a success below.
             if served is not None:
                 served.counter.failed(e)
             raise
         finally:
             repo.counters.leave(name)
         served.counter.answered(call.started_ns)
-        # 6. The shadow copy (never awaited), then the encoded answer.
+        # 7. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
-        content, headers = encode_response(
-            req,
-            outputs,
-            model_name=name,
-            model_version=str(served.version),
-            manifest=served.manifest,
-        )
         headers[VERSION_HEADER] = str(served.version)
         return content, headers
 

@@ -1,0 +1,69 @@
+"""The inference service over a real route table: order of checks, sticky moves, one count."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from serving.config import RouteConfig
+from serving.errors import ModelNotFound
+from serving.inference.repository import ModelRepository
+from serving.inference.service import InferCall
+from serving.traffic.route_table import RouteTable
+from tests.helpers.ab_models import MODEL
+from tests.serving.traffic.infer_calls import service
+
+
+def _body(x: np.ndarray, parameters: dict[str, object] | None = None) -> bytes:
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    return orjson.dumps({"inputs": [tensor], "parameters": parameters or {}})
+
+
+async def test_an_unknown_model_fails_before_its_body_is_read(
+    repository: ModelRepository,
+) -> None:
+    svc = service(RouteTable({}, repository), repository)
+    read: list[bool] = []
+
+    async def read_body() -> bytes:
+        read.append(True)
+        return b"{}"
+
+    call = InferCall("ghost", None, {}, read_body, time.perf_counter_ns(), {})
+    with pytest.raises(ModelNotFound, match="unknown model 'ghost'"):
+        await svc.infer(call)
+    assert read == []
+
+
+async def test_a_sticky_parameter_moves_the_request_and_is_counted_once(
+    repository: ModelRepository,
+) -> None:
+    config = RouteConfig.model_validate({"split": {1: 50, 2: 50}, "sticky": {"parameter": "user"}})
+    table = RouteTable({MODEL: config}, repository)
+    route = table.get(MODEL)
+    assert route is not None
+    svc = service(table, repository)
+    x = np.ones((1, 4), np.float32)
+    users = [f"user-{i}" for i in range(40)]
+    answered: dict[str, int] = {}
+    for user in users:
+        body = _body(x, {"user": user})
+
+        async def read_body(body: bytes = body) -> bytes:
+            return body
+
+        state: dict[str, object] = {}
+        call = InferCall(MODEL, None, {}, read_body, time.perf_counter_ns(), state)
+        _, headers = await svc.infer(call)
+        version = headers["fermion-model-version"]
+        assert version == route.split.pick_sticky(user)  # whatever the first draw was
+        assert state["served"] == (MODEL, int(version))
+        answered[version] = answered.get(version, 0) + 1
+    assert set(answered) == {"1", "2"}
+    for version, n in answered.items():
+        figures = table.window(MODEL, int(version)).take()
+        assert (figures.requests, figures.errors) == (n, 0)
+        assert repository.counters.version(MODEL, int(version)).ok == n
