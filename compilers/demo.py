@@ -18,7 +18,7 @@ from torch import nn
 
 from compilers.errors import BuildError
 from compilers.pipeline import build_model
-from model_store.manifest import ModelManifest, TensorSpec
+from model_store.manifest import SAMPLES_FILE, ModelManifest, TensorSpec
 from model_store.store import ModelStore
 
 __all__ = [
@@ -40,8 +40,6 @@ __all__ = [
 INPUTS = (TensorSpec(name="input", datatype="FP32", shape=[-1, 1, 28, 28]),)
 #: The held-out accuracy under which the demo build fails.
 MIN_ACCURACY = 0.95
-#: The extra file of each version: held-out images ("input") and labels ("labels").
-SAMPLES_FILE = "samples.npz"
 DATASET = "sklearn.datasets.load_digits, 8x8 upsampled to 28x28 (bilinear), scaled to [0, 1]"
 
 _SPLIT_SEED = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,7 @@ from torch import nn
 
 from compilers.errors import ExportError
 from compilers.signature import ModelSignature, numpy_dtype, read_onnx_signature
+from model_store.importer import import_from_string
 from model_store.manifest import TensorSpec
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_module", "import_onnx", "load_module"]
@@ -33,13 +33,10 @@ _EXAMPLE_BATCH = 2
 
 def load_module(spec: str) -> nn.Module:
     """Import ``"package.module:factory"``, call ``factory()``; return the module in eval mode."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ExportError(f"a module spec is 'package.module:factory', got {spec!r}")
     try:
-        factory: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            factory = getattr(factory, part)
+        factory: Any = import_from_string(spec)
+    except ValueError:
+        raise ExportError(f"a module spec is 'package.module:factory', got {spec!r}") from None
     except (ImportError, AttributeError) as exc:
         raise ExportError(f"cannot load {spec!r}: {exc}") from exc
     if not callable(factory):

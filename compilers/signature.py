@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from model_store.manifest import TensorSpec
+from model_store.manifest import V2_DATATYPES, TensorSpec
 
 __all__ = [
     "ModelSignature",
@@ -19,22 +19,6 @@ __all__ = [
     "random_inputs",
     "read_onnx_signature",
 ]
-
-_V2_TO_NUMPY: dict[str, type[np.generic]] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
 
 _ONNX_TO_V2: dict[int, str] = {
     onnx.TensorProto.BOOL: "BOOL",
@@ -78,10 +62,10 @@ class ModelSignature:
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
     """The numpy dtype of a V2 datatype, e.g. ``FP32`` -> ``float32``."""
     try:
-        return np.dtype(_V2_TO_NUMPY[datatype])
+        return V2_DATATYPES[datatype].numpy
     except KeyError:
         raise ValueError(
-            f"unknown V2 datatype {datatype!r}; known: {', '.join(_V2_TO_NUMPY)}"
+            f"unknown V2 datatype {datatype!r}; known: {', '.join(V2_DATATYPES)}"
         ) from None
 
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from serving.inference.codec import DATATYPE_TO_NUMPY
+from model_store.manifest import SAMPLES_FILE, V2_DATATYPES
 
 __all__ = [
     "HEADER_LENGTH",
@@ -34,12 +34,10 @@ __all__ = [
 HEADER_LENGTH: Final = "inference-header-content-length"
 #: The header naming the version that served a response (when the gateway sends it).
 VERSION_HEADER: Final = "fermion-model-version"
-#: The file the model store publishes samples in.
-SAMPLES_FILE: Final = "samples.npz"
 
-#: V2 datatype -> numpy dtype, the codec's own table (BYTES excluded: built separately).
+#: V2 datatype -> numpy dtype, from the one V2 table (BYTES excluded: built separately).
 _DTYPES: Final[dict[str, np.dtype[Any]]] = {
-    k: v for k, v in DATATYPE_TO_NUMPY.items() if k != "BYTES"
+    k: v.numpy for k, v in V2_DATATYPES.items() if k != "BYTES"
 }
 
 

@@ -1,12 +1,16 @@
 """The model store: immutable, versioned model manifests and artifacts."""
 
+from model_store.importer import import_from_string
 from model_store.manifest import (
     DATATYPES,
+    SAMPLES_FILE,
+    V2_DATATYPES,
     Artifact,
     ModelManifest,
     Parity,
     StoredFile,
     TensorSpec,
+    V2Datatype,
     validate_model_name,
 )
 from model_store.store import (
@@ -21,6 +25,8 @@ from model_store.store import (
 
 __all__ = [
     "DATATYPES",
+    "SAMPLES_FILE",
+    "V2_DATATYPES",
     "Artifact",
     "ArtifactSource",
     "ImmutableVersionError",
@@ -33,5 +39,7 @@ __all__ = [
     "StoreError",
     "StoredFile",
     "TensorSpec",
+    "V2Datatype",
+    "import_from_string",
     "validate_model_name",
 ]

@@ -3,37 +3,68 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "DATATYPES",
+    "SAMPLES_FILE",
+    "V2_DATATYPES",
     "Artifact",
     "ModelManifest",
     "Parity",
     "StoredFile",
     "TensorSpec",
+    "V2Datatype",
     "validate_model_name",
 ]
 
-#: The KServe V2 datatypes, as they appear on the wire.
-DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
+
+@dataclass(frozen=True, slots=True)
+class V2Datatype:
+    """One KServe V2 datatype: its wire name, numpy dtype and Triton model-config name."""
+
+    name: str
+    #: The numpy dtype of its elements (little-endian, as on the wire; object for BYTES).
+    numpy: np.dtype[Any]
+    #: Its ``data_type`` in a Triton model configuration, e.g. ``TYPE_FP32``.
+    triton: str
+
+
+def _v2(name: str, dtype: Any, triton: str) -> tuple[str, V2Datatype]:
+    return name, V2Datatype(name, np.dtype(dtype), triton)
+
+
+#: The one table of KServe V2 datatypes, in wire order; every layer reads it.
+V2_DATATYPES: Final[Mapping[str, V2Datatype]] = dict(
+    (
+        _v2("BOOL", np.bool_, "TYPE_BOOL"),
+        _v2("UINT8", "<u1", "TYPE_UINT8"),
+        _v2("UINT16", "<u2", "TYPE_UINT16"),
+        _v2("UINT32", "<u4", "TYPE_UINT32"),
+        _v2("UINT64", "<u8", "TYPE_UINT64"),
+        _v2("INT8", "<i1", "TYPE_INT8"),
+        _v2("INT16", "<i2", "TYPE_INT16"),
+        _v2("INT32", "<i4", "TYPE_INT32"),
+        _v2("INT64", "<i8", "TYPE_INT64"),
+        _v2("FP16", "<f2", "TYPE_FP16"),
+        _v2("FP32", "<f4", "TYPE_FP32"),
+        _v2("FP64", "<f8", "TYPE_FP64"),
+        _v2("BYTES", np.object_, "TYPE_STRING"),
+    )
 )
+
+#: The KServe V2 datatypes, as they appear on the wire.
+DATATYPES: Final = tuple(V2_DATATYPES)
+
+#: The file of sample inputs published with a version (one array per input name).
+SAMPLES_FILE: Final = "samples.npz"
+
 Datatype = Literal[
     "BOOL",
     "UINT8",

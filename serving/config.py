@@ -35,6 +35,7 @@ __all__ = [
     "StickyConfig",
     "StoreConfig",
     "load_config",
+    "validation_problems",
 ]
 
 
@@ -411,12 +412,22 @@ class FermionConfig(_Strict):
         return mc.ray if mc and mc.ray else self.ray.deployment
 
 
+def validation_problems(err: ValidationError, *, root: str = "<root>") -> list[str]:
+    """Each problem of ``err`` as ``"dotted.path: message"``; an unknown key says so.
+
+    ``root`` names the path of a problem with the whole document.
+    """
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or root
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.append(f"{path}: {msg}")
+    return problems
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {path}: {msg}")
+    lines.extend(f"  {problem}" for problem in validation_problems(err))
     return "\n".join(lines)
 
 

@@ -16,7 +16,13 @@ __all__ = [
     "PayloadTooLarge",
     "RateLimited",
     "Unauthorized",
+    "retry_after",
 ]
+
+
+def retry_after(seconds: float) -> str:
+    """The ``Retry-After`` value for a wait of ``seconds``: whole seconds rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
 
 
 class FermionError(Exception):
@@ -66,7 +72,7 @@ class RateLimited(FermionError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return {"Retry-After": retry_after(self.retry_after_s)}
 
 
 class ModelNotFound(FermionError):
@@ -93,7 +99,7 @@ class ModelNotReady(FermionError):
     status_code = 503
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+        return {"Retry-After": retry_after(1.0)}
 
 
 class Overloaded(FermionError):
@@ -106,7 +112,7 @@ class Overloaded(FermionError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+        return {"Retry-After": retry_after(self.retry_after_s)}
 
 
 class DeadlineExceeded(FermionError):

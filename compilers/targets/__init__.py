@@ -6,7 +6,6 @@ toolchains (TensorRT, torch) load only on hosts that build for them.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 
 from compilers.errors import UnknownTargetError
 from compilers.signature import ModelSignature
+from model_store.importer import import_from_string
 
 if TYPE_CHECKING:
     from torch import nn
@@ -101,10 +101,9 @@ def get_target(name: str) -> CompileTarget:
     if spec is None:
         known = ", ".join(sorted(COMPILE_TARGETS))
         raise UnknownTargetError(f"unknown compile target {name!r}; known targets: {known}")
-    module_name, _, class_name = spec.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
+        cls = import_from_string(spec)
+    except (ValueError, ImportError, AttributeError) as exc:
         raise UnknownTargetError(
             f"compile target {name!r} cannot be loaded from {spec!r}: {exc}"
         ) from exc

@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
+from serving.protocol import parse_infer_path
+
 __all__ = [
     "ADMIN",
     "INFER",
@@ -31,18 +33,16 @@ INFER = "infer"
 _OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 #: Path prefixes that need ``admin`` (the repository extension and the admin API).
 _ADMIN_PREFIXES = ("/admin", "/v2/repository")
-_MODELS = "/v2/models/"
-_INFER = "/infer"
 _GLOB = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,128}$")
 _CACHE_LIMIT = 1024
 
 
 def infer_model(method: str, path: str) -> str | None:
     """The model an inference request names (``POST /v2/models/{m}[/versions/{v}]/infer``)."""
-    if method != "POST" or not path.startswith(_MODELS) or not path.endswith(_INFER):
+    if method != "POST":
         return None
-    name = path[len(_MODELS) : -len(_INFER)].split("/", 1)[0]
-    return name or None
+    parsed = parse_infer_path(path)
+    return None if parsed is None else parsed[0]
 
 
 def required_scope(method: str, path: str) -> tuple[str, str]:

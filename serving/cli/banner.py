@@ -9,13 +9,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from model_store.manifest import ModelManifest
+from model_store.manifest import SAMPLES_FILE, V2_DATATYPES, ModelManifest
 from model_store.store import ModelStore, StoreError
-from serving.inference.codec import DATATYPE_TO_NUMPY
 
 __all__ = ["example_request", "usage_text"]
-
-SAMPLES_FILE = "samples.npz"
 
 
 def example_request(store: ModelStore, manifest: ModelManifest) -> tuple[dict[str, Any], Any]:
@@ -39,7 +36,7 @@ def example_request(store: ModelStore, manifest: ModelManifest) -> tuple[dict[st
         shape = [1 if d == -1 else d for d in spec.shape]
         arr = samples.get(spec.name)
         if arr is None or list(arr.shape) != shape:
-            dtype = DATATYPE_TO_NUMPY[spec.datatype]
+            dtype = V2_DATATYPES[spec.datatype].numpy
             arr = np.zeros(shape, dtype=object if spec.datatype == "BYTES" else dtype)
         data = [x.decode() if isinstance(x, bytes) else x for x in arr.reshape(-1).tolist()]
         inputs.append({"name": spec.name, "shape": shape, "datatype": spec.datatype, "data": data})

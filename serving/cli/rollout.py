@@ -11,7 +11,7 @@ from typing import Any
 
 from serving.cli._argtypes import duration_seconds
 
-__all__ = ["add_rollout_parsers"]
+__all__ = ["add_rollout_parser", "add_route_parser"]
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -167,16 +167,17 @@ def _route_set(args: argparse.Namespace) -> Any:
     return route
 
 
-def add_rollout_parsers(sub: Any) -> None:
-    """Add ``rollout`` (start, status, stop) and ``route`` (show, set) to the ``fermion`` parser."""
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=_DEFAULT_URL, help=f"gateway URL (default {_DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=_DEFAULT_URL, help=f"gateway URL (default {_DEFAULT_URL})")
-        p.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
-    def runner(fn: Any) -> Any:
-        return lambda args: _run(args, fn)
+def _runner(fn: Any) -> Any:
+    return lambda args: _run(args, fn)
 
+
+def add_rollout_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``rollout start|status|stop`` to the ``fermion`` command line."""
     rollout = sub.add_parser("rollout", help="automatic canary rollouts on a running gateway")
     rsub = rollout.add_subparsers(dest="rollout_command", required=True)
     p = rsub.add_parser("start", help="raise a version's share step by step, with rollback")
@@ -188,25 +189,28 @@ def add_rollout_parsers(sub: Any) -> None:
     p.add_argument(
         "--shadow-percent", type=float, default=0.0, help="mirror this share first (0: no phase)"
     )
-    common(p)
-    p.set_defaults(func=runner(_start))
+    _common(p)
+    p.set_defaults(func=_runner(_start))
     p = rsub.add_parser("status", help="the step, the figures and the verdict")
     p.add_argument("model", nargs="?")
-    common(p)
-    p.set_defaults(func=runner(_status))
+    _common(p)
+    p.set_defaults(func=_runner(_status))
     p = rsub.add_parser("stop", help="stop a rollout and roll the candidate back to 0%%")
     p.add_argument("model")
-    common(p)
-    p.set_defaults(func=runner(_stop))
+    _common(p)
+    p.set_defaults(func=_runner(_stop))
 
+
+def add_route_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``route show|set`` to the ``fermion`` command line."""
     route = sub.add_parser("route", help="read or change a route's traffic split at run time")
     tsub = route.add_subparsers(dest="route_command", required=True)
     p = tsub.add_parser("show", help="every route, or one, with its shares")
     p.add_argument("model", nargs="?")
-    common(p)
-    p.set_defaults(func=runner(_route_show))
+    _common(p)
+    p.set_defaults(func=_runner(_route_show))
     p = tsub.add_parser("set", help="replace a route's split atomically (persisted)")
     p.add_argument("model")
     p.add_argument("split", type=_split, help="version=weight,... e.g. 1=90,2=10")
-    common(p)
-    p.set_defaults(func=runner(_route_set))
+    _common(p)
+    p.set_defaults(func=_runner(_route_set))

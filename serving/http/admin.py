@@ -16,8 +16,9 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.config import RouteConfig
+from serving.config import RouteConfig, validation_problems
 from serving.errors import Forbidden, InvalidInput, ModelNotFound
+from serving.http.responses import json_response as _json
 from serving.http.responses import send_error
 from serving.traffic.canary import RolloutController, RolloutSpec
 from serving.traffic.route_table import RouteTable
@@ -44,10 +45,6 @@ class LoopbackOnlyMiddleware:
         await self.app(scope, receive, send)
 
 
-def _json(data: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")
-
-
 def _router(request: Request) -> RouteTable:
     routes: RouteTable = request.app.state.routes
     return routes
@@ -65,11 +62,7 @@ async def _body(request: Request, model: type[_M]) -> _M:
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<body>'}: "
-            f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}"
-            for err in e.errors()
-        )
+        problems = "; ".join(validation_problems(e, root="<body>"))
         raise InvalidInput(f"invalid {model.__name__}: {problems}") from None
 
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.errors import FermionError
 from serving.http.responses import send_error
 from serving.inference.service import InferCall, InferenceService
+from serving.protocol import parse_infer_path
 
 __all__ = ["InferenceFastPath"]
 
@@ -37,20 +38,11 @@ class InferenceFastPath:
         if scope["type"] != "http" or scope["method"] != "POST" or not path.endswith("/infer"):
             await self.app(scope, receive, send)
             return
-        version: str | None
-        parts = path.split("/")
-        n = len(parts)
-        if n == 5 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
-            model, version = parts[3], None
-        elif (
-            (n == 7 and parts[1] == "v2" and parts[2] == "models" and parts[4] == "versions")
-            and parts[3]
-            and parts[5]
-        ):
-            model, version = parts[3], parts[5]
-        else:
+        parsed = parse_infer_path(path)
+        if parsed is None:
             await self.app(scope, receive, send)
             return
+        model, version = parsed
         service: InferenceService[Any] = scope["app"].state.service
         call = InferCall(
             model=model,

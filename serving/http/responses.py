@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import orjson
+from starlette.responses import Response
 from starlette.types import Send
 
 from serving.errors import FermionError
@@ -12,7 +15,7 @@ from serving.inference.codec import encode_error
 #: Counts a refused request: ``(model, reason)``, model ``""`` when none is named.
 RejectHook = Callable[[str, str], None]
 
-__all__ = ["RejectHook", "send_error"]
+__all__ = ["RejectHook", "json_response", "send_error"]
 
 
 async def send_error(send: Send, error: FermionError) -> None:
@@ -25,3 +28,8 @@ async def send_error(send: Send, error: FermionError) -> None:
     ]
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def json_response(data: Any, status_code: int = 200) -> Response:
+    """``data`` as a JSON response (orjson), for a Starlette handler."""
+    return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")

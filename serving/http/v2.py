@@ -5,39 +5,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from model_store.manifest import V2_DATATYPES
 from serving.errors import ModelNotFound
+from serving.http.responses import json_response as _json
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
+from serving.protocol import SERVER_NAME, SERVER_VERSION
 
 __all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes"]
 
-SERVER_NAME = "fermion"
-SERVER_VERSION = "0.1.0"
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
-_TRITON_TYPES = {
-    "BOOL": "TYPE_BOOL",
-    "UINT8": "TYPE_UINT8",
-    "UINT16": "TYPE_UINT16",
-    "UINT32": "TYPE_UINT32",
-    "UINT64": "TYPE_UINT64",
-    "INT8": "TYPE_INT8",
-    "INT16": "TYPE_INT16",
-    "INT32": "TYPE_INT32",
-    "INT64": "TYPE_INT64",
-    "FP16": "TYPE_FP16",
-    "FP32": "TYPE_FP32",
-    "FP64": "TYPE_FP64",
-    "BYTES": "TYPE_STRING",
-}
-
-
-def _json(data: Any, status_code: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status_code, media_type="application/json")
 
 
 def _repo(request: Request) -> ModelRepository:
@@ -94,7 +75,7 @@ def _config_tensors(sv: ServedVersion, specs: Any) -> list[dict[str, Any]]:
     return [
         {
             "name": t.name,
-            "data_type": _TRITON_TYPES[t.datatype],
+            "data_type": V2_DATATYPES[t.datatype].triton,
             "datatype": t.datatype,
             "dims": t.shape[1:] if batched else t.shape,
         }
@@ -214,7 +195,8 @@ _M = "/v2/models/{model}"
 _MV = "/v2/models/{model}/versions/{version}"
 
 routes = [
-    # Inference first: the router tries routes in order, and these take the traffic.
+    # Inference first: the router tries routes in order. InferenceFastPath answers these
+    # paths before the router sees them; the routes serve an app mounted without it.
     Route(_M + "/infer", infer, methods=["POST"]),
     Route(_MV + "/infer", infer, methods=["POST"]),
     Route("/v2", server_metadata, methods=["GET"]),

@@ -21,7 +21,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from model_store.manifest import ModelManifest, TensorSpec
+from model_store.manifest import V2_DATATYPES, ModelManifest, TensorSpec
 from serving.errors import InferenceFailed, InvalidInput
 
 __all__ = [
@@ -34,21 +34,10 @@ __all__ = [
     "encode_response",
 ]
 
-#: The numpy dtype of each V2 datatype (little-endian, as on the wire).
+#: The numpy dtype of each V2 datatype (little-endian, as on the wire): a view of
+#: ``model_store.manifest.V2_DATATYPES``.
 DATATYPE_TO_NUMPY: Final[dict[str, np.dtype[Any]]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
+    name: t.numpy for name, t in V2_DATATYPES.items()
 }
 
 #: The V2 datatype of each numpy dtype (object arrays are BYTES).

@@ -10,10 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from model_store.manifest import Artifact, ModelManifest, TensorSpec
+from model_store.manifest import V2_DATATYPES, Artifact, ModelManifest, TensorSpec
 from model_store.store import ModelStore
 from serving.inference import hosts
-from serving.inference.codec import DATATYPE_TO_NUMPY
 from serving.inference.executors import (
     EXECUTORS,
     Executor,
@@ -112,7 +111,7 @@ def _warmup_inputs(specs: Sequence[TensorSpec], rows: int, batched: bool) -> dic
         dims = [max(d, 1) for d in spec.shape]
         if batched:
             dims[0] = rows
-        dtype = DATATYPE_TO_NUMPY[spec.datatype]
+        dtype = V2_DATATYPES[spec.datatype].numpy
         if spec.datatype == "BYTES":
             inputs[spec.name] = np.full(dims, b"", dtype=object)
         else:

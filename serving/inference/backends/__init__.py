@@ -6,12 +6,12 @@ imported only when chosen.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
+from model_store.importer import import_from_string
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
@@ -59,11 +59,9 @@ def create_backend(config: FermionConfig, store: ModelStore) -> Backend:
     spec = BACKENDS.get(config.backend)
     if spec is None:
         raise ValueError(f"unknown backend {config.backend!r}; known: {sorted(BACKENDS)}")
-    module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = import_from_string(spec)
     except ImportError as e:
         raise RuntimeError(f"backend {config.backend!r} is not available: {e}") from e
-    cls = getattr(module, attr)
     backend: Backend = cls(config, store)
     return backend

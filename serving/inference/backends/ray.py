@@ -43,7 +43,6 @@ __all__ = ["AppLeases", "RayBackend", "ReplicaDeployment"]
 
 log = logging.getLogger("fermion.backends.ray")
 
-#: Artifact targets that run only on a GPU: a replica of such an artifact asks Ray for one.
 #: Below this much time left before the deadline, a batch is not retried.
 _MIN_RETRY_S = 0.05
 #: How often a load polls Ray Serve for the state of its deployment.
@@ -354,7 +353,9 @@ class RayBackend(Backend):
                 if self._config.tracing.exporter != "none"
                 else None,
             )
-            handle = serve._run(bound, name=app, route_prefix=None, _blocking=False)
+            # Not serve.run: it waits for RUNNING with no deadline; this load has one.
+            target = serve.RunTarget(bound, name=app, route_prefix=None)
+            handle = serve.run_many([target], wait_for_applications_running=False)[0]
             try:
                 self._wait_running(app, deadline)
             except Exception:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from model_store.importer import import_from_string
 from model_store.manifest import Artifact, ModelManifest
 from serving.inference.hosts import HostInfo
 
@@ -71,8 +71,7 @@ def load_executor_class(target: str) -> type[Executor]:
         spec = EXECUTORS[target]
     except KeyError:
         raise KeyError(f"no executor for target {target!r}; known: {sorted(EXECUTORS)}") from None
-    module_name, _, attr = spec.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    cls = import_from_string(spec)
     if not (isinstance(cls, type) and issubclass(cls, Executor)):
         raise TypeError(f"{spec} is not an Executor")
     return cls

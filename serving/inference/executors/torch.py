@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model_store.manifest import Artifact, ModelManifest, TensorSpec
+from model_store.manifest import V2_DATATYPES, Artifact, ModelManifest, TensorSpec
 from serving.inference.executors import Executor, ExecutorOptions, HostInfo
 from serving.inference.hosts import torch_has_cuda
 
@@ -117,9 +117,7 @@ class _CudaGraph:
 def _dtype(spec: TensorSpec) -> torch.dtype:
     import torch
 
-    from serving.inference.codec import DATATYPE_TO_NUMPY
-
-    dtype: torch.dtype = torch.from_numpy(np.zeros(0, DATATYPE_TO_NUMPY[spec.datatype])).dtype
+    dtype: torch.dtype = torch.from_numpy(np.zeros(0, V2_DATATYPES[spec.datatype].numpy)).dtype
     return dtype
 
 

@@ -1,0 +1,149 @@
+"""``fermion serve``: run the gateway (KServe V2 over HTTP) with uvicorn.
+
+The listening socket is bound here, before uvicorn starts, so that ``--port 0`` works:
+the OS picks a free port, and once the server listens it prints
+``Fermion listening on http://HOST:PORT`` (the real port) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from serving.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from serving.inference.repository import ModelRepository
+
+__all__ = ["add_serve_parser"]
+
+#: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
+_STARTUP_FAILURE = 3
+
+
+def _demo_key(name: str, keys_file: Path | None) -> str:
+    from serving.auth import create_key
+
+    if keys_file is None:
+        raise ConfigError("--demo-key needs a keys file (--keys-file or auth.keys_file)")
+    return create_key(keys_file, name, ["infer:*", "read"], replace=True)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: one the OS picks), not yet listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _server(config: uvicorn.Config, url: str) -> uvicorn.Server:
+    import uvicorn
+
+    class _AnnouncingServer(uvicorn.Server):
+        """A uvicorn server that says where it listens once it does."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(f"Fermion listening on {url}", flush=True)
+
+    return _AnnouncingServer(config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.cli.banner import usage_text
+    from serving.http.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.store is not None:
+        overrides["store.root"] = str(args.store)
+    if args.host is not None:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if args.backend is not None:
+        overrides["backend"] = args.backend
+    if args.keys_file is not None:
+        overrides["auth.keys_file"] = str(args.keys_file)
+    config = load_config(args.config, overrides)
+    demo_key = _demo_key(args.demo_key, config.auth.keys_file) if args.demo_key else None
+    if config.server.access_log:
+        from serving.http.middleware.access_log import configure_access_logger
+
+        configure_access_logger()
+    logging.basicConfig(
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    host = config.server.host
+    try:
+        sock = _bind(host, config.server.port)
+    except OSError as e:
+        print(f"fermion: cannot listen on {host}:{config.server.port}: {e}", file=sys.stderr)
+        return _STARTUP_FAILURE
+    base_url = _url(host, sock.getsockname()[1])
+
+    def on_ready(repo: ModelRepository) -> None:
+        names = repo.configured_models()
+        if not names:
+            print(f"Fermion is up at {base_url} with no models in {config.store.root}", flush=True)
+            return
+        name = names[0]
+        try:
+            versions = repo.versions(name)
+        except Exception:
+            return
+        manifest = versions[max(versions)].manifest
+        print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
+
+    app = create_app(config, on_ready=on_ready, config_path=args.config)
+    server_config = uvicorn.Config(
+        app,
+        log_level=config.server.log_level,
+        access_log=False,  # server.access_log writes Fermion's own JSON lines instead
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=10,
+    )
+    server = _server(server_config, base_url)
+    with sock:
+        server.run(sockets=[sock])
+    return 0 if server.started else _STARTUP_FAILURE
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` to the ``fermion`` command line."""
+    serve = sub.add_parser("serve", help="run the gateway (KServe V2 over HTTP)")
+    serve.add_argument("--config", type=Path, help="YAML configuration file")
+    serve.add_argument("--store", type=Path, help="model store root (store.root)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument(
+        "--port", type=int, help="listen port (server.port); 0: a free one, printed once listening"
+    )
+    serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
+    serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
+    serve.add_argument(
+        "--demo-key",
+        metavar="NAME",
+        help="(re)create key NAME (infer:*,read) in the keys file and print it with the examples",
+    )
+    serve.set_defaults(func=_serve)

@@ -1,0 +1,155 @@
+"""``fermion serve --port 0``: the OS picks the port, and the server says which once it listens."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_store.manifest import TensorSpec
+from model_store.store import ArtifactSource, ModelStore
+from tests.helpers.tiny_models import write_matmul_onnx
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(r"^Fermion listening on (http://127\.0\.0\.1:(\d+))$")
+_WAIT_S = 60.0
+
+
+@dataclass
+class _Served:
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str]
+    seen: list[str]
+
+    def wait_for(self, pattern: re.Pattern[str]) -> re.Match[str]:
+        """The first line of the server's output matching ``pattern``."""
+        for line in self.seen:
+            if match := pattern.search(line):
+                return match
+        deadline = time.monotonic() + _WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.poll() is not None:
+                    break
+                continue
+            self.seen.append(line)
+            if match := pattern.search(line):
+                return match
+        raise AssertionError(f"no line matching {pattern.pattern!r} in:\n" + "\n".join(self.seen))
+
+
+def _store(root: Path) -> ModelStore:
+    store = ModelStore(root)
+    onnx_path = root.parent / "matmul.onnx"
+    write_matmul_onnx(onnx_path)
+    store.publish(
+        "matmul",
+        platform="onnxruntime_onnx",
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, 3])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 2])],
+        max_batch_size=8,
+        artifacts=[ArtifactSource("onnxruntime", onnx_path, file="model.ort.onnx")],
+    )
+    return store
+
+
+def _serve(store: ModelStore, *args: str) -> Generator[_Served, None, None]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", "--store", str(store.root), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=_REPO_ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        yield _Served(process, lines, [])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[_Served]:
+    yield from _serve(_store(tmp_path / "store"), "--host", "127.0.0.1", "--port", "0")
+
+
+def test_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
+    url, port = served.wait_for(_LISTENING).groups()
+    assert int(port) > 0
+    live = httpx.get(f"{url}/v2/health/live", timeout=10.0)
+    assert live.status_code == 200
+
+
+def test_the_start_banner_s_examples_use_the_real_port(served: _Served) -> None:
+    url = served.wait_for(_LISTENING).group(1)
+    ready = served.wait_for(re.compile(r"^Fermion is ready at (\S+)"))
+    assert ready.group(1) == url
+    # The curl example spans two lines: the URL, then (after a backslash) its body file.
+    post = served.wait_for(re.compile(r"curl -s -X POST (\S+) \\$"))
+    assert post.group(1) == f"{url}/v2/models/matmul/infer"
+    body_file = served.wait_for(re.compile(r"-d @(\S+)$")).group(1)
+    body = json.loads(Path(body_file).read_text())
+    answer = httpx.post(post.group(1), json=body, timeout=10.0)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["name"] == "y"
+
+
+def test_two_servers_on_port_0_get_ports_of_their_own(tmp_path: Path) -> None:
+    store = _store(tmp_path / "store")
+    first = _serve(store, "--host", "127.0.0.1", "--port", "0")
+    second = _serve(store, "--host", "127.0.0.1", "--port", "0")
+    a, b = next(first), next(second)
+    try:
+        port_a = a.wait_for(_LISTENING).group(2)
+        port_b = b.wait_for(_LISTENING).group(2)
+        assert port_a != port_b
+        for served in (a, b):
+            url = served.wait_for(_LISTENING).group(1)
+            assert httpx.get(f"{url}/v2/health/live", timeout=10.0).status_code == 200
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Path) -> None:
+    port = served.wait_for(_LISTENING).group(2)
+    serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
+    done = subprocess.run(
+        [*serve, "--host", "127.0.0.1", "--port", port],
+        capture_output=True,
+        text=True,
+        cwd=_REPO_ROOT,
+        timeout=_WAIT_S,
+    )
+    assert done.returncode == 3
+    assert f"fermion: cannot listen on 127.0.0.1:{port}" in done.stderr
