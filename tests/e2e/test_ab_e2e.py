@@ -167,6 +167,9 @@ def test_changing_the_split_under_load_fails_no_request(gateway: _Gateway) -> No
         time.sleep(0.7)
     statuses = [s for _, s, _ in load.answers]
     assert len(statuses) > 100 and set(statuses) == {200}, len(statuses)
+    # Atomic: every answer came from a version with weight in the split before or after a
+    # change (1 and 2), never from the latest version (4) that a route-less moment would pick.
+    assert {v for _, _, v in load.answers} <= {"1", "2"}
     after = {v for sent, _, v in load.answers if sent > switched}
     assert after == {"2"}
     assert load_config(gateway.config_path).routes[MODEL].split == {1: 0.0, 2: 100.0}

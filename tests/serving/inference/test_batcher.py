@@ -97,14 +97,46 @@ async def test_failing_batch_fails_only_its_requests() -> None:
     assert out["y"][0, 0] == 18.0
 
 
-async def test_queue_bound_answers_overloaded() -> None:
-    model = _DoubleModel(delay_s=0.05)
-    batcher = DynamicBatcher(model, max_batch_size=1, max_queue_size=2)
-    tasks = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(6)]
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    assert sum(isinstance(r, Overloaded) for r in results) >= 1
-    assert sum(isinstance(r, dict) for r in results) >= 3
-    assert batcher.stats.rejected == sum(isinstance(r, Overloaded) for r in results)
+class _HeldModel:
+    """Returns its input once ``release`` is set; counts the batches it started."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started += 1
+        await self.release.wait()
+        return {"y": inputs["x"]}
+
+
+@pytest.mark.parametrize(("queue_size", "concurrent"), [(1, 1), (3, 1), (2, 2)])
+async def test_queue_bound_admits_exactly_the_queue_size_beyond_the_running_batches(
+    queue_size: int, concurrent: int
+) -> None:
+    model = _HeldModel()
+    batcher = DynamicBatcher(
+        model, max_batch_size=1, max_queue_size=queue_size, max_concurrent_batches=concurrent
+    )
+    running = [asyncio.ensure_future(batcher.submit(_req(-1.0), 1)) for _ in range(concurrent)]
+    for _ in range(100):  # until the batch tasks have started
+        await asyncio.sleep(0)
+    assert (model.started, batcher.running, batcher.queue_depth) == (concurrent, concurrent, 0)
+    waiting = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(queue_size)]
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert batcher.queue_depth == queue_size and not any(t.done() for t in waiting)
+    with pytest.raises(Overloaded, match=f"queue full \\({queue_size} waiting requests\\)"):
+        await batcher.submit(_req(99.0), 1)
+    assert batcher.stats.rejected == 1
+    model.release.set()
+    results = await asyncio.gather(*running, *waiting)
+    assert [float(r["y"][0, 0]) for r in results[concurrent:]] == list(
+        map(float, range(queue_size))
+    )
+    assert model.started == concurrent + queue_size
+    # Room again once the queue drained.
+    assert float((await batcher.submit(_req(7.0), 1))["y"][0, 0]) == 7.0
 
 
 async def test_incompatible_shapes_are_not_mixed() -> None:
