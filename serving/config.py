@@ -57,6 +57,26 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
+    # Connections (enforced by the HTTP server before any application work).
+    #: Largest request head, request line and headers together (431 above it).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    #: Most header fields in one request (431 above it).
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    #: Longest a client may take to send a whole request head, from its connection or
+    #: from the first byte of its next request (408 and closed; a silent one is closed).
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: Longest pause while a request body is read (408 and closed).
+    body_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: How long an idle keep-alive connection is kept open.
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    #: Connections the kernel may hold waiting to be accepted (capped by net.core.somaxconn).
+    backlog: int = Field(default=4096, ge=16, le=65535)
+    # Shutdown.
+    #: On SIGTERM: how long readiness answers 503 while the listener still accepts and
+    #: serves, so load balancers take the gateway out of rotation before it stops.
+    drain_s: float = Field(default=5.0, ge=0.0, le=3600.0)
+    #: Then: how long requests in flight may take to finish before they are cancelled.
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, le=3600.0)
 
 
 class StoreConfig(_Strict):

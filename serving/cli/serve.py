@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 from serving.config import ConfigError, load_config
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from serving.inference.repository import ModelRepository
 
 __all__ = ["add_serve_parser"]
@@ -53,25 +51,10 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _server(config: uvicorn.Config, url: str) -> uvicorn.Server:
-    import uvicorn
-
-    class _AnnouncingServer(uvicorn.Server):
-        """A uvicorn server that says where it listens once it does."""
-
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                print(f"Fermion listening on {url}", flush=True)
-
-    return _AnnouncingServer(config)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from serving.cli.banner import usage_text
     from serving.http.app import create_app
+    from serving.http.server import GatewayServer
 
     overrides: dict[str, Any] = {}
     if args.store is not None:
@@ -116,18 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
 
     app = create_app(config, on_ready=on_ready, config_path=args.config)
-    server_config = uvicorn.Config(
-        app,
-        log_level=config.server.log_level,
-        access_log=False,  # server.access_log writes Fermion's own JSON lines instead
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=10,
+    server = GatewayServer(
+        app, config.server, app.state.drain, announce=f"Fermion listening on {base_url}"
     )
-    server = _server(server_config, base_url)
     with sock:
         server.run(sockets=[sock])
-    return 0 if server.started else _STARTUP_FAILURE
+    return server.exit_code if server.started else _STARTUP_FAILURE
 
 
 def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -22,6 +22,7 @@ from serving.auth import ApiKeys, JwtVerifier
 from serving.config import ConfigError, FermionConfig
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
+from serving.http.drain import DrainState
 from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
@@ -219,6 +220,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.drain = DrainState()  # set by the server on SIGTERM; readiness reads it
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.routes = route_table

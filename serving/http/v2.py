@@ -35,7 +35,7 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    is_ready = _repo(request).ready
+    is_ready = _repo(request).ready and not request.app.state.drain.draining
     return _json({"ready": is_ready}, 200 if is_ready else 503)
 
 

@@ -1,0 +1,257 @@
+"""HTTP/1.1 connections with limits a hostile client cannot get around.
+
+uvicorn's httptools protocol buffers a request head without bound (a 50 MB header
+costs 50 MB before any middleware runs), waits forever for the rest of a head or a
+body, answers protocol errors in plain text and computes requests whose client has
+gone. ``GuardedHttpProtocol`` is that protocol with, before any application work:
+
+- a limit on the bytes of a request head (request line and headers) and on its
+  header count: 431, counted as the bytes arrive, so at most one read past the limit
+  is ever buffered;
+- a header timeout: a connection must deliver a whole head within it, from its
+  opening or from the first byte of its next request (408, then closed; an idle
+  new connection is simply closed);
+- a body timeout: the longest pause while a body is read (408, then closed);
+- V2 error bodies (``{"error": ...}``) for its own refusals and for malformed requests;
+- draining (``DrainState``): every response closes its connection;
+- a response sent before its body was read whole closes the connection, so a client
+  cannot hold it by trickling the rest of a body nobody reads;
+- a request whose handler marked it ``CANCEL_ON_DISCONNECT`` in ``scope["state"]``
+  has its task cancelled when the client disconnects, so a queued inference request
+  whose client left is never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serving.http.drain import DrainState
+from serving.inference.codec import encode_error
+
+__all__ = [
+    "CANCEL_ON_DISCONNECT",
+    "DISCONNECTED",
+    "ConnectionLimits",
+    "GuardedHttpProtocol",
+    "guarded_protocol",
+]
+
+#: The ``scope["state"]`` key a handler sets to have its task cancelled on disconnect.
+CANCEL_ON_DISCONNECT = "fermion.cancel_on_disconnect"
+#: The message of that cancellation.
+DISCONNECTED = "the client disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one connection may send and how slowly (``server.*`` keys of the config)."""
+
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the refusal is on the protocol."""
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with head limits, read timeouts and draining."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    drain: ClassVar[DrainState] = DrainState()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._keep_alive = True
+        self._refusal: tuple[int, str] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- connection ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        task = self._task
+        super().connection_lost(exc)
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+        if (
+            task is not None
+            and not task.done()
+            and cycle is not None
+            and not cycle.response_complete
+            and cycle.scope.get("state", {}).get(CANCEL_ON_DISCONNECT)
+        ):
+            task.cancel(msg=DISCONNECTED)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            limit = self.limits.max_header_bytes
+            self._head_bytes += len(data)
+            if self._head_bytes > limit:
+                # Feed only what fits: the head must end within it.
+                room = max(0, len(data) - (self._head_bytes - limit))
+                self._feed(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._in_head:
+                    self._refuse(431, f"request head over the limit of {limit} bytes")
+                    return
+                data = data[room:]
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if data:
+            super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            if self._head_timer is None and self._head_bytes:
+                self._arm_head_timer()
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            self._last_read = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(
+                    self.limits.body_timeout_s, self._body_timeout
+                )
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._refusal = (431, f"more than {self.limits.max_headers} request headers")
+            raise _Refused
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().on_headers_complete()
+        cycle = self.cycle
+        # Until its body is whole a request would close its connection after answering;
+        # on_message_complete gives the keep-alive back.
+        self._keep_alive = cycle.keep_alive and not self.drain.draining
+        cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = self._keep_alive
+        self._in_head = True
+        self._head_bytes = 0
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        context = contextvars.Context() if self.config.reset_contextvars else None
+        task = self.loop.create_task(cycle.run_asgi(app), context=context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._task = task
+
+    # -- refusals ------------------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        status, message = self._refusal or (400, "invalid HTTP request")
+        self._refuse(status, message)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a V2 error body and close, outside any request cycle."""
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()
+                return
+            # The handler may still be waiting for the body: it sees a disconnect.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        body = encode_error(message)
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self.transport.close()
+
+    # -- timers --------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A response is under way; the next head may wait for it.
+            self._arm_head_timer()
+            return
+        if self._head_bytes == 0:
+            self.transport.close()  # a new connection that never sent a byte
+            return
+        limit = self.limits.header_timeout_s
+        self._refuse(408, f"request head not received within {limit:g} s")
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if (
+            self.transport.is_closing()
+            or cycle is None
+            or not cycle.more_body
+            or cycle.response_complete
+        ):
+            return
+        idle = self.loop.time() - self._last_read
+        limit = self.limits.body_timeout_s
+        if self.flow.read_paused or idle < limit:
+            # Paused by the server itself (the handler has not read yet), or data came.
+            wait = limit if self.flow.read_paused else limit - idle
+            self._body_timer = self.loop.call_later(wait, self._body_timeout)
+            return
+        self._refuse(408, f"request body not received: nothing came for {limit:g} s")
+
+
+def guarded_protocol(limits: ConnectionLimits, drain: DrainState) -> type[GuardedHttpProtocol]:
+    """A ``GuardedHttpProtocol`` class bound to ``limits`` and ``drain`` (uvicorn's ``http=``)."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"limits": limits, "drain": drain, "__module__": __name__},
+    )
