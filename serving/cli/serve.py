@@ -100,7 +100,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_app(config, on_ready=on_ready, config_path=args.config)
     server = GatewayServer(
-        app, config.server, app.state.drain, announce=f"Fermion listening on {base_url}"
+        app,
+        config.server,
+        app.state.drain,
+        refusal=app.state.service.refusal,
+        announce=f"Fermion listening on {base_url}",
     )
     with sock:
         server.run(sockets=[sock])

@@ -16,6 +16,11 @@ gone. ``GuardedHttpProtocol`` is that protocol with, before any application work
 - draining (``DrainState``): every response closes its connection;
 - a response sent before its body was read whole closes the connection, so a client
   cannot hold it by trickling the rest of a body nobody reads;
+- an inference request its model's queue would refuse now (``Refusal``: full, or
+  past the request's deadline) is answered 503 with Retry-After from its head alone,
+  without a task, the middleware or reading its body: under overload, refusing must
+  cost far less than serving, or refusals eat the capacity (this is before
+  authentication: an overloaded model answers 503 where it would answer 401);
 - a request whose handler marked it ``CANCEL_ON_DISCONNECT`` in ``scope["state"]``
   has its task cancelled when the client disconnects, so a queued inference request
   whose client left is never computed.
@@ -25,13 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import urllib.parse
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import httptools
+from starlette.datastructures import Headers
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serving.errors import FermionError
 from serving.http.drain import DrainState
 from serving.inference.codec import encode_error
+from serving.protocol import parse_infer_path
 
 __all__ = [
     "CANCEL_ON_DISCONNECT",
@@ -57,6 +68,10 @@ class ConnectionLimits:
     body_timeout_s: float = 10.0
 
 
+#: ``(model, version, headers) -> the 503 its queue would answer now, or None``.
+Refusal = Callable[[str, str | None, Mapping[str, str]], FermionError | None]
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the refusal is on the protocol."""
 
@@ -66,6 +81,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
     drain: ClassVar[DrainState] = DrainState()
+    #: ``(Refusal,)`` where connections refuse from the head (a tuple: a function in a
+    #: class attribute would become a method).
+    refusal: ClassVar[tuple[Refusal, ...]] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,6 +96,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._keep_alive = True
         self._refusal: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._discarding = False  # the body of a request refused from its head
 
     # -- connection ----------------------------------------------------------------
 
@@ -155,6 +174,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self.refusal and self.url.endswith(b"/infer") and self._shed():
+            return
         super().on_headers_complete()
         cycle = self.cycle
         # Until its body is whole a request would close its connection after answering;
@@ -162,7 +183,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._keep_alive = cycle.keep_alive and not self.drain.draining
         cycle.keep_alive = False
 
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._discarding:
+            self._discarding = False
+            self._in_head = True
+            self._head_bytes = 0
+            if not self.transport.is_closing() and self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+            return
         super().on_message_complete()
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
@@ -178,6 +212,42 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._task = task
 
     # -- refusals ------------------------------------------------------------------
+
+    def _shed(self) -> bool:
+        """Answer 503 from the head alone when the request's queue would refuse it."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return False  # an answer is under way on this connection: keep the order
+        if self.parser.get_method() != b"POST":
+            return False
+        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        parsed = parse_infer_path(self.root_path + path)
+        if parsed is None:
+            return False
+        error = self.refusal[0](parsed[0], parsed[1], Headers(raw=self.headers))
+        if error is None:
+            return False
+        self._discarding = True
+        close = self.drain.draining or not self.parser.should_keep_alive()
+        body = encode_error(error.message)
+        head = [STATUS_LINE[error.status_code]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        for key, text in error.headers().items():
+            head += [key.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self.server_state.total_requests += 1
+        if close:
+            self.transport.close()
+        return True
 
     def send_400_response(self, msg: str) -> None:
         status, message = self._refusal or (400, "invalid HTTP request")
@@ -248,10 +318,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refuse(408, f"request body not received: nothing came for {limit:g} s")
 
 
-def guarded_protocol(limits: ConnectionLimits, drain: DrainState) -> type[GuardedHttpProtocol]:
-    """A ``GuardedHttpProtocol`` class bound to ``limits`` and ``drain`` (uvicorn's ``http=``)."""
+def guarded_protocol(
+    limits: ConnectionLimits, drain: DrainState, refusal: Refusal | None = None
+) -> type[GuardedHttpProtocol]:
+    """A ``GuardedHttpProtocol`` class bound to its settings (uvicorn's ``http=``)."""
     return type(
         "GuardedHttpProtocol",
         (GuardedHttpProtocol,),
-        {"limits": limits, "drain": drain, "__module__": __name__},
+        {
+            "limits": limits,
+            "drain": drain,
+            "refusal": () if refusal is None else (refusal,),
+            "__module__": __name__,
+        },
     )

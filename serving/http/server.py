@@ -21,7 +21,7 @@ from typing import Any, cast
 import uvicorn
 
 from serving.config import ServerConfig
-from serving.http.connection import ConnectionLimits, guarded_protocol
+from serving.http.connection import ConnectionLimits, Refusal, guarded_protocol
 from serving.http.drain import DrainState
 
 __all__ = ["GatewayServer"]
@@ -32,11 +32,18 @@ log = logging.getLogger("fermion.gateway")
 class GatewayServer(uvicorn.Server):
     """uvicorn's server over ``GuardedHttpProtocol``, draining on SIGTERM.
 
-    ``announce``, when given, is printed on stdout once the server listens.
+    ``refusal`` lets connections refuse overloaded inference requests from their head
+    (``InferenceService.refusal``); ``announce`` is printed on stdout once listening.
     """
 
     def __init__(
-        self, app: Any, server: ServerConfig, drain: DrainState, *, announce: str | None = None
+        self,
+        app: Any,
+        server: ServerConfig,
+        drain: DrainState,
+        *,
+        refusal: Refusal | None = None,
+        announce: str | None = None,
     ) -> None:
         limits = ConnectionLimits(
             max_header_bytes=server.max_header_bytes,
@@ -49,7 +56,7 @@ class GatewayServer(uvicorn.Server):
             log_level=server.log_level,
             access_log=False,  # server.access_log writes Fermion's own JSON lines instead
             loop="uvloop",
-            http=guarded_protocol(limits, drain),
+            http=guarded_protocol(limits, drain, refusal),
             ws="none",
             backlog=server.backlog,
             # uvicorn annotates int; the value goes to loop.call_later, which takes a float.

@@ -9,6 +9,7 @@ Routing is reached through ``RoutePolicy``, which the traffic layer implements.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from serving.config import ShadowConfig
-from serving.errors import InvalidInput, PayloadTooLarge
+from serving.errors import FermionError, InvalidInput, Overloaded, PayloadTooLarge
 from serving.inference.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion
@@ -27,6 +28,8 @@ __all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy"
 
 #: The response header naming the version that answered.
 VERSION_HEADER = "fermion-model-version"
+
+_NO_PARAMETERS: Mapping[str, object] = {}
 
 
 class ModelRoutePolicy(Protocol):
@@ -98,11 +101,38 @@ class InferenceService(Generic[R]):
         self._routes = routes
         self._max_body_bytes = max_body_bytes
 
+    def refusal(
+        self, model: str, version: str | None, headers: Mapping[str, str]
+    ) -> Overloaded | None:
+        """The 503 a request for ``model`` would get from its queue now, else None.
+
+        For a transport that can refuse at the cost of reading a request head, before
+        any other work on it; the refusal is counted like one from ``infer``. Anything
+        else wrong with the request (unknown model, not ready) is left to ``infer``.
+        """
+        try:
+            route = None if version is not None else self._routes.get(model)
+            wanted = version if route is None else route.pick(headers)
+            served, batcher = self._repository.resolve(model, wanted)
+        except FermionError:
+            return None
+        try:
+            timeout = headers.get(TIMEOUT_HEADER)
+            now = time.perf_counter_ns()
+            batcher.check_admission(self._limits.deadline_ns(timeout, _NO_PARAMETERS, now))
+        except Overloaded as e:
+            served.counter.failed(e)
+            return e
+        except FermionError:
+            return None
+        return None
+
     async def infer(self, call: InferCall) -> tuple[bytes, dict[str, str]]:
         """The encoded answer to ``call`` and its headers, or a FermionError."""
         name, repo, limits = call.model, self._repository, self._limits
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
+        holding = None  # the batcher whose queue place this request holds
         repo.counters.enter(name)
         try:
             # 1. Which version: the route's pick or the pinned one; 404/503 before the body.
@@ -115,7 +145,11 @@ class InferenceService(Generic[R]):
                     served, batcher = repo.resolve(name, wanted)
                     span.set_attributes({"fermion.model": name, "fermion.version": served.version})
             call.state["served"] = (name, served.version)
-            # 2. The body, inflated and decoded against the version's signature.
+            # 2. Admission: a request the queue would shed is refused before its body is read.
+            timeout = call.headers.get(TIMEOUT_HEADER)
+            batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
+            holding = batcher
+            # 3. The body, inflated and decoded against the version's signature.
             body = _inflate(await call.read_body(), call.headers, self._max_body_bytes)
             header_length = _header_length(call.headers)
             max_batch = batcher.max_batch_size
@@ -125,7 +159,7 @@ class InferenceService(Generic[R]):
                 body, served.manifest, header_length=header_length, max_batch_size=max_batch
             )
             limits.check_elements(req.inputs)
-            # 3. A key among the parameters may move the request to its sticky version.
+            # 4. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
             if sticky is not None and sticky != str(served.version):
                 first = served.manifest
@@ -140,16 +174,19 @@ class InferenceService(Generic[R]):
                     req = decode_request(
                         body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
                     )
-            # 4. One submit, with the request's deadline and priority.
-            outputs = await batcher.submit(
+            # 5. One submit, with the request's deadline and priority; it takes over the
+            # queue place (the sticky version's batcher checks for one of its own).
+            submitted = batcher.submit(
                 req.inputs,
                 req.batch_size,
-                deadline_ns=limits.deadline_ns(
-                    call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
-                ),
+                deadline_ns=limits.deadline_ns(timeout, req.parameters, call.started_ns),
                 priority=limits.priority(req.parameters),
+                admitted=holding is batcher,
             )
-            # 5. The answer, encoded (a model output that cannot be encoded fails here).
+            if holding is batcher:
+                holding = None
+            outputs = await submitted
+            # 6. The answer, encoded (a model output that cannot be encoded fails here).
             content, headers = encode_response(
                 req,
                 outputs,
@@ -158,14 +195,16 @@ class InferenceService(Generic[R]):
                 manifest=served.manifest,
             )
         except Exception as e:
-            # 6. The outcome, recorded once: a failure here, a success below.
+            # 7. The outcome, recorded once: a failure here, a success below.
             if served is not None:
                 served.counter.failed(e)
             raise
         finally:
+            if holding is not None:
+                holding.release()
             repo.counters.leave(name)
         served.counter.answered(call.started_ns)
-        # 7. The shadow copy of a routed request (queued, never awaited).
+        # 8. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         headers[VERSION_HEADER] = str(served.version)

@@ -1,4 +1,5 @@
-"""Overload against the real server: what a client abandons is never computed."""
+"""Overload against the real server: refusing costs far less than serving, and what a
+client abandons is never computed."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_store.store import ModelStore
+from model_store.manifest import TensorSpec
+from model_store.store import ArtifactSource, ModelStore
 from tests.helpers.ab_models import MODEL, build_ab_store
-from tests.helpers.open_loop import http_request
-from tests.helpers.raw_http import start_on_port_zero, wait_until
+from tests.helpers.open_loop import closed_loop, http_request, open_loop
+from tests.helpers.raw_http import error_of, read_response, start_on_port_zero, wait_until
 from tests.helpers.servers import RunningServer, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +35,7 @@ def ab_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def gateway(
     ab_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
-    config = f"models:\n  {MODEL}:\n    batching: {{max_batch_size: 1}}\n"
+    config = f"models:\n  {MODEL}:\n    batching: {{max_batch_size: 1, max_queue_size: 20}}\n"
     server = start_on_port_zero(ab_store.root, tmp_path_factory.mktemp("overload"), config)
     yield server
     stop_server(server)
@@ -89,3 +91,87 @@ def test_a_queued_request_whose_client_left_is_never_computed(
     # ... and only the slow request was ever computed.
     assert _stats(gateway)[0] - computed_before == 1
     assert "Exception in ASGI application" not in gateway.log()
+
+
+_WIDE = 4096  # FP32 features per row: about 80 kB of JSON per one-row request
+
+
+def _wide_model(root: Path) -> ModelStore:
+    """``wide``: x FP32 [n, 4096] -> y = sum(x) [n, 1]; decoding its JSON is the work."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    store = ModelStore(root / "store")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", _WIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        initializer=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = root / "wide.onnx"
+    onnx.save(model, str(path))
+    store.publish(
+        "wide",
+        platform="onnxruntime_onnx",
+        inputs=[TensorSpec(name="x", datatype="FP32", shape=[-1, _WIDE])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1, 1])],
+        max_batch_size=64,
+        artifacts=[ArtifactSource("onnxruntime", path, file="model.onnx")],
+    )
+    return store
+
+
+def test_a_request_its_queue_would_shed_is_refused_before_its_body_arrives(
+    gateway: RunningServer,
+) -> None:
+    """With the queue full, a request head alone gets 503 + Retry-After: the gateway does
+    not wait for, read or decode a body it would throw away."""
+    slow = threading.Thread(
+        target=lambda: httpx.post(f"{gateway.url}{_V4}/infer", content=_body(300.0), timeout=30)
+    )
+    slow.start()
+    wait_until(lambda: _inflight(gateway) == 1 and _stats(gateway)[1] == 0, 10, "slow one runs")
+    queued = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(20)]
+    try:
+        for sock in queued:
+            sock.sendall(http_request(f"{_V4}/infer", _body(0.0)))
+        wait_until(lambda: _stats(gateway)[1] == 20, 10, "the queue fills")
+        head = http_request(f"{_V4}/infer", b"x" * 100_000)[:-100_000]
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
+            sock.sendall(head)  # and never the body
+            status, headers, body = read_response(sock)
+        assert slow.is_alive(), "the queue emptied before the check: the test proves nothing"
+        assert status == 503 and int(headers["retry-after"]) >= 1
+        assert error_of(body) == "queue full (20 waiting requests); retry later"
+    finally:
+        for sock in queued:
+            sock.close()
+        slow.join()
+
+
+def test_overload_at_3x_capacity_is_answered_200_or_503_with_retry_after(
+    tmp_path: Path,
+) -> None:
+    """Open loop at 3x capacity of one-row JSON requests whose decoding is most of their
+    cost: every request is answered, 200 or 503 with Retry-After (bench/overload.py
+    measures the goodput, which needs a quiet machine)."""
+    store = _wide_model(tmp_path)
+    config = "models:\n  wide:\n    batching: {max_queue_size: 32, max_batch_size: 64}\n"
+    server = start_on_port_zero(store.root, tmp_path, config)
+    try:
+        x = np.random.default_rng(0).random((1, _WIDE), dtype=np.float32)
+        tensor = {"name": "x", "shape": [1, _WIDE], "datatype": "FP32", "data": x[0].tolist()}
+        body = orjson.dumps({"inputs": [tensor]})
+        request = http_request("/v2/models/wide/infer", body, {"Content-Type": "application/json"})
+        capacity = closed_loop("127.0.0.1", server.port, request, connections=16, duration_s=2)
+        r = open_loop(
+            "127.0.0.1", server.port, request, rate=3 * capacity, duration_s=2, timeout_s=20
+        )
+        print(f"capacity {capacity:.0f}/s; x3: {r.summary()}")
+        assert r.errors == r.hangs == r.refused_without_retry_after == 0, r.summary()
+        assert set(r.statuses) <= {200, 503} and r.ok and r.refused, r.summary()
+    finally:
+        stop_server(server)
