@@ -23,13 +23,16 @@ import orjson
 
 from model_store.manifest import V2_DATATYPES, ModelManifest, TensorSpec
 from serving.errors import InferenceFailed, InvalidInput
+from serving.inference.json_slices import SLICE_BYTES, cut_arrays, parse_numbers, placeholder_index
 
 __all__ = [
     "DATATYPE_TO_NUMPY",
     "HEADER_LENGTH",
     "NUMPY_TO_DATATYPE",
+    "SLICE_BYTES",
     "InferRequest",
     "decode_request",
+    "decode_request_async",
     "encode_error",
     "encode_response",
 ]
@@ -151,7 +154,7 @@ def _signature(manifest: ModelManifest) -> _Signature:
 
 
 def decode_request(
-    body: bytes | memoryview,
+    body: bytes | bytearray | memoryview,
     manifest: ModelManifest,
     *,
     header_length: int | None = None,
@@ -164,27 +167,93 @@ def decode_request(
     ``max_batch_size`` overrides the manifest's limit on dim 0 for batching models.
     Raises ``InvalidInput`` for anything malformed or not matching the signature.
     """
+    header, binary = _split(body, header_length)
+    return _decode(_loads(header), header, binary, _signature(manifest), max_batch_size)
+
+
+async def decode_request_async(
+    body: bytes | bytearray | memoryview,
+    manifest: ModelManifest,
+    *,
+    header_length: int | None = None,
+    max_batch_size: int | None = None,
+) -> InferRequest:
+    """``decode_request`` for a body of any size, never holding the event loop long.
+
+    A JSON part over ``SLICE_BYTES`` has its long numeric arrays cut out and converted
+    a slice at a time (``json_slices``); a long array anywhere but in an input's
+    ``data`` is refused.
+    """
+    header, binary = _split(body, header_length)
     sig = _signature(manifest)
+    if len(header) <= SLICE_BYTES:
+        return _decode(_loads(header), header, binary, sig, max_batch_size)
+    skeleton, sliced = await cut_arrays(header)
+    req = _loads(skeleton)
+    used: set[int] = set()
+    entries = req.get("inputs") if isinstance(req, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        index = placeholder_index(entry.get("data")) if isinstance(entry, dict) else None
+        if index is None or index >= len(sliced):
+            continue
+        spec = sig.inputs.get(entry.get("name"))
+        if spec is None or entry.get("datatype") != spec.datatype or spec.datatype == "BYTES":
+            continue  # _decode names what is wrong
+        shape = _check_shape(entry.get("shape"), spec)
+        values = await parse_numbers(sliced[index], shape, spec.code, spec.name, spec.datatype)
+        entry["data"] = _Decoded(values)
+        used.add(index)
+    if len(used) != len(sliced):
+        raise InvalidInput(
+            "request body has a long array of numbers outside the inputs' 'data' "
+            "(unknown fields are not accepted in large bodies)"
+        )
+    return _decode(req, skeleton, binary, sig, max_batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """An input's numbers, already converted (``decode_request_async``)."""
+
+    values: array[Any]
+
+
+def _split(
+    body: bytes | bytearray | memoryview, header_length: int | None
+) -> tuple[Any, memoryview]:
+    """The JSON part and the binary part of a body."""
     if header_length is None:
-        header: bytes | memoryview = body
-        binary = _NO_BINARY
-    else:
-        view = memoryview(body)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if header_length < 0 or header_length > len(view):
-            raise InvalidInput(
-                f"truncated body: {HEADER_LENGTH} is {header_length} but the body has "
-                f"{len(view)} bytes"
-            )
-        header = view[:header_length]
-        binary = view[header_length:]
+        return body, _NO_BINARY
+    view = memoryview(body)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if header_length < 0 or header_length > len(view):
+        raise InvalidInput(
+            f"truncated body: {HEADER_LENGTH} is {header_length} but the body has {len(view)} bytes"
+        )
+    return view[:header_length], view[header_length:]
+
+
+def _loads(header: bytes | memoryview) -> Any:
     try:
-        req = orjson.loads(header)
+        return orjson.loads(header)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
+
+
+def _decode(
+    req: Any,
+    text: bytes | memoryview,
+    binary: memoryview,
+    sig: _Signature,
+    max_batch_size: int | None,
+) -> InferRequest:
+    """The request parsed as ``req`` from JSON ``text``, checked against ``sig``."""
+    header_length = None if binary is _NO_BINARY else len(text)
     if not isinstance(req, dict):
         raise InvalidInput("request body must be a JSON object")
+    # JSON true/false can only be in the body where its text says so.
+    has_booleans = _has_booleans(text)
 
     request_id = req.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -277,7 +346,7 @@ def decode_request(
         elif data is None:
             raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
         else:
-            arrays[name] = _from_json(data, shape, spec)
+            arrays[name] = _from_json(data, shape, spec, has_booleans)
 
     if offset != len(binary):
         where = f"after binary input {last_binary!r}" if last_binary else "after the JSON header"
@@ -366,26 +435,46 @@ def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
     return out
 
 
-def _from_json(data: Any, shape: tuple[int, ...], spec: _Tensor) -> np.ndarray:
+def _has_booleans(text: bytes | memoryview) -> bool:
+    raw = text if isinstance(text, bytes) else bytes(text)
+    return b"true" in raw or b"false" in raw
+
+
+def _from_json(data: Any, shape: tuple[int, ...], spec: _Tensor, has_booleans: bool) -> np.ndarray:
     name = spec.name
-    if not isinstance(data, list):
-        raise InvalidInput(f"input {name!r}: 'data' must be a list")
-    if data and isinstance(data[0], list):
-        data = _flatten(data, shape, name)
     count = math.prod(shape)
-    if len(data) != count:
-        raise InvalidInput(
-            f"input {name!r}: 'data' has {len(data)} elements but shape {list(shape)} needs {count}"
-        )
-    if spec.datatype == "BYTES":
-        return _json_bytes(data, name).reshape(shape)
-    try:
-        values = array(spec.code, data)
-    except (TypeError, OverflowError, ValueError) as e:
-        raise InvalidInput(
-            f"input {name!r}: 'data' is not valid {spec.datatype} ({e}); "
-            + _JSON_EXPECTS[spec.datatype]
-        ) from None
+    values: array[Any]
+    if isinstance(data, _Decoded):
+        values = data.values
+        if len(values) != count:
+            raise InvalidInput(
+                f"input {name!r}: 'data' has {len(values)} elements but shape {list(shape)} "
+                f"needs {count}"
+            )
+    else:
+        if not isinstance(data, list):
+            raise InvalidInput(f"input {name!r}: 'data' must be a list")
+        if data and isinstance(data[0], list):
+            data = _flatten(data, shape, name)
+        if len(data) != count:
+            raise InvalidInput(
+                f"input {name!r}: 'data' has {len(data)} elements but shape {list(shape)} "
+                f"needs {count}"
+            )
+        if spec.datatype == "BYTES":
+            return _json_bytes(data, name).reshape(shape)
+        if has_booleans and spec.datatype != "BOOL" and bool in set(map(type, data)):
+            raise InvalidInput(
+                f"input {name!r}: 'data' holds true/false, not valid {spec.datatype}; "
+                + _JSON_EXPECTS[spec.datatype]
+            )
+        try:
+            values = array(spec.code, data)
+        except (TypeError, OverflowError, ValueError) as e:
+            raise InvalidInput(
+                f"input {name!r}: 'data' is not valid {spec.datatype} ({e}); "
+                + _JSON_EXPECTS[spec.datatype]
+            ) from None
     arr = np.frombuffer(values, spec.code_dtype)
     if spec.datatype == "FP16":
         with np.errstate(over="ignore"):

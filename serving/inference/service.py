@@ -9,6 +9,7 @@ Routing is reached through ``RoutePolicy``, which the traffic layer implements.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +20,7 @@ import numpy as np
 
 from serving.config import ShadowConfig
 from serving.errors import FermionError, InvalidInput, Overloaded, PayloadTooLarge
-from serving.inference.codec import HEADER_LENGTH, decode_request, encode_response
+from serving.inference.codec import HEADER_LENGTH, decode_request_async, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion
 from serving.observability.tracing import recording_tracer
@@ -150,12 +151,12 @@ class InferenceService(Generic[R]):
             batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
             holding = batcher
             # 3. The body, inflated and decoded against the version's signature.
-            body = _inflate(await call.read_body(), call.headers, self._max_body_bytes)
+            body = await _inflate(await call.read_body(), call.headers, self._max_body_bytes)
             header_length = _header_length(call.headers)
             max_batch = batcher.max_batch_size
             if limits.max_batch is not None:
                 max_batch = min(max_batch, limits.max_batch)
-            req = decode_request(
+            req = await decode_request_async(
                 body, served.manifest, header_length=header_length, max_batch_size=max_batch
             )
             limits.check_elements(req.inputs)
@@ -171,7 +172,7 @@ class InferenceService(Generic[R]):
                     first.outputs,
                     first.max_batch_size,
                 ):
-                    req = decode_request(
+                    req = await decode_request_async(
                         body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
                     )
             # 5. One submit, with the request's deadline and priority; it takes over the
@@ -221,20 +222,39 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
 
 
-def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes)."""
+async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes | bytearray:
+    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes).
+
+    Inflated a slice at a time into one buffer, the loop running in between; a body of
+    more than one gzip member is refused.
+    """
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding != "gzip":
         raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
     d = zlib.decompressobj(wbits=31)
+    # Grown a slice at a time: a large buffer grows in place (mremap), never copied whole.
+    out = bytearray()
+    data = body
     try:
-        out = d.decompress(body, limit + 1)
+        while True:
+            part = d.decompress(data, _INFLATE_SLICE)
+            if len(out) + len(part) > limit:
+                raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
+            out += part
+            data = d.unconsumed_tail
+            if d.eof or not data:
+                break
+            await asyncio.sleep(0)
     except zlib.error as e:
         raise InvalidInput(f"invalid gzip body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
     if not d.eof:
         raise InvalidInput("invalid gzip body: truncated")
+    if d.unused_data:
+        raise InvalidInput("invalid gzip body: data after the end of its gzip member")
     return out
+
+
+#: Bytes inflated per step: about a millisecond of work.
+_INFLATE_SLICE = 1 << 20
