@@ -30,7 +30,7 @@ from serving.http.middleware.body_limit import BodySizeLimitMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
-from serving.http.v2 import routes
+from serving.http.v2 import repository_mount, routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.limits import RateLimiter, RequestLimits
@@ -210,7 +210,12 @@ def create_app(
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
-        routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
+        routes=[
+            *routes,
+            repository_mount(loopback_only=not config.auth.enabled),
+            admin_mount(loopback_only=not config.auth.enabled),
+            *extra_routes,
+        ],
         middleware=_middleware(config, metrics),
         exception_handlers={
             FermionError: _fermion_error,

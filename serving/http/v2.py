@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from model_store.manifest import V2_DATATYPES
 from serving.errors import ModelNotFound
+from serving.http.admin import LoopbackOnlyMiddleware
 from serving.http.responses import json_response as _json
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
 from serving.protocol import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "repository_mount", "routes"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
@@ -211,7 +213,18 @@ routes = [
     Route(_MV + "/config", model_config, methods=["GET"]),
     Route(_M + "/stats", model_stats, methods=["GET"]),
     Route(_MV + "/stats", model_stats, methods=["GET"]),
-    Route("/v2/repository/index", repository_index, methods=["POST"]),
-    Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-    Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
 ]
+
+
+def repository_mount(*, loopback_only: bool) -> Mount:
+    """The repository extension under ``/v2/repository``: it loads and unloads models, so
+    it follows the admin API's rule (loopback clients only with auth off, else ``admin``)."""
+    middleware = (
+        [Middleware(LoopbackOnlyMiddleware, what="the repository API")] if loopback_only else []
+    )
+    repository_routes = [
+        Route("/index", repository_index, methods=["POST"]),
+        Route("/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/models/{model}/unload", repository_unload, methods=["POST"]),
+    ]
+    return Mount("/v2/repository", routes=repository_routes, middleware=middleware)

@@ -101,6 +101,12 @@ class ModelRepository:
             sv.state is VersionState.READY for vs in self._models.values() for sv in vs.values()
         )
 
+    def _served_versions(self, name: str) -> list[int]:
+        try:
+            return self.versions_to_serve(name)
+        except StoreError:
+            raise ModelNotFound(f"no model {name[:128]!r} in the store") from None
+
     def versions_to_serve(self, name: str) -> list[int]:
         """The versions of ``name`` this gateway serves: its version policy over the store."""
         available = self._store.versions(name)
@@ -116,15 +122,21 @@ class ModelRepository:
             raise ModelNotFound(f"model {name} has no version(s) {missing} in the store")
         return sorted(policy)
 
+    def _public(self, message: str) -> str:
+        """``message`` as a client may read it: the store's place on disk left out."""
+        return message.replace(str(self._store.root), "<store>")
+
     async def load_model(self, name: str) -> list[ServedVersion]:
         """(Re)load ``name`` from the store; versions no longer wanted are drained and unloaded."""
+        # Checked before anything is kept for the name: unknown names cost nothing.
+        self._served_versions(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
+            wanted = self._served_versions(name)
             try:
-                wanted = self.versions_to_serve(name)
                 manifests = [self._store.manifest(name, v) for v in wanted]
             except StoreError as e:
-                raise ModelNotFound(str(e)) from e
+                raise ModelNotFound(self._public(str(e))) from e
             current = self._models.setdefault(name, {})
             loaded: list[ServedVersion] = []
             for manifest in manifests:
@@ -145,7 +157,7 @@ class ModelRepository:
             sv.replica = await self._backend.load(sv.manifest)
         except Exception as e:
             sv.state = VersionState.UNAVAILABLE
-            sv.reason = str(e)
+            sv.reason = self._public(str(e))
             log.error("model %s version %s unavailable: %s", sv.name, sv.version, e)
             return
         b = self._config.batching_for(sv.name)
@@ -181,7 +193,7 @@ class ModelRepository:
     async def unload_model(self, name: str) -> None:
         """Stop serving ``name``: requests already queued finish first."""
         if name not in self._models:
-            raise ModelNotFound(f"model {name} is not loaded")
+            raise ModelNotFound(f"model {name[:128]!r} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             versions = self._models.get(name, {})
             for version in list(versions):
