@@ -254,6 +254,10 @@ class RolloutBounds(_Strict):
     min_requests: int = Field(default=20, ge=1)
 
 
+#: The largest split weight: shares are weight / sum, which must stay finite and exact.
+_MAX_WEIGHT = 1e9
+
+
 class RouteConfig(_Strict):
     """A public model name served by weighted versions of that model."""
 
@@ -268,8 +272,8 @@ class RouteConfig(_Strict):
     def _check_split(cls, split: dict[int, float]) -> dict[int, float]:
         if any(v < 1 for v in split):
             raise ValueError("versions are numbers from 1")
-        if any(w < 0 or w != w or w == float("inf") for w in split.values()):
-            raise ValueError("weights must be finite and non-negative")
+        if any(not 0 <= w <= _MAX_WEIGHT for w in split.values()):  # NaN fails too
+            raise ValueError(f"weights must be between 0 and {_MAX_WEIGHT:.0f}")
         if sum(split.values()) <= 0:
             raise ValueError("at least one version needs a positive weight")
         return split
