@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         config.server,
         app.state.drain,
-        refusal=app.state.service.refusal,
+        refuser=app.state.service,
         announce=f"Fermion listening on {base_url}",
     )
     with sock:

@@ -16,7 +16,7 @@ gone. ``GuardedHttpProtocol`` is that protocol with, before any application work
 - draining (``DrainState``): every response closes its connection;
 - a response sent before its body was read whole closes the connection, so a client
   cannot hold it by trickling the rest of a body nobody reads;
-- an inference request its model's queue would refuse now (``Refusal``: full, or
+- an inference request its model's queue would refuse now (``Refuser``: full, or
   past the request's deadline) is answered 503 with Retry-After from its head alone,
   without a task, the middleware or reading its body: under overload, refusing must
   cost far less than serving, or refusals eat the capacity (this is before
@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import httptools
 from starlette.datastructures import Headers
@@ -41,6 +41,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from serving.errors import FermionError
 from serving.http.drain import DrainState
+from serving.http.middleware.request_id import request_id_of
 from serving.inference.codec import encode_error
 from serving.protocol import parse_infer_path
 
@@ -49,6 +50,7 @@ __all__ = [
     "DISCONNECTED",
     "ConnectionLimits",
     "GuardedHttpProtocol",
+    "Refuser",
     "guarded_protocol",
 ]
 
@@ -68,8 +70,16 @@ class ConnectionLimits:
     body_timeout_s: float = 10.0
 
 
-#: ``(model, version, headers) -> the 503 its queue would answer now, or None``.
-Refusal = Callable[[str, str | None, Mapping[str, str]], FermionError | None]
+class Refuser(Protocol):
+    """What refuses overloaded requests from their head (``InferenceService``)."""
+
+    def refusing(self) -> bool:
+        """Cheap: True while requests are being refused (only then is ``refusal`` asked)."""
+
+    def refusal(
+        self, model: str, version: str | None, headers: Mapping[str, str]
+    ) -> FermionError | None:
+        """The 503 a request for ``model`` would get from its queue now, else None."""
 
 
 class _Refused(Exception):
@@ -81,15 +91,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
     drain: ClassVar[DrainState] = DrainState()
-    #: ``(Refusal,)`` where connections refuse from the head (a tuple: a function in a
-    #: class attribute would become a method).
-    refusal: ClassVar[tuple[Refusal, ...]] = ()
+    refuser: ClassVar[Refuser | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True
         self._head_bytes = 0
-        self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
@@ -156,25 +163,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- parser callbacks ----------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_head = True
-        self._header_count = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._refusal = (431, f"more than {self.limits.max_headers} request headers")
-            raise _Refused
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        if self.refusal and self.url.endswith(b"/infer") and self._shed():
+        if len(self.headers) > self.limits.max_headers:
+            # (The head's byte limit already bounds what the list could hold.)
+            self._refusal = (431, f"more than {self.limits.max_headers} request headers")
+            raise _Refused
+        refuser = self.refuser
+        # Asked only while requests are being refused: nothing for the hot path to pay.
+        if (
+            refuser is not None
+            and refuser.refusing()
+            and self.url.endswith(b"/infer")
+            and self._shed(refuser)
+        ):
             return
         super().on_headers_complete()
         cycle = self.cycle
@@ -213,7 +219,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- refusals ------------------------------------------------------------------
 
-    def _shed(self) -> bool:
+    def _shed(self, refuser: Refuser) -> bool:
         """Answer 503 from the head alone when the request's queue would refuse it."""
         cycle = self.cycle
         if (cycle is not None and not cycle.response_complete) or self.pipeline:
@@ -226,7 +232,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         parsed = parse_infer_path(self.root_path + path)
         if parsed is None:
             return False
-        error = self.refusal[0](parsed[0], parsed[1], Headers(raw=self.headers))
+        error = refuser.refusal(parsed[0], parsed[1], Headers(raw=self.headers))
         if error is None:
             return False
         self._discarding = True
@@ -237,6 +243,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             head += [name, b": ", value, b"\r\n"]
         for key, text in error.headers().items():
             head += [key.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
+        head += [b"x-request-id: ", request_id_of(self.headers), b"\r\n"]
         head += [
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
@@ -319,7 +326,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(
-    limits: ConnectionLimits, drain: DrainState, refusal: Refusal | None = None
+    limits: ConnectionLimits, drain: DrainState, refuser: Refuser | None = None
 ) -> type[GuardedHttpProtocol]:
     """A ``GuardedHttpProtocol`` class bound to its settings (uvicorn's ``http=``)."""
     return type(
@@ -328,7 +335,7 @@ def guarded_protocol(
         {
             "limits": limits,
             "drain": drain,
-            "refusal": () if refusal is None else (refusal,),
+            "refuser": refuser,
             "__module__": __name__,
         },
     )

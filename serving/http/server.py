@@ -21,7 +21,7 @@ from typing import Any, cast
 import uvicorn
 
 from serving.config import ServerConfig
-from serving.http.connection import ConnectionLimits, Refusal, guarded_protocol
+from serving.http.connection import ConnectionLimits, Refuser, guarded_protocol
 from serving.http.drain import DrainState
 
 __all__ = ["GatewayServer"]
@@ -32,8 +32,8 @@ log = logging.getLogger("fermion.gateway")
 class GatewayServer(uvicorn.Server):
     """uvicorn's server over ``GuardedHttpProtocol``, draining on SIGTERM.
 
-    ``refusal`` lets connections refuse overloaded inference requests from their head
-    (``InferenceService.refusal``); ``announce`` is printed on stdout once listening.
+    ``refuser`` lets connections refuse overloaded inference requests from their head
+    (the ``InferenceService``); ``announce`` is printed on stdout once listening.
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class GatewayServer(uvicorn.Server):
         server: ServerConfig,
         drain: DrainState,
         *,
-        refusal: Refusal | None = None,
+        refuser: Refuser | None = None,
         announce: str | None = None,
     ) -> None:
         limits = ConnectionLimits(
@@ -56,7 +56,7 @@ class GatewayServer(uvicorn.Server):
             log_level=server.log_level,
             access_log=False,  # server.access_log writes Fermion's own JSON lines instead
             loop="uvloop",
-            http=guarded_protocol(limits, drain, refusal),
+            http=guarded_protocol(limits, drain, refuser),
             ws="none",
             backlog=server.backlog,
             # uvicorn annotates int; the value goes to loop.call_later, which takes a float.

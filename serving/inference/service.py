@@ -31,6 +31,8 @@ __all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy"
 VERSION_HEADER = "fermion-model-version"
 
 _NO_PARAMETERS: Mapping[str, object] = {}
+#: How long after a refusal connections keep asking before the body (``refusing``).
+_REFUSING_NS = 1_000_000_000
 
 
 class ModelRoutePolicy(Protocol):
@@ -101,6 +103,14 @@ class InferenceService(Generic[R]):
         self._limits = limits
         self._routes = routes
         self._max_body_bytes = max_body_bytes
+        self._refusing_until_ns = 0
+
+    def refusing(self) -> bool:
+        """True while requests are being refused for full queues (and a second after)."""
+        return time.monotonic_ns() < self._refusing_until_ns
+
+    def _refused(self) -> None:
+        self._refusing_until_ns = time.monotonic_ns() + _REFUSING_NS
 
     def refusal(
         self, model: str, version: str | None, headers: Mapping[str, str]
@@ -108,8 +118,8 @@ class InferenceService(Generic[R]):
         """The 503 a request for ``model`` would get from its queue now, else None.
 
         For a transport that can refuse at the cost of reading a request head, before
-        any other work on it; the refusal is counted like one from ``infer``. Anything
-        else wrong with the request (unknown model, not ready) is left to ``infer``.
+        any other work on it, while ``refusing``; the refusal is counted like one from
+        ``infer``. Anything else wrong (unknown model, not ready) is left to ``infer``.
         """
         try:
             route = None if version is not None else self._routes.get(model)
@@ -122,6 +132,7 @@ class InferenceService(Generic[R]):
             now = time.perf_counter_ns()
             batcher.check_admission(self._limits.deadline_ns(timeout, _NO_PARAMETERS, now))
         except Overloaded as e:
+            self._refused()
             served.counter.failed(e)
             return e
         except FermionError:
@@ -148,7 +159,11 @@ class InferenceService(Generic[R]):
             call.state["served"] = (name, served.version)
             # 2. Admission: a request the queue would shed is refused before its body is read.
             timeout = call.headers.get(TIMEOUT_HEADER)
-            batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
+            try:
+                batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
+            except Overloaded:
+                self._refused()  # connections refuse from the head for a while
+                raise
             holding = batcher
             # 3. The body, inflated and decoded against the version's signature.
             body = await _inflate(await call.read_body(), call.headers, self._max_body_bytes)
