@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from model_store.store import ModelStore
 from tests.helpers.ab_models import MODEL, build_ab_store
@@ -34,6 +35,15 @@ def _body(spin: float = 0.0) -> dict[str, object]:
     x = np.ones((1, 4), np.float32)
     x[:, 3] = spin
     return {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x[0].tolist()}]}
+
+
+def _inflight(server: RunningServer) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "fermion_inflight_requests" and sample.labels == {"model": MODEL}:
+                return sample.value
+    return 0.0
 
 
 def _ready_status(port: int) -> int:
@@ -140,7 +150,7 @@ def test_requests_past_the_grace_period_are_cancelled_and_the_exit_says_so(
         try:
             r = httpx.post(
                 f"{server.url}/v2/models/{MODEL}/versions/4/infer",
-                json=_body(300.0),
+                json=_body(1000.0),  # about 3 s: far past the grace period
                 timeout=30,
             )
             answers.append(r.status_code)
@@ -150,7 +160,10 @@ def test_requests_past_the_grace_period_are_cancelled_and_the_exit_says_so(
     try:
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while _inflight(server) != 1:  # the slow request is being computed
+            assert time.monotonic() < deadline, "the slow request never started"
+            time.sleep(0.02)
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 1
         thread.join()
