@@ -104,6 +104,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str] | None = None
         self._task: asyncio.Task[None] | None = None
         self._discarding = False  # the body of a request refused from its head
+        self._completed = 0  # requests read whole on this connection
 
     # -- connection ----------------------------------------------------------------
 
@@ -135,11 +136,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > limit:
                 # Feed only what fits: the head must end within it.
                 room = max(0, len(data) - (self._head_bytes - limit))
+                completed = self._completed
                 self._feed(data[:room])
                 if self.transport.is_closing():
                     return
-                if self._in_head:
+                if self._in_head and self._completed == completed:
                     self._refuse(431, f"request head over the limit of {limit} bytes")
+                    return
+                if self._in_head:  # a pipelined request began: its head counts afresh
+                    self.data_received(data[room:])
                     return
                 data = data[room:]
         self._feed(data)
@@ -194,6 +199,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._completed += 1
         if self._discarding:
             self._discarding = False
             self._in_head = True
