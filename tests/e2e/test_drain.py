@@ -116,6 +116,12 @@ def test_sigterm_drains_with_no_failed_request_and_exits_0(draining: RunningServ
     assert refused, "the listener never closed"
     # Readiness said 503 before the listener closed, and the listener stayed open for
     # the drain period: requests sent after readiness turned 503 were still served.
+    served_after = sum(1 for t, _ in outcomes if t > sigterm_at)
+    print(
+        f"SIGTERM +{(ready_503 - sigterm_at) * 1e3:.0f} ms: ready 503; "
+        f"+{(min(refused) - sigterm_at) * 1e3:.0f} ms: listener closed; "
+        f"{len(outcomes)} requests, {served_after} sent after SIGTERM, all 200; exit {code}"
+    )
     assert ready_503 < min(refused)
     assert min(refused) - sigterm_at >= _DRAIN_S
     assert any(t > ready_503 for t, _ in outcomes)
