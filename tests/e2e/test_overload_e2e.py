@@ -155,26 +155,25 @@ def test_a_request_its_queue_would_shed_is_refused_before_its_body_arrives(
         slow.join()
 
 
-def test_overload_at_3x_capacity_is_answered_200_or_503_with_retry_after(
-    tmp_path: Path,
+# Goodput itself is a floor here, not the 80% the gateway keeps on a quiet machine: on a
+# shared 2-core host the load generator, the refusals and other suites take the cores the
+# model runs on (50-85% of capacity measured here); bench/overload.py reports the figure.
+@pytest.mark.parametrize("multiple", [1.5, 3.0])
+def test_overload_keeps_goodput_and_refuses_with_retry_after(
+    gateway: RunningServer, multiple: float
 ) -> None:
-    """Open loop at 3x capacity of one-row JSON requests whose decoding is most of their
-    cost: every request is answered, 200 or 503 with Retry-After (bench/overload.py
-    measures the goodput, which needs a quiet machine)."""
-    store = _wide_model(tmp_path)
-    config = "models:\n  wide:\n    batching: {max_queue_size: 32, max_batch_size: 64}\n"
-    server = start_on_port_zero(store.root, tmp_path, config)
-    try:
-        x = np.random.default_rng(0).random((1, _WIDE), dtype=np.float32)
-        tensor = {"name": "x", "shape": [1, _WIDE], "datatype": "FP32", "data": x[0].tolist()}
-        body = orjson.dumps({"inputs": [tensor]})
-        request = http_request("/v2/models/wide/infer", body, {"Content-Type": "application/json"})
-        capacity = closed_loop("127.0.0.1", server.port, request, connections=16, duration_s=2)
-        r = open_loop(
-            "127.0.0.1", server.port, request, rate=3 * capacity, duration_s=2, timeout_s=20
-        )
-        print(f"capacity {capacity:.0f}/s; x3: {r.summary()}")
-        assert r.errors == r.hangs == r.refused_without_retry_after == 0, r.summary()
-        assert set(r.statuses) <= {200, 503} and r.ok and r.refused, r.summary()
-    finally:
-        stop_server(server)
+    """Open loop at 1.5x and 3x capacity: every request is answered, 200 or 503 with
+    Retry-After, at about the capacity, and the 200s wait no longer than the queue holds.
+
+    Each request costs a few milliseconds of model time here, so that the load generator
+    stays cheap next to the server on two cores; bench/overload.py measures the case
+    where decoding small JSON requests is the cost."""
+    request = http_request(f"{_V4}/infer", _body(1.0), {"Content-Type": "application/json"})
+    capacity = closed_loop("127.0.0.1", gateway.port, request, connections=8, duration_s=2)
+    r = open_loop("127.0.0.1", gateway.port, request, rate=multiple * capacity, duration_s=3)
+    print(f"capacity {capacity:.0f}/s; x{multiple}: {r.summary()}")
+    assert r.errors == r.hangs == r.refused_without_retry_after == 0, r.summary()
+    assert set(r.statuses) <= {200, 503} and r.refused, r.summary()
+    assert r.goodput >= 0.4 * capacity, r.summary()
+    # The queue (20) and the batch running: the longest a 200 should wait, give or take.
+    assert r.quantile(0.99) <= 3 * 22 / capacity + 0.25, r.summary()
