@@ -64,4 +64,7 @@ class LocalBackend(Backend):
         replica = self._replicas.get((name, version))
         if replica is None or self._pool is None:
             raise ModelNotReady(f"model {name} version {version} has no replica")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, replica.run, inputs)
+        # The executor itself runs in the pool: no frame of the replica in between.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, replica.executor.run, inputs
+        )
