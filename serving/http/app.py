@@ -39,6 +39,7 @@ from serving.inference.repository import ModelRepository
 from serving.inference.service import InferenceService
 from serving.observability import tracing
 from serving.observability.counters import VersionCounters
+from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutController
 from serving.traffic.fleet import FleetSync, Gateway
@@ -82,7 +83,11 @@ def _metrics_route(metrics: GatewayMetrics, path: str) -> Route:
     """``GET path`` answering the Prometheus text format."""
 
     async def endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+        if siblings is not None:  # --workers: the whole host's counts, whichever answers
+            body = merge_prometheus([body, *await siblings.ask("metrics")])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, endpoint, methods=["GET"])
 
