@@ -86,7 +86,13 @@ def merge_prometheus(texts: Iterable[bytes]) -> bytes:
     return generate_latest(registry)
 
 
+#: Fields naming a statistics row: kept, never added.
+_ROW_KEYS = ("name", "version", "batch_size")
+
+
 def _merge_value(key: str, old: Any, new: Any) -> Any:
+    if key in _ROW_KEYS:
+        return old if old is not None else new
     if isinstance(old, dict) and isinstance(new, dict):
         return {k: _merge_value(k, old.get(k), new.get(k)) for k in {**old, **new}}
     if old is None or new is None:
@@ -103,7 +109,7 @@ def _merge_rows(rows: list[Any]) -> list[Any]:
     for row in rows:
         if not isinstance(row, dict):
             return rows
-        key = (row.get("name"), row.get("version"), row.get("batch_size"))
+        key = tuple(row.get(k) for k in _ROW_KEYS)
         merged[key] = _merge_value("", merged[key], row) if key in merged else row
     return list(merged.values())
 
