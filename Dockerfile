@@ -30,7 +30,7 @@ COPY loadtest ./loadtest
 # torch first, from PyTorch's CUDA index, so that nothing pulls the CPU build instead.
 RUN /opt/fermion/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
     && /opt/fermion/bin/pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com \
-        ".[tensorrt]" "tensorrt==${TENSORRT_VERSION}"
+        ".[tensorrt,fleet]" "tensorrt==${TENSORRT_VERSION}"
 
 FROM ${CUDA_IMAGE}
 RUN apt-get update \

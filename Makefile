@@ -8,12 +8,12 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean redis
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[compile,ray,loadtest,test]'
+	$(BIN)/pip install --quiet -e '.[compile,ray,loadtest,test,fleet]'
 	touch $@
 
 demo: $(BIN)/.fermion-installed
@@ -34,7 +34,12 @@ typecheck: $(BIN)/.fermion-installed
 imports: $(BIN)/.fermion-installed
 	$(BIN)/lint-imports
 
-pytest: $(BIN)/.fermion-installed
+# redis-server for the fleet tests (they start and stop their own on a free port).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+
+pytest: $(BIN)/.fermion-installed redis
 	$(BIN)/pytest
 
 test: lint typecheck imports pytest

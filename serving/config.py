@@ -21,6 +21,7 @@ __all__ = [
     "AuthConfig",
     "BatchingConfig",
     "ConfigError",
+    "ControlConfig",
     "ExecutorConfig",
     "FermionConfig",
     "LocalBackendConfig",
@@ -57,6 +58,9 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
+    #: Gateway processes on this host, sharing the port (SO_REUSEPORT); above 1 needs
+    #: a shared ``control.store``.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class StoreConfig(_Strict):
@@ -370,6 +374,32 @@ class MetricsConfig(_Strict):
     public: bool = True
 
 
+class ControlConfig(_Strict):
+    """Where control state lives: routes, rollouts and their driver's lease, rate-limit
+    buckets, canary figures. ``memory``: this process only; a Redis URL: a fleet."""
+
+    #: ``memory`` (one process) or ``redis://host:6379/0`` (``rediss://`` for TLS).
+    store: str = Field(default="memory", pattern=r"^(memory|rediss?://\S+)$")
+    #: Prefix of every key in the store, so that several fleets may share one Redis.
+    key_prefix: str = Field(default="fermion", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+    #: How often a gateway reads route changes and publishes canary figures.
+    sync_interval_s: float = Field(default=0.25, ge=0.02, le=5.0)
+    #: How often a gateway writes its heartbeat; it counts as gone after 3 missed ones.
+    heartbeat_s: float = Field(default=1.0, ge=0.1, le=60.0)
+    #: A rollout driver's lease: another gateway takes the rollout over this long after
+    #: the driver stopped renewing it.
+    lease_ttl_s: float = Field(default=2.0, ge=0.2, le=60.0)
+    #: Longest wait for one store call; past it the store counts as down.
+    timeout_s: float = Field(default=0.5, gt=0.0, le=10.0)
+    #: This gateway's address as ``fermion fleet status`` shows it (None: host:port).
+    advertise: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is shared between processes (not ``memory``)."""
+        return self.store != "memory"
+
+
 class FermionConfig(_Strict):
     """The whole gateway configuration (``fermion.yaml``)."""
 
@@ -388,6 +418,23 @@ class FermionConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     #: A/B routes: public model name -> weighted versions, stickiness, shadow, canary bounds.
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_store(self) -> FermionConfig:
+        if self.server.workers > 1 and not self.control.shared:
+            raise ValueError(
+                f"server.workers {self.server.workers} needs a shared control store: set "
+                "control.store to a Redis URL (redis://host:6379/0); with the default "
+                "'memory' each worker would keep its own routes, rollouts and rate limits"
+            )
+        if self.server.workers > 1 and self.backend == "ray" and self.ray.address is None:
+            raise ValueError(
+                "server.workers above 1 with backend ray needs ray.address: each worker "
+                "would otherwise start a Ray cluster of its own (start one with "
+                "`ray start --head` and set ray.address: auto)"
+            )
+        return self
 
     @field_validator("models", "routes")
     @classmethod

@@ -42,6 +42,9 @@ COMMANDS: dict[str, Command] = {
         "serving.cli.rollout:add_route_parser",
         "read or change a route's traffic split at run time",
     ),
+    "fleet": Command(
+        "serving.cli.rollout:add_fleet_parser", "the gateways sharing a control store"
+    ),
     "keys": Command("serving.cli.keys:add_keys_parser", "create, list and revoke API keys"),
     "build": Command(
         "compilers.cli:add_build_parser",

@@ -1,17 +1,19 @@
-"""``fermion rollout`` and ``fermion route``: talk to a running gateway's admin API over HTTP."""
+"""``fermion rollout``, ``fermion route`` and ``fermion fleet``: talk to a running gateway's
+admin API over HTTP."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from serving.cli._argtypes import duration_seconds
 
-__all__ = ["add_rollout_parser", "add_route_parser"]
+__all__ = ["add_fleet_parser", "add_rollout_parser", "add_route_parser"]
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -214,3 +216,32 @@ def add_route_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("split", type=_split, help="version=weight,... e.g. 1=90,2=10")
     _common(p)
     p.set_defaults(func=_runner(_route_set))
+
+
+def _fleet_status(args: argparse.Namespace) -> Any:
+    fleet = _call(args.url, "GET", "/admin/fleet")
+    if not args.json:
+        up = "up" if fleet["store_up"] else "DOWN"
+        print(f"control store {fleet['store']} ({up}); {len(fleet['gateways'])} gateway(s)")
+        print(
+            f"{'gateway':34} {'address':22} {'started':19} {'heartbeat':>9} "
+            f"{'routes':>6} {'backend':7} driving"
+        )
+        for g in fleet["gateways"]:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["started_at"]))
+            mark = "*" if g["id"] == fleet["self"] else " "
+            print(
+                f"{g['id'] + mark:34} {g['address']:22} {started:19} "
+                f"{g['heartbeat_age_s']:>8.1f}s {g['route_version']:>6} {g['backend']:7} "
+                f"{','.join(g.get('driving', [])) or '-'}"
+            )
+    return fleet
+
+
+def add_fleet_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``fleet status`` to the ``fermion`` command line."""
+    fleet = sub.add_parser("fleet", help="the gateways sharing a control store")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    p = fsub.add_parser("status", help="gateways, heartbeats and applied route versions")
+    _common(p)
+    p.set_defaults(func=_runner(_fleet_status))

@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.cli.banner import usage_text
+    from serving.cli.workers import WorkerSlot, supervise, with_siblings
     from serving.http.app import create_app
 
     overrides: dict[str, Any] = {}
@@ -84,6 +85,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["backend"] = args.backend
     if args.keys_file is not None:
         overrides["auth.keys_file"] = str(args.keys_file)
+    if args.workers is not None:
+        overrides["server.workers"] = args.workers
     config = load_config(args.config, overrides)
     demo_key = _demo_key(args.demo_key, config.auth.keys_file) if args.demo_key else None
     if config.server.access_log:
@@ -95,14 +98,23 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     host = config.server.host
+    # --workers N: this process supervises N workers, each a `fermion serve --worker ...`.
+    slot = WorkerSlot.parse(args.worker) if args.worker else None
     try:
-        sock = _bind(host, config.server.port)
+        if config.server.workers > 1 and slot is None:
+            if demo_key:
+                print(f"demo API key {args.demo_key}: {demo_key}", flush=True)
+            return supervise(config, args)
+        sock = slot.socket() if slot else _bind(host, config.server.port)
     except OSError as e:
         print(f"fermion: cannot listen on {host}:{config.server.port}: {e}", file=sys.stderr)
         return _STARTUP_FAILURE
     base_url = _url(host, sock.getsockname()[1])
+    config.server.port = sock.getsockname()[1]  # the address the fleet listing shows
 
     def on_ready(repo: ModelRepository) -> None:
+        if slot is not None and slot.index > 0:
+            return  # the first worker speaks for all
         names = repo.configured_models()
         if not names:
             print(f"Fermion is up at {base_url} with no models in {config.store.root}", flush=True)
@@ -117,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_app(config, on_ready=on_ready, config_path=args.config)
     server_config = uvicorn.Config(
-        app,
+        with_siblings(app, slot) if slot else app,
         log_level=config.server.log_level,
         access_log=False,  # server.access_log writes Fermion's own JSON lines instead
         loop="uvloop",
@@ -146,4 +158,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="NAME",
         help="(re)create key NAME (infer:*,read) in the keys file and print it with the examples",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes sharing the port (server.workers); above 1 needs control.store",
+    )
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # set by the supervisor
     serve.set_defaults(func=_serve)

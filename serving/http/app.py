@@ -20,6 +20,7 @@ from starlette.routing import Route
 from model_store.store import ModelStore
 from serving.auth import ApiKeys, JwtVerifier
 from serving.config import ConfigError, FermionConfig
+from serving.control.store import create_store
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
 from serving.http.fastpath import InferenceFastPath
@@ -32,13 +33,16 @@ from serving.http.middleware.tracing import TracingMiddleware
 from serving.http.v2 import routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
+from serving.inference.fleet_limits import FleetRateLimiter
 from serving.inference.limits import RateLimiter, RequestLimits
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferenceService
 from serving.observability import tracing
 from serving.observability.counters import VersionCounters
+from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutController
+from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_file import RouteFile
 from serving.traffic.route_table import RouteTable
 
@@ -79,7 +83,11 @@ def _metrics_route(metrics: GatewayMetrics, path: str) -> Route:
     """``GET path`` answering the Prometheus text format."""
 
     async def endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+        if siblings is not None:  # --workers: the whole host's counts, whichever answers
+            body = merge_prometheus([body, *await siblings.ask("metrics")])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, endpoint, methods=["GET"])
 
@@ -103,10 +111,12 @@ def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
             )
 
 
-def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[Middleware]:
+def _middleware(
+    config: FermionConfig, metrics: GatewayMetrics | None, limiter: RateLimiter | None
+) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
-    auth, rules = config.auth, config.limits.rate_limits
+    auth = config.auth
     keys = ApiKeys(auth.keys_file) if auth.keys_file is not None else None
     jwt = JwtVerifier(auth.jwt) if auth.jwt is not None else None
     public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
@@ -120,8 +130,8 @@ def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[M
         )
         if auth.enabled
         else None,
-        Middleware(RateLimitMiddleware, limiter=RateLimiter(rules), on_reject=reject)
-        if rules
+        Middleware(RateLimitMiddleware, limiter=limiter, on_reject=reject)
+        if limiter is not None
         else None,
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
@@ -173,19 +183,50 @@ def create_app(
     repository = ModelRepository(config, store, backend, counters=counters)
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
-    route_table = RouteTable(config.routes, repository, route_file=RouteFile(config_path))
+    # Control state: in this process (memory), or shared by a fleet through a store.
+    control = config.control
+    shared = create_store(control)
+    gateway = Gateway(
+        address=control.advertise or f"{config.server.host}:{config.server.port}",
+        backend=config.backend,
+    )
+    route_table = RouteTable(
+        config.routes, repository, route_file=RouteFile(config_path), store=shared
+    )
     rollouts = RolloutController(
         route_table,
         repository,
         config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
+        store=shared,
+        holder=gateway.id,
+        lease_ttl_s=control.lease_ttl_s,
+        retry_s=control.sync_interval_s,
     )
+    rules = config.limits.rate_limits
+    fleet: FleetSync | None = None
+    limiter: RateLimiter | None = None
+    if rules and shared is not None:
+        limiter = FleetRateLimiter(
+            rules,
+            shared,
+            serves=repository.serves,
+            live=lambda: fleet.live if fleet is not None else 1,
+        )
+    elif rules:
+        limiter = RateLimiter(rules, serves=repository.serves)
+    if shared is not None:
+        fleet_limiter = limiter if isinstance(limiter, FleetRateLimiter) else None
+        fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts):
-            metrics.register(collector)
+        for collector in (route_table, route_table.shadow, rollouts, fleet):
+            if collector is not None:
+                metrics.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.start()
+        if fleet is not None:  # the fleet's routes before the first request
+            await fleet.start()
 
         async def load_all() -> None:
             await repository.start()
@@ -202,6 +243,8 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await rollouts.stop()
+            if fleet is not None:
+                await fleet.stop()
             await route_table.shadow.stop()
             await repository.stop()
             await backend.stop()
@@ -210,7 +253,7 @@ def create_app(
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
         routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
-        middleware=_middleware(config, metrics),
+        middleware=_middleware(config, metrics, limiter),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -223,6 +266,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.routes = route_table
     app.state.rollouts = rollouts
+    app.state.gateway = gateway
+    app.state.fleet = fleet
+    app.state.limiter = limiter
     app.state.service = InferenceService(
         repository,
         RequestLimits(config.limits),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -14,9 +15,10 @@ from serving.errors import ModelNotFound
 from serving.http.responses import json_response as _json
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
+from serving.observability.host import HostSiblings, merge_stats
 from serving.protocol import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes", "stats_document"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
@@ -143,16 +145,26 @@ def _version_stats(sv: ServedVersion) -> dict[str, Any]:
     }
 
 
-async def model_stats(request: Request) -> Response:
-    repo = _repo(request)
-    name = request.path_params.get("model")
+def stats_document(repo: ModelRepository, name: str | None, version: str | None) -> dict[str, Any]:
+    """The statistics extension's answer for every model, one model or one version."""
     if name is None:
         served = [sv for n in repo.configured_models() for sv in _served(repo, n)]
-    elif "version" in request.path_params:
-        served = [repo.get(name, request.path_params["version"])]
+    elif version is not None:
+        served = [repo.get(name, version)]
     else:
         served = list(repo.versions(name).values())
-    return _json({"model_stats": [_version_stats(sv) for sv in served]})
+    return {"model_stats": [_version_stats(sv) for sv in served]}
+
+
+async def model_stats(request: Request) -> Response:
+    name = request.path_params.get("model")
+    version = request.path_params.get("version")
+    document = stats_document(_repo(request), name, version)
+    siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+    if siblings is not None:  # --workers: the whole host's figures
+        answers = await siblings.ask("stats", name or "-", version or "-")
+        document = merge_stats([document, *(orjson.loads(a) for a in answers if a)])
+    return _json(document)
 
 
 def _served(repo: ModelRepository, name: str) -> list[ServedVersion]:

@@ -192,6 +192,10 @@ class ModelRepository:
         """Every served version of every model, in any state."""
         return [sv for versions in self._models.values() for sv in versions.values()]
 
+    def serves(self, name: str) -> bool:
+        """True when ``name`` is a model this gateway serves (in any state)."""
+        return bool(self._models.get(name))
+
     def versions(self, name: str) -> dict[int, ServedVersion]:
         """Every served version of ``name`` (404 when the model is not served)."""
         versions = self._models.get(name)
