@@ -57,8 +57,13 @@ def test_two_workers_serve_and_count_as_one_host(
             time.sleep(0.1)
         pids = [int(g["pid"]) for g in gateways]
         assert server.process.pid not in pids and len(set(pids)) == 2
-        for _ in range(40):  # both ready: each new connection may reach either
-            assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+        # A worker joins the fleet before its models are loaded: wait until both are ready
+        # (each new connection may reach either, so 40 ready answers in a row).
+        in_a_row = 0
+        while in_a_row < 40:
+            ready = httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+            in_a_row = in_a_row + 1 if ready else 0
+            assert time.monotonic() < deadline, "the two workers never were both ready"
         idle = [_cpu_s(p) for p in pids]
         time.sleep(1.0)
         idle = [_cpu_s(p) - s for p, s in zip(pids, idle, strict=True)]
