@@ -20,7 +20,7 @@ from typing import Any, Final
 from loadtest.open_runner import StopRule
 from loadtest.rates import format_rate
 from loadtest.slo import Slo
-from loadtest.summary import PERCENTILES
+from loadtest.summary import PERCENTILES, number
 
 __all__ = [
     "CapacityResult",
@@ -104,12 +104,14 @@ def stop_rule(slos: list[Slo]) -> StopRule:
     return StopRule(latency_ms=latency, quantile=quantile, max_error_rate=errors)
 
 
-def generator_kept_up(generator: dict[str, Any], rate: float) -> bool:
-    """Whether the generator sent ``rate`` on time (else the probe cannot be judged)."""
+def generator_kept_up(generator: dict[str, Any], rate: float, stopped: bool = False) -> bool:
+    """Whether the generator sent ``rate`` on time (else the probe cannot be judged: its
+    own delay is in the latencies). A probe ``stopped`` early is judged on what it sent."""
     sent = float(generator.get("sent", 0))
     late = float(generator.get("late", 0)) / sent if sent else 0.0
-    achieved = float(generator.get("achieved_rate", 0.0))
-    return achieved >= MIN_SENT_SHARE * rate and late <= MAX_LATE_SHARE
+    if late > MAX_LATE_SHARE:
+        return False
+    return stopped or float(generator.get("achieved_rate", 0.0)) >= MIN_SENT_SHARE * rate
 
 
 def search(
@@ -132,14 +134,22 @@ def search(
     hi: float | None = None
     probes: list[ProbeResult] = []
     reason = f"stopped after {max_probes} probes"
+    retried = False
     for _ in range(max_probes):
         result = probe(rate)
         probes.append(result)
+        if result.ok is None and not retried:
+            retried = True  # once: another process may have had the CPUs for a moment
+            continue
+        retried = False
         if result.ok is None:
-            sent = float(result.generator.get("achieved_rate", 0.0))
+            g = result.generator
+            sent = float(g.get("achieved_rate", 0.0))
+            late = float(g.get("late", 0)) / max(float(g.get("sent", 0)), 1.0)
             reason = (
                 f"the load generator could not send {format_rate(rate)} on time "
-                f"(it sent {format_rate(sent)}): add --workers or load generators"
+                f"(it sent {format_rate(sent)}, {late * 100:.3g}% of requests late): "
+                "give it CPUs of its own (another host, --workers)"
             )
             break
         if result.ok:
@@ -165,7 +175,7 @@ def search(
 
 
 def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value:.3g}ms"
+    return "-" if value is None else f"{number(value)}ms"
 
 
 def format_capacity(result: CapacityResult, slo_text: str) -> str:
@@ -182,7 +192,9 @@ def format_capacity(result: CapacityResult, slo_text: str) -> str:
         rows.append(
             (
                 format_rate(p.rate),
-                format_rate(float(p.generator.get("achieved_rate", 0.0))),
+                "stopped"
+                if p.stopped_early
+                else format_rate(float(p.generator.get("achieved_rate", 0.0))),
                 _ms(lat.get("p50")),
                 _ms(lat.get("p99")),
                 f"{p.summary.get('error_rate', 0.0) * 100:.3g}%",
@@ -197,10 +209,14 @@ def format_capacity(result: CapacityResult, slo_text: str) -> str:
         lines.append(f"capacity: not found: {result.reason}")
     elif result.ceiling is None:
         lines.append(f"capacity: at least {format_rate(result.capacity)} ({result.reason})")
+    elif result.reason == "found":
+        lines.append(
+            f"capacity: {format_rate(result.capacity)} meets {slo_text} "
+            f"(missed at {format_rate(result.ceiling)}; precision {pct})"
+        )
     else:
-        head = f"capacity: {format_rate(result.capacity)} meets {slo_text}"
-        tail = f"missed at {format_rate(result.ceiling)}; precision {pct}"
-        if result.reason != "found":
-            tail += f"; {result.reason}"
-        lines.append(f"{head} ({tail})")
+        lines.append(
+            f"capacity: between {format_rate(result.capacity)} (meets {slo_text}) and "
+            f"{format_rate(result.ceiling)} (misses it), not narrowed to {pct}: {result.reason}"
+        )
     return "\n".join(lines)

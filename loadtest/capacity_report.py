@@ -61,6 +61,11 @@ def render_capacity_html(doc: Mapping[str, Any]) -> str:
         answer = f"No rate met {slo}: {doc.get('reason')}"
     elif ceiling is None:
         answer = f"At least {format_rate(capacity)} meets {slo} ({doc.get('reason')})"
+    elif doc.get("reason") != "found":
+        answer = (
+            f"{format_rate(capacity)} meets {slo}; {format_rate(ceiling)} misses it; "
+            f"not narrowed to {precision}: {doc.get('reason')}"
+        )
     else:
         answer = (
             f"{format_rate(capacity)} meets {slo}; {format_rate(ceiling)} misses it "
@@ -73,7 +78,9 @@ def render_capacity_html(doc: Mapping[str, Any]) -> str:
         rows.append(
             [
                 format_rate(p["rate"]),
-                format_rate(float((p.get("generator") or {}).get("achieved_rate", 0.0))),
+                "stopped"
+                if p.get("stopped_early")
+                else format_rate(float((p.get("generator") or {}).get("achieved_rate", 0.0))),
                 str(p.get("requests", 0)),
                 fmt_ms(lat.get("p50")),
                 fmt_ms(lat.get("p99")),

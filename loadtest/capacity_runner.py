@@ -24,7 +24,7 @@ from loadtest.rates import format_rate
 from loadtest.runner import LoadTestError, LoadTestOptions, prepare, settings_line
 from loadtest.server_metrics import Snapshot, breakdown, scrape_all
 from loadtest.slo import Slo, evaluate
-from loadtest.summary import summarize
+from loadtest.summary import number, summarize
 
 __all__ = ["CapacityOptions", "run_capacity"]
 
@@ -101,12 +101,10 @@ def run_capacity(
         generator = stats.to_dict()
         stopped = stats.unsent > 0
         ok: bool | None
-        if stopped:
-            ok = False
-        elif not generator_kept_up(generator, rate):
+        if not generator_kept_up(generator, rate, stopped):
             ok = None
         else:
-            ok = all(v.ok for v in verdicts)
+            ok = not stopped and all(v.ok for v in verdicts)
         found = ProbeResult(
             rate=rate,
             ok=ok,
@@ -121,7 +119,7 @@ def run_capacity(
         echo(
             f"probe {format_rate(rate)}: "
             + {True: "met", False: "MISSED", None: "not judged"}[ok]
-            + (f" (p99 {p99:.3g}ms" if p99 is not None else " (no answers")
+            + (f" (p99 {number(p99)}ms" if p99 is not None else " (no answers")
             + f", errors {summary.get('error_rate', 0.0) * 100:.3g}%"
             + (", stopped early)" if stopped else ")")
         )

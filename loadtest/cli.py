@@ -30,6 +30,7 @@ from loadtest.runner import (
     worker_command,
 )
 from loadtest.slo import parse_slos
+from loadtest.summary import number
 from loadtest.transport import TRANSPORTS
 from serving.durations import parse_duration
 
@@ -49,7 +50,9 @@ def format_result(result: LoadTestResult) -> str:
     if lat:
         lines.append(
             "latency ms: "
-            + "  ".join(f"{k} {lat[k]:.3g}" for k in ("p50", "p90", "p95", "p99", "p99.9", "max"))
+            + "  ".join(
+                f"{k} {number(lat[k])}" for k in ("p50", "p90", "p95", "p99", "p99.9", "max")
+            )
         )
     if s["versions"]:
         lines.append(
@@ -66,7 +69,7 @@ def format_result(result: LoadTestResult) -> str:
         lines.append(
             f"generator: sent {generator['sent']} of {generator['scheduled']} "
             f"({generator['achieved_rate']:.1f}/s of {generator['target_rate']:.1f}/s planned), "
-            f"lag p99 {lag['p99'] or 0:.3g}ms, max {lag['max'] or 0:.3g}ms"
+            f"lag p99 {number(lag['p99'] or 0)}ms, max {number(lag['max'] or 0)}ms"
         )
         warning = generator_warning(generator)
         if warning:
@@ -77,8 +80,9 @@ def format_result(result: LoadTestResult) -> str:
             q, c, b = row["queue_ms"], row["compute_ms"], row["batch_size"]
             lines.append(
                 f"server {name}: {row['requests']} requests, queue p50/p99 "
-                f"{q['p50'] or 0:.3g}/{q['p99'] or 0:.3g}ms, compute p50/p99 "
-                f"{c['p50'] or 0:.3g}/{c['p99'] or 0:.3g}ms, mean batch {b['mean'] or 0:.3g}"
+                f"{number(q['p50'] or 0)}/{number(q['p99'] or 0)}ms, compute p50/p99 "
+                f"{number(c['p50'] or 0)}/{number(c['p99'] or 0)}ms, "
+                f"mean batch {b['mean'] or 0:.3g}"
             )
         lines += [f"server: {v}" for v in server_verdicts(server)]
         lines += [

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from loadtest.summary import PERCENTILES
+from loadtest.summary import PERCENTILES, number
 
 __all__ = [
     "DEFAULT_NOISE",
@@ -199,7 +199,7 @@ def _show(value: float | None, unit: str) -> str:
     if unit == "%":
         return f"{value * 100:.3g}%"
     if unit == "ms":
-        return f"{value:.3g}ms"
+        return f"{number(value)}ms"
     if unit == "/s":
         return f"{value:.1f}/s"
     return f"{value:g}"

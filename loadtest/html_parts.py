@@ -5,6 +5,8 @@ from __future__ import annotations
 from html import escape
 from typing import Any, Final
 
+from loadtest.summary import number
+
 __all__ = ["CSS", "chart", "fmt_ms", "table", "tile"]
 
 CSS: Final = """
@@ -30,7 +32,7 @@ figcaption{font-weight:600;margin-bottom:4px}svg.plot{width:100%;height:auto}
 
 def fmt_ms(value: Any) -> str:
     """Milliseconds to three significant digits, ``-`` when missing."""
-    return "-" if value is None else f"{value:.3g}"
+    return "-" if value is None else number(value)
 
 
 def tile(label: str, value: str) -> str:

@@ -14,6 +14,7 @@ from typing import Final, TextIO
 
 from loadtest.openloop import Tick, hist_percentile
 from loadtest.rates import format_rate
+from loadtest.summary import number
 
 __all__ = ["PROGRESS_PREFIX", "Progress", "ProgressLine"]
 
@@ -42,7 +43,7 @@ class Progress:
         if self.target is not None:
             parts[-1] += f" (target {format_rate(self.target)})"
         for name, value in (("p50", self.p50_ms), ("p99", self.p99_ms)):
-            parts.append(f"{name} {value:.3g}ms" if value is not None else f"{name} -")
+            parts.append(f"{name} {number(value)}ms" if value is not None else f"{name} -")
         share = self.errors / self.requests * 100 if self.requests else 0.0
         parts.append(f"errors {self.errors} ({share:.3g}%)")
         if self.in_flight is not None:
