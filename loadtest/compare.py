@@ -2,10 +2,10 @@
 
 A difference is called better or WORSE only beyond a noise threshold, stated in the
 output: a relative ``noise`` (default 5%), raised for requests/s and the p50/p90/p99
-latencies to what the runs' own second-to-second spread makes significant (two
-standard errors of each run's per-second values, combined); the error rate is judged by
-a two-proportion test (a change beyond two standard errors). Runs whose settings differ
-are compared with a warning naming each difference.
+latencies (and each version's p99) to what the runs' own second-to-second spread makes
+significant (two standard errors of each run's per-second values, combined); the error
+rate is judged by a two-proportion test (a change beyond two standard errors). Runs
+whose settings differ are compared with a warning naming each difference.
 """
 
 from __future__ import annotations
@@ -100,8 +100,10 @@ def _num(value: Any) -> float | None:
 
 
 def _spread(summary: Mapping[str, Any], key: str) -> float:
-    """Two standard errors of the mean of a per-second series, relative to its mean."""
-    values = [float(p[key]) for p in summary.get("timeline", []) if p.get(key) is not None]
+    """Two standard errors of the mean of a per-second series, relative to its mean
+    (the first and last seconds, partly outside the run, left out)."""
+    timeline = summary.get("timeline", [])[1:-1]
+    values = [float(p[key]) for p in timeline if p.get(key) is not None]
     if len(values) < 3:
         return 0.0
     mean = statistics.fmean(values)
@@ -178,6 +180,7 @@ def compare(
                 "ms",
                 False,
                 noise,
+                both("p99"),  # a version's own per-second p99 is not kept: the run's spread
             )
         )
     return rows
