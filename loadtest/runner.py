@@ -376,7 +376,7 @@ def settings(opts: LoadTestOptions, samples: Path | None) -> dict[str, Any]:
         "url": opts.url,
         "urls": opts.targets,
         "protocol": opts.protocol,
-        "api_key": f"${opts.api_key_env}" if os.environ.get(opts.api_key_env) else None,
+        "api_key": f"${opts.api_key_env}" if os.environ.get(opts.api_key_env) else "none",
         "workers": opts.workers + opts.remote_workers
         if opts.workers > 1 or opts.remote_workers
         else 0,
@@ -409,7 +409,7 @@ def settings(opts: LoadTestOptions, samples: Path | None) -> dict[str, Any]:
             users=opts.users,
             spawn_rate=opts.spawn_rate,
             shape=opts.shape,
-            user_rps=opts.user_rps or None,
+            user_rps=opts.user_rps or "no pause (back to back)",
         )
         if opts.shape == "step":
             config["steps"] = opts.steps
