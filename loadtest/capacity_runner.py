@@ -18,7 +18,7 @@ from loadtest.capacity import (
     stop_rule,
 )
 from loadtest.capacity_report import render_capacity_html
-from loadtest.open_runner import WORKER_LEAD_S, run_jobs
+from loadtest.open_runner import run_jobs
 from loadtest.progress import ProgressLine
 from loadtest.rates import format_rate
 from loadtest.runner import LoadTestError, LoadTestOptions, prepare, settings_line
@@ -27,8 +27,6 @@ from loadtest.slo import Slo, evaluate
 from loadtest.summary import number, summarize
 
 __all__ = ["CapacityOptions", "run_capacity"]
-
-_LEAD_S = 0.3
 
 
 @dataclass
@@ -67,29 +65,35 @@ def run_capacity(
     rule = stop_rule(copts.slos)
 
     def probe(rate: float) -> ProbeResult:
-        lead = WORKER_LEAD_S if opts.workers > 1 else _LEAD_S
-        start_at = time.time() + lead
         job = replace(
             ready.job,
             rate=f"{rate}/s",
             duration_s=copts.warmup_s + copts.probe_s,
             warmup_s=copts.warmup_s,
             stop=rule,
-            start_at=start_at,
         )
         before: list[Snapshot] = []
-        timer = threading.Timer(
-            max(start_at + copts.warmup_s - time.time(), 0.0),
-            lambda: before.extend(scrape_all(ready.scrape, ready.headers)),
-        )
-        timer.start()
+        timers: list[threading.Timer] = []
+
+        def scrape_at_warmup_end(start_at: float) -> None:
+            timers.append(
+                threading.Timer(
+                    max(start_at + copts.warmup_s - time.time(), 0.0),
+                    lambda: before.extend(scrape_all(ready.scrape, ready.headers)),
+                )
+            )
+            timers[0].start()
+
         line = progress(rate) if progress is not None else None
         try:
-            result = run_jobs(job, opts.workers, opts.out, line.tick if line else None)
+            result = run_jobs(
+                job, opts.workers, opts.out, line.tick if line else None, scrape_at_warmup_end
+            )
         except (RuntimeError, OSError, ValueError) as e:
             raise LoadTestError(str(e)) from None
         finally:
-            timer.join()
+            for timer in timers:
+                timer.join()
             if line is not None:
                 line.close()
         stats = result.stats

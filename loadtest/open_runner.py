@@ -45,6 +45,8 @@ __all__ = [
 _ROOT: Final = str(Path(__file__).resolve().parent.parent)
 #: Worker processes start this long before their shared start time (imports, metadata).
 WORKER_LEAD_S: Final = 2.0
+#: A job in this process starts this long after its requests are built.
+_LEAD_S: Final = 0.05
 _T = TypeVar("_T")
 
 
@@ -205,12 +207,22 @@ def _schedule(
     return schedule, plan.duration_s, planned
 
 
-async def run_job(job: EngineJob, on_tick: Callable[[Tick], None] | None = None) -> JobResult:
-    """Run ``job`` in this process's event loop."""
+async def run_job(
+    job: EngineJob,
+    on_tick: Callable[[Tick], None] | None = None,
+    on_start: Callable[[float], None] | None = None,
+) -> JobResult:
+    """Run ``job`` in this process's event loop.
+
+    Without a ``start_at`` of its own the job starts once its requests are built (so
+    building them never makes the first ones late); ``on_start`` gets the start time.
+    """
     transport = _transport(job)
     try:
         schedule, length, planned = _schedule(job, transport)
-        start_at = job.start_at if job.start_at is not None else time.time()
+        start_at = job.start_at if job.start_at is not None else time.time() + _LEAD_S
+        if on_start is not None:
+            on_start(start_at)
         stop = asyncio.Event()
         result = JobResult(Recorder())
         sink = _Window(
@@ -274,16 +286,19 @@ def run_jobs(
     workers: int,
     out: Path,
     on_tick: Callable[[Tick], None] | None = None,
+    on_start: Callable[[float], None] | None = None,
 ) -> JobResult:
     """Run ``job`` split over ``workers`` processes (1: in this process) and merge them.
 
     Each worker sends 1/N of the rate (phases interleaved) or every N-th request of a
-    replay, from a start time they share; their logs go to ``out/worker-<i>.log``.
-    RuntimeError names a worker that failed.
+    replay, from a start time they share (``on_start`` gets it); their logs go to
+    ``out/worker-<i>.log``. RuntimeError names a worker that failed.
     """
     if workers <= 1:
-        return run_async(run_job(replace(job, workers=1, worker=0), on_tick))
+        return run_async(run_job(replace(job, workers=1, worker=0), on_tick, on_start))
     start_at = job.start_at if job.start_at is not None else time.time() + WORKER_LEAD_S
+    if on_start is not None:
+        on_start(start_at)
     lines: queue.Queue[tuple[int, bytes | None]] = queue.Queue()
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[IO[bytes]] = []

@@ -112,12 +112,13 @@ def _run_with_hog(job: EngineJob, hog_s: float) -> JobResult:
 def test_a_generator_that_falls_behind_says_so_and_counts_its_delay() -> None:
     with paced_server() as server:
         job = EngineJob([server.url], model="paced", rate="200/s", duration_s=1.5)
-        starved = _run_with_hog(job, 0.3)
+        starved = _run_with_hog(job, 0.5)
         normal = _run_with_hog(job, 0.0)
     gen = starved.stats.to_dict()
     warning = generator_warning(gen)
     assert warning is not None and "near its limit" in warning
-    # the ~60 requests due while it was starved left late, and their wait is in the latency
-    assert starved.stats.late >= 40 > normal.stats.late
-    assert summarize(starved.measured.to_dict())["latency_ms"]["p99"] >= 200
+    # the ~100 requests due while it was starved left late (beyond what a busy host makes
+    # late anyway), and their wait is in the latency
+    assert starved.stats.late >= normal.stats.late + 50
+    assert summarize(starved.measured.to_dict())["latency_ms"]["p99"] >= 300
     assert gen["sent"] == gen["scheduled"] == 300  # late, never dropped
