@@ -19,9 +19,10 @@ from loadtest.capacity import (
 )
 from loadtest.capacity_report import render_capacity_html
 from loadtest.open_runner import run_jobs
+from loadtest.options import LoadTestError, LoadTestOptions
+from loadtest.preflight import prepare, settings_line
 from loadtest.progress import ProgressLine
 from loadtest.rates import format_rate
-from loadtest.runner import LoadTestError, LoadTestOptions, prepare, settings_line
 from loadtest.server_metrics import Snapshot, breakdown, scrape_all
 from loadtest.slo import Slo, evaluate
 from loadtest.summary import number, summarize
