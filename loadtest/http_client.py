@@ -15,8 +15,10 @@ import itertools
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
+from loadtest.gateway import fetch_metadata
 from loadtest.payloads import (
     HEADER_LENGTH,
     VERSION_HEADER,
@@ -42,6 +44,7 @@ class _Target:
     port: int
     tls: ssl.SSLContext | None
     base: str
+    host_header: str
     prefix: bytes
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
     slots: asyncio.Semaphore | None = None
@@ -59,6 +62,7 @@ def _target(url: str, max_connections: int) -> _Target:
         port=port,
         tls=tls,
         base=parts.path.rstrip("/"),
+        host_header=host_header,
         prefix=f"host: {host_header}\r\n".encode("latin-1"),
         slots=asyncio.Semaphore(max_connections),
     )
@@ -92,10 +96,17 @@ class HttpTransport:
             raise ValueError("no gateway URL")
         self._targets = [_target(u, options.max_connections) for u in options.targets]
         self._next = itertools.cycle(self._targets)
+        self._headers = dict(options.headers)
         self._extra = b"".join(
             f"{k}: {v}\r\n".encode("latin-1") for k, v in options.headers.items()
         )
         self._timeout_s = options.timeout_s
+
+    async def metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        """``GET /v2/models/{model}[/versions/{version}]`` of the first gateway."""
+        base = self._targets[0]
+        url = f"{'https' if base.tls else 'http'}://{base.host_header}{base.base}"
+        return await asyncio.to_thread(fetch_metadata, url, model, version, self._headers)
 
     def calls(self, model: str, version: str | None, payloads: Sequence[Payload]) -> list[Call]:
         """One POST to the model's V2 infer path per payload."""

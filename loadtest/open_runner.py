@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Final, TypeVar
 
-from loadtest.gateway import auth_headers, fetch_metadata
+from loadtest.gateway import auth_headers
 from loadtest.openloop import EngineStats, FailFast, Tick, run_open_loop
 from loadtest.payloads import build_payloads, load_samples
 from loadtest.rates import parse_rate
@@ -178,14 +178,14 @@ def _transport(job: EngineJob) -> Transport:
     return factory(TransportOptions(job.targets, job.max_connections, _auth(job), job.timeout_s))
 
 
-def _model_calls(job: EngineJob, transport: Transport) -> list[Call]:
-    metadata = fetch_metadata(job.targets[0], job.model, job.model_version, _auth(job))
+async def _model_calls(job: EngineJob, transport: Transport) -> list[Call]:
+    metadata = await transport.metadata(job.model, job.model_version)
     samples = load_samples(Path(job.samples)) if job.samples else None
     payloads = build_payloads(metadata, samples, binary=job.binary, batch_size=job.batch_size)
     return transport.calls(job.model, job.model_version, payloads)
 
 
-def _schedule(
+async def _schedule(
     job: EngineJob, transport: Transport
 ) -> tuple[Iterator[tuple[float, Call]], float, float]:
     """(schedule, its length in seconds, requests planned in the measured window)."""
@@ -197,7 +197,7 @@ def _schedule(
         return iter(mine), length, float(len(mine))
     assert job.rate is not None
     plan = parse_rate(job.rate, job.duration_s).scaled(1.0 / job.workers)
-    calls = _model_calls(job, transport)
+    calls = await _model_calls(job, transport)
     times = plan.send_times(
         job.arrival, phase=(job.worker + 0.5) / job.workers, seed=job.seed + job.worker
     )
@@ -219,7 +219,7 @@ async def run_job(
     """
     transport = _transport(job)
     try:
-        schedule, length, planned = _schedule(job, transport)
+        schedule, length, planned = await _schedule(job, transport)
         start_at = job.start_at if job.start_at is not None else time.time() + _LEAD_S
         if on_start is not None:
             on_start(start_at)
@@ -247,7 +247,7 @@ async def run_job(
 async def _check(job: EngineJob) -> Outcome:
     transport = _transport(job)
     try:
-        return await transport.send(_model_calls(job, transport)[0])
+        return await transport.send((await _model_calls(job, transport))[0])
     finally:
         await transport.aclose()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from loadtest.gateway import GatewayError, auth_headers, fetch_metadata
+from loadtest.gateway import GatewayError, auth_headers
 from loadtest.open_runner import EngineJob, check_request
 from loadtest.options import LoadTestError, LoadTestOptions
 from loadtest.payloads import find_samples
@@ -178,13 +178,7 @@ def prepare(opts: LoadTestOptions) -> Prepared:
     headers = auth_headers(opts.api_key_env)
     samples = None
     if mode != "replay":
-        try:
-            fetch_metadata(opts.targets[0], opts.model, opts.model_version, headers)
-        except GatewayError as e:
-            raise LoadTestError(str(e)) from None
         samples = _samples(opts)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / RAW_FILE).unlink(missing_ok=True)
     job = engine_job(opts, samples)
     check = None
     if mode != "replay":
@@ -192,4 +186,6 @@ def prepare(opts: LoadTestOptions) -> Prepared:
             check = check_model_request(job)
         except (GatewayError, ValueError) as e:
             raise LoadTestError(str(e)) from None
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / RAW_FILE).unlink(missing_ok=True)
     return Prepared(samples, job, settings(opts, samples), headers, metrics_urls(opts), check)

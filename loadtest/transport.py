@@ -1,10 +1,11 @@
 """What the open-loop engine sends requests through: a small interface and a table of them.
 
-A transport turns encoded inference requests (``Payload``, built once from the model's
-metadata) into ``Call`` objects of its own protocol, sends one call at a time per caller
-and answers an ``Outcome``. It never raises for a failed request: a refusal, a timeout or
-a refused connection is an ``Outcome`` with a status (0 when no answer came) and the
-message the report shows. The engine owns concurrency, pacing and timing.
+A transport reads the model's metadata, turns encoded inference requests (``Payload``,
+built once from that metadata) into ``Call`` objects of its own protocol, sends one call
+at a time per caller and answers an ``Outcome``. It never raises for a failed request: a
+refusal, a timeout or a refused connection is an ``Outcome`` with a status (0 when no
+answer came) and the message the report shows. The engine owns concurrency, pacing and
+timing.
 
 ``TRANSPORTS`` maps a ``--protocol`` name to ``"module:factory"``; a transport module is
 imported only when chosen (a gRPC one adds its line here).
@@ -62,6 +63,10 @@ class TransportOptions:
 
 class Transport(Protocol):
     """Sends calls to the gateways and reports each one's outcome."""
+
+    async def metadata(self, model: str, version: str | None) -> dict[str, Any]:
+        """The model's V2 metadata (inputs, outputs) from the first gateway; raises
+        ``loadtest.gateway.GatewayError`` naming the gateway when it cannot."""
 
     def calls(self, model: str, version: str | None, payloads: Sequence[Payload]) -> list[Call]:
         """The calls of this protocol for inference requests ``payloads`` to ``model``."""
