@@ -8,7 +8,7 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean redis
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean redis chromium
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,15 @@ redis:
 pytest: $(BIN)/.fermion-installed redis
 	$(BIN)/pytest
 
-test: lint typecheck imports pytest
+test: lint typecheck imports chromium pytest
+
+# Headless Chromium for the load test report's browser test (tests/loadtest/test_report_html.py),
+# from Debian's package when it is missing (apt-get as root, else through sudo).
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 
 # Mutation testing of the core modules by their own unit tests ([tool.mutmut] in
 # pyproject.toml). A first run takes tens of minutes on 2 cores (most of it the batcher);

@@ -20,6 +20,7 @@ from model_store.manifest import validate_model_name
 __all__ = [
     "AuthConfig",
     "BatchingConfig",
+    "CaptureConfig",
     "ConfigError",
     "ControlConfig",
     "ExecutorConfig",
@@ -400,6 +401,32 @@ class ControlConfig(_Strict):
         return self.store != "memory"
 
 
+class CaptureConfig(_Strict):
+    """Sampled payload capture for ``fermion loadtest replay`` (off while ``percent`` is 0)."""
+
+    #: Share of inference requests captured, in percent.
+    percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    #: Folder of the rotating ``capture-<pid>-<seq>.jsonl`` files.
+    dir: Path = Path("fermion-capture")
+    #: A file is closed after the record that takes it past this size.
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    #: The oldest files of the folder are removed beyond this many.
+    max_files: int = Field(default=8, ge=1, le=10_000)
+    #: Larger request (or answer) bodies are recorded without their bytes.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=0)
+    #: Records waiting for the writer; beyond it they are dropped (and counted).
+    queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    #: Also record the answers' bodies.
+    responses: bool = True
+    #: Headers left out besides the credential headers (authorization, cookie, ...).
+    redact_headers: list[str] = Field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any request is captured."""
+        return self.percent > 0
+
+
 class FermionConfig(_Strict):
     """The whole gateway configuration (``fermion.yaml``)."""
 
@@ -416,6 +443,7 @@ class FermionConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
     #: A/B routes: public model name -> weighted versions, stickiness, shadow, canary bounds.
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     control: ControlConfig = Field(default_factory=ControlConfig)

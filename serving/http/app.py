@@ -27,6 +27,7 @@ from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
+from serving.http.middleware.capture import CaptureMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
@@ -38,6 +39,7 @@ from serving.inference.limits import RateLimiter, RequestLimits
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferenceService
 from serving.observability import tracing
+from serving.observability.capture import CaptureWriter
 from serving.observability.counters import VersionCounters
 from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
@@ -111,8 +113,34 @@ def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
             )
 
 
+def _capture_writer(config: FermionConfig) -> CaptureWriter | None:
+    c = config.capture
+    if not c.enabled:
+        return None
+    return CaptureWriter(
+        c.dir, max_file_bytes=c.max_file_bytes, max_files=c.max_files, queue_size=c.queue_size
+    )
+
+
+def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware | None:
+    c = config.capture
+    if writer is None:
+        return None
+    return Middleware(
+        CaptureMiddleware,
+        writer=writer,
+        percent=c.percent,
+        max_body_bytes=c.max_body_bytes,
+        responses=c.responses,
+        redact_headers=c.redact_headers,
+    )
+
+
 def _middleware(
-    config: FermionConfig, metrics: GatewayMetrics | None, limiter: RateLimiter | None
+    config: FermionConfig,
+    metrics: GatewayMetrics | None,
+    limiter: RateLimiter | None,
+    capture: CaptureWriter | None = None,
 ) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
@@ -123,6 +151,7 @@ def _middleware(
     tracer = tracing.current_tracer()
     layers = [
         Middleware(RequestIdMiddleware),
+        _capture(config, capture),
         Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
         Middleware(AccessLogMiddleware) if config.server.access_log else None,
         Middleware(
@@ -217,8 +246,9 @@ def create_app(
     if shared is not None:
         fleet_limiter = limiter if isinstance(limiter, FleetRateLimiter) else None
         fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
+    capture = _capture_writer(config)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts, fleet):
+        for collector in (route_table, route_table.shadow, rollouts, fleet, capture):
             if collector is not None:
                 metrics.register(collector)
 
@@ -249,11 +279,13 @@ def create_app(
             await repository.stop()
             await backend.stop()
             tracing.shutdown()
+            if capture is not None:
+                await asyncio.to_thread(capture.close)
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
         routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
-        middleware=_middleware(config, metrics, limiter),
+        middleware=_middleware(config, metrics, limiter, capture),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
