@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from serving.config import ControlConfig
@@ -175,7 +176,10 @@ class RedisControlStore(ControlStore):
             config.store,
             socket_timeout=config.timeout_s,
             socket_connect_timeout=config.timeout_s,
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry on a broken connection only: a Redis restarted since a
+            # pooled connection was opened leaves it dead, and the retry takes a fresh one.
+            # A timeout is not retried: the store counts as down at once.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=0,
         )
         register = self._client.register_script
