@@ -57,6 +57,9 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
+    #: Readiness as Triton's strict mode: 503 while any configured or store-listed version
+    #: failed to load. False: ready once every served model has a ready version.
+    strict_readiness: bool = True
 
 
 class StoreConfig(_Strict):
