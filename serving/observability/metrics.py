@@ -67,7 +67,10 @@ class GatewayMetrics:
         return self.counters.version(model, version)
 
     def reject(self, model: str, reason: str) -> None:
-        """Count a request refused before it was computed (``model`` "" when unknown)."""
+        """Count a request refused at the door (``model`` "" when it names none).
+
+        A model this gateway never served counts as ``UNKNOWN_MODEL``.
+        """
         self.counters.refuse(model, reason)
 
     def register(self, collector: Collector) -> None:
@@ -75,32 +78,59 @@ class GatewayMetrics:
         self.registry.register(collector)
 
     def collect(self) -> Iterator[Metric]:
-        """Prometheus families of every metric (the registry calls this on scrape)."""
+        """Prometheus families of every metric (the registry calls this on scrape).
+
+        Every inference request is counted once in ``fermion_requests`` (by status) and
+        timed once in ``fermion_request_duration_seconds`` (by status class);
+        ``fermion_rejected_requests`` breaks the refused ones down by reason. Requests
+        that reached no version have ``version=""``.
+        """
         mv = ["model", "version"]
         versions = self.counters.all()
+        everything = [*versions, *self.counters.doors()]
         requests = CounterMetricFamily(
             "fermion_requests", "Inference requests by status code.", labels=[*mv, "status"]
         )
-        inflight = GaugeMetricFamily(
-            "fermion_inflight_requests", "Inference requests being handled now.", labels=["model"]
+        durations = HistogramMetricFamily(
+            "fermion_request_duration_seconds",
+            "Inference request latency, from arrival to answer, by status class.",
+            labels=[*mv, "status_class"],
         )
-        failed = CounterMetricFamily(
-            "fermion_failed_batches", "Batches whose computation failed.", labels=mv
+        rejected = CounterMetricFamily(
+            "fermion_rejected_requests",
+            "Requests refused before computation, by reason (part of fermion_requests).",
+            labels=["model", "reason"],
         )
-        for v in versions:
-            labels = [v.model, str(v.version)]
+        refused: dict[tuple[str, str], int] = {}
+        for v in everything:
+            labels = [v.model, str(v.version) if v.version else ""]
             if v.ok:
                 requests.add_metric([*labels, "200"], v.ok)
             for status, count in sorted(v.statuses.items()):
                 requests.add_metric([*labels, status], count)
-            failed.add_metric(labels, v.failed_batches)
+            for status_class, h in v.durations.items():
+                if any(h.counts) or (status_class == "2xx" and v.version):
+                    durations.add_metric([*labels, status_class], h.buckets(), h.total)
+            for reason, count in v.refused.items():
+                refused[(v.model, reason)] = refused.get((v.model, reason), 0) + count
+        for (model, reason), count in sorted(refused.items()):
+            rejected.add_metric([model, reason], count)
+        yield requests
+        yield durations
+        yield rejected
+        inflight = GaugeMetricFamily(
+            "fermion_inflight_requests", "Inference requests being handled now.", labels=["model"]
+        )
         for model in sorted({v.model for v in versions}):
             inflight.add_metric([model], self.counters.inflight.get(model, 0))
-        yield requests
         yield inflight
+        failed = CounterMetricFamily(
+            "fermion_failed_batches", "Batches whose computation failed.", labels=mv
+        )
+        for v in versions:
+            failed.add_metric([v.model, str(v.version)], v.failed_batches)
         yield failed
         for name, doc, attr in (
-            ("fermion_request_duration_seconds", "Inference request latency.", "latency"),
             ("fermion_queue_duration_seconds", "Time requests waited for a batch.", "queue_hist"),
             ("fermion_compute_duration_seconds", "Time to compute one batch.", "compute_hist"),
             ("fermion_batch_size", "Rows per computed batch.", "batch_rows"),
@@ -119,18 +149,6 @@ class GatewayMetrics:
         for model, version, target, device in self._artifacts() if self._artifacts else ():
             chosen.add_metric([model, str(version), target, device], 1)
         yield chosen
-        rejected = CounterMetricFamily(
-            "fermion_rejected_requests",
-            "Requests refused before computation, by reason.",
-            labels=["model", "reason"],
-        )
-        refused = dict(self.counters.refused)
-        for v in versions:
-            for reason, count in v.refused.items():
-                refused[(v.model, reason)] = refused.get((v.model, reason), 0) + count
-        for (model, reason), count in sorted(refused.items()):
-            rejected.add_metric([model, reason], count)
-        yield rejected
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""
