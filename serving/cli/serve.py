@@ -70,7 +70,7 @@ def _server(config: uvicorn.Config, url: str) -> uvicorn.Server:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.cli.banner import usage_text
+    from serving.cli.banner import start_banner
     from serving.http.app import create_app
 
     overrides: dict[str, Any] = {}
@@ -94,6 +94,16 @@ def _serve(args: argparse.Namespace) -> int:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if not args.allow_empty and not config.models:
+        from model_store.store import ModelStore
+
+        if not ModelStore(config.store.root).models():
+            print(
+                f"fermion: nothing to serve: no model in {config.store.root} and none "
+                "configured (--allow-empty serves anyway, not ready until a model loads)",
+                file=sys.stderr,
+            )
+            return 2
     host = config.server.host
     try:
         sock = _bind(host, config.server.port)
@@ -103,17 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     base_url = _url(host, sock.getsockname()[1])
 
     def on_ready(repo: ModelRepository) -> None:
-        names = repo.configured_models()
-        if not names:
-            print(f"Fermion is up at {base_url} with no models in {config.store.root}", flush=True)
-            return
-        name = names[0]
-        try:
-            versions = repo.versions(name)
-        except Exception:
-            return
-        manifest = versions[max(versions)].manifest
-        print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
+        print(start_banner(repo, base_url, api_key=demo_key), flush=True)
 
     app = create_app(config, on_ready=on_ready, config_path=args.config)
     server_config = uvicorn.Config(
@@ -145,5 +145,10 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--demo-key",
         metavar="NAME",
         help="(re)create key NAME (infer:*,read) in the keys file and print it with the examples",
+    )
+    serve.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="start even with nothing to serve (else exit 2); not ready until a model loads",
     )
     serve.set_defaults(func=_serve)
