@@ -94,7 +94,7 @@ async def test_a_configured_model_missing_from_the_store(
     ab_store: ModelStore, tmp_path: Path
 ) -> None:
     store = _copy_versions(ab_store, tmp_path / "store", [1])
-    models = {"models": {MODEL: {}, "typo": {}}}
+    models: dict[str, Any] = {"models": {MODEL: {}, "typo": {}}}
     async with _gateway(_config(store, **models), store) as (_, client):
         r = await client.get("/v2/health/ready")
         assert (await client.post(f"/v2/models/{MODEL}/infer", json=BODY)).status_code == 200
