@@ -353,12 +353,28 @@ class LimitsConfig(_Strict):
 
 
 class TracingConfig(_Strict):
-    """OpenTelemetry traces."""
+    """OpenTelemetry traces.
 
-    exporter: Literal["none", "console", "otlp-http"] = "none"
-    #: OTLP/HTTP traces endpoint.
-    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    A key left out of the file takes the standard ``OTEL_*`` environment variable
+    (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_PROTOCOL``,
+    ``_HEADERS``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER[_ARG]``), then the default
+    below; a key set in the file wins (see ``serving.observability.tracing.resolve``).
+    """
+
+    exporter: Literal["none", "console", "otlp-http", "otlp-grpc"] = "none"
+    #: OTLP endpoint: the traces URL for otlp-http, ``http://host:port`` for otlp-grpc.
+    #: None: from the environment, else the local collector's default.
+    endpoint: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    #: OTEL_TRACES_SAMPLER's names; the ratio applies to the traceidratio ones.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_traceidratio"
     #: Share of new traces recorded (requests with a sampled parent always are).
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_name: str = "fermion"

@@ -71,7 +71,7 @@ class ReplicaDeployment:
             tracing.configure(TracingConfig.model_validate_json(tracing_json))
         self._attributes: dict[str, str | int] = {
             "fermion.model": manifest.name,
-            "fermion.version": manifest.version,
+            "fermion.version": str(manifest.version),
         }
         self._replica = ModelReplica(
             ModelStore(store_root), manifest, prefer=prefer, options=options
@@ -94,6 +94,12 @@ class ReplicaDeployment:
     def describe(self) -> dict[str, Any]:
         """The artifact this replica chose, and its load and warm-up times."""
         return self._replica.describe()
+
+
+def _replica_tracing(config: TracingConfig) -> str | None:
+    """The gateway's tracing, resolved from its file and environment, for its replicas."""
+    resolved = tracing.resolve(config)
+    return resolved.model_dump_json() if resolved.exporter != "none" else None
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:
@@ -349,9 +355,7 @@ class RayBackend(Backend):
                 manifest.model_dump_json(),
                 list(executor.prefer),
                 executor.intra_op_threads,
-                self._config.tracing.model_dump_json()
-                if self._config.tracing.exporter != "none"
-                else None,
+                _replica_tracing(self._config.tracing),
             )
             # Not serve.run: it waits for RUNNING with no deadline; this load has one.
             target = serve.RunTarget(bound, name=app, route_prefix=None)
