@@ -24,11 +24,11 @@ serve: demo
 		--keys-file $(KEYS) --demo-key demo
 
 lint: $(BIN)/.fermion-installed
-	$(BIN)/ruff check serving compilers model_store loadtest bench tests
-	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests
+	$(BIN)/ruff check serving compilers model_store loadtest bench tests deploy
+	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests deploy
 
 typecheck: $(BIN)/.fermion-installed
-	$(BIN)/mypy serving compilers model_store loadtest bench tests
+	$(BIN)/mypy serving compilers model_store loadtest bench tests deploy
 
 # The layer contract of DESIGN.md ([tool.importlinter] in pyproject.toml).
 imports: $(BIN)/.fermion-installed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = ["add_serve_parser"]
 
+#: The port when ``--port`` is not given (over the config file's): images set it, and
+#: their HEALTHCHECK reads it too.
+PORT_ENV = "FERMION_PORT"
 #: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
 _STARTUP_FAILURE = 3
 
@@ -78,8 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["store.root"] = str(args.store)
     if args.host is not None:
         overrides["server.host"] = args.host
-    if args.port is not None:
-        overrides["server.port"] = args.port
+    port = args.port if args.port is not None else os.environ.get(PORT_ENV)
+    if port is not None:
+        overrides["server.port"] = port
     if args.backend is not None:
         overrides["backend"] = args.backend
     if args.keys_file is not None:
@@ -137,7 +142,9 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument("--store", type=Path, help="model store root (store.root)")
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument(
-        "--port", type=int, help="listen port (server.port); 0: a free one, printed once listening"
+        "--port",
+        type=int,
+        help=f"listen port (server.port, or ${PORT_ENV}); 0: a free one, printed once listening",
     )
     serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")

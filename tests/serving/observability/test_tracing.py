@@ -12,7 +12,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
-import grpc  # type: ignore[import-untyped]
+import grpc
 import numpy as np
 import pytest
 from opentelemetry import trace
