@@ -33,7 +33,7 @@ from serving.http.v2 import routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.limits import RateLimiter, RequestLimits
-from serving.inference.repository import ModelRepository
+from serving.inference.repository import ModelRepository, VersionState
 from serving.inference.service import InferenceService
 from serving.observability import tracing
 from serving.observability.counters import VersionCounters
@@ -155,7 +155,7 @@ def create_app(
         metrics = GatewayMetrics(
             counters,
             lambda: (
-                (sv.name, sv.version, sv.batcher.queue_depth)
+                (sv.name, sv.version, sv.batcher.queue_depth, sv.batcher.max_queue_size)
                 for sv in repository.served()
                 if sv.batcher is not None
             ),
@@ -168,6 +168,14 @@ def create_app(
                 )
                 for sv in repository.served()
                 if sv.replica
+            ),
+            replicas=backend.replica_counts,
+            ready=lambda: (
+                repository.readiness().ready,
+                (
+                    (sv.name, sv.version, sv.state is VersionState.READY)
+                    for sv in repository.served()
+                ),
             ),
         )
     repository = ModelRepository(config, store, backend, counters=counters)

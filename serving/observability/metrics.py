@@ -7,7 +7,7 @@ shadow and rollout families): one registry exports every family.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -21,12 +21,23 @@ from prometheus_client.metrics_core import (
 
 from serving.observability.counters import Histogram, VersionCounter, VersionCounters
 
-__all__ = ["ArtifactSource", "Collector", "DepthSource", "GatewayMetrics"]
+__all__ = [
+    "ArtifactSource",
+    "Collector",
+    "DepthSource",
+    "GatewayMetrics",
+    "ReadySource",
+    "ReplicaSource",
+]
 
-#: Yields (model, version, requests waiting) for every served version.
-DepthSource = Callable[[], Iterable[tuple[str, int, int]]]
+#: Yields (model, version, requests waiting, queue capacity) for every served version.
+DepthSource = Callable[[], Iterable[tuple[str, int, int, int]]]
 #: Yields (model, version, artifact target, device) for every loaded version.
 ArtifactSource = Callable[[], Iterable[tuple[str, int, str, str]]]
+#: Running replicas per loaded (model, version).
+ReplicaSource = Callable[[], Mapping[tuple[str, int], int]]
+#: Whether the gateway is ready, and (model, version, ready) for every served version.
+ReadySource = Callable[[], tuple[bool, Iterable[tuple[str, int, bool]]]]
 
 
 class Collector(Protocol):
@@ -53,10 +64,14 @@ class GatewayMetrics:
         counters: VersionCounters | None = None,
         depth: DepthSource | None = None,
         artifacts: ArtifactSource | None = None,
+        replicas: ReplicaSource | None = None,
+        ready: ReadySource | None = None,
     ) -> None:
         self.counters = counters if counters is not None else VersionCounters()
         self._depth = depth
         self._artifacts = artifacts
+        self._replicas = replicas
+        self._ready = ready
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
@@ -138,9 +153,29 @@ class GatewayMetrics:
             rows = [([v.model, str(v.version)], getattr(v, attr)) for v in versions]
             yield _histogram(name, doc, mv, rows)
         depth = GaugeMetricFamily("fermion_queue_depth", "Requests waiting for a batch.", labels=mv)
-        for model, version, waiting in self._depth() if self._depth is not None else ():
+        capacity = GaugeMetricFamily(
+            "fermion_queue_capacity",
+            "Requests that may wait for a batch before new ones get 503 (max_queue_size).",
+            labels=mv,
+        )
+        for model, version, waiting, size in self._depth() if self._depth is not None else ():
             depth.add_metric([model, str(version)], waiting)
+            capacity.add_metric([model, str(version)], size)
         yield depth
+        yield capacity
+        if self._ready is not None:
+            gateway_ready, versions_ready = self._ready()
+            yield GaugeMetricFamily(
+                "fermion_ready",
+                "1 while GET /v2/health/ready answers 200, else 0.",
+                value=1 if gateway_ready else 0,
+            )
+            version_ready = GaugeMetricFamily(
+                "fermion_version_ready", "1 while the version is READY, else 0.", labels=mv
+            )
+            for model, version, ok in versions_ready:
+                version_ready.add_metric([model, str(version)], 1 if ok else 0)
+            yield version_ready
         chosen = GaugeMetricFamily(
             "fermion_model_artifact",
             "The artifact each loaded version runs on this host (always 1).",
@@ -149,6 +184,15 @@ class GatewayMetrics:
         for model, version, target, device in self._artifacts() if self._artifacts else ():
             chosen.add_metric([model, str(version), target, device], 1)
         yield chosen
+        replicas = GaugeMetricFamily(
+            "fermion_replicas",
+            "Running replicas of each loaded version (backend ray: counted every few seconds).",
+            labels=mv,
+        )
+        counts = self._replicas() if self._replicas is not None else {}
+        for (model, version), n in sorted(counts.items()):
+            replicas.add_metric([model, str(version)], n)
+        yield replicas
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every family."""

@@ -71,6 +71,10 @@ async def test_metric_values_after_known_requests(demo_store: ModelStore, tmp_pa
     assert _value(s, "fermion_batch_size_bucket", **v2, le="1.0") == 3
     assert _value(s, "fermion_batch_size_bucket", **v2, le="4.0") == 4
     assert _value(s, "fermion_queue_depth", **v2) == 0
+    assert _value(s, "fermion_queue_capacity", **v2) == 2048  # batching.max_queue_size
+    assert _value(s, "fermion_replicas", **v2) == 1  # backend local: one per version
+    assert _value(s, "fermion_ready") == 1
+    assert _value(s, "fermion_version_ready", **v1) == _value(s, "fermion_version_ready", **v2) == 1
     assert _value(s, "fermion_inflight_requests", model="digits") == 0
     assert _value(s, "fermion_rejected_requests_total", model="digits", reason="invalid") == 1
     rejected = _value(
