@@ -8,7 +8,7 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean system-deps
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ typecheck: $(BIN)/.fermion-installed
 imports: $(BIN)/.fermion-installed
 	$(BIN)/lint-imports
 
-pytest: $(BIN)/.fermion-installed
+pytest: $(BIN)/.fermion-installed system-deps
 	$(BIN)/pytest
+
+# System packages the tests use, from Debian, installed only when missing: Prometheus and
+# promtool (deploy/prometheus rules and the dashboard's queries against a real scrape).
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus; }
 
 test: lint typecheck imports pytest
 
