@@ -26,6 +26,7 @@ from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
+from serving.http.middleware.compression import GzipResponseMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
@@ -126,6 +127,7 @@ def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[M
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
         ),
+        Middleware(GzipResponseMiddleware),
         Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]

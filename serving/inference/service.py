@@ -222,20 +222,27 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
 
 
+#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
+_WBITS = {"gzip": 31, "deflate": 15}
+
+
 def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes)."""
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes)."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    d = zlib.decompressobj(wbits=31)
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
+        )
+    d = zlib.decompressobj(wbits=wbits)
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
+        raise InvalidInput(f"invalid {encoding} body: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
     if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
+        raise InvalidInput(f"invalid {encoding} body: truncated")
     return out
