@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from starlette.applications import Starlette
 
@@ -26,6 +28,7 @@ from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.http.app import create_app
 from serving.inference.repository import ModelRepository
+from serving.inference.service import InferCall
 from tests.helpers.ab_models import MODEL
 
 pytestmark = pytest.mark.asyncio
@@ -191,3 +194,36 @@ async def test_push_load_remove_under_load_fails_no_request(
     # Strict readiness named the tampered version while it was loaded; not after removal.
     assert readiness == [200, 200, 503]
     assert final.status_code == 200
+
+
+async def test_an_unversioned_request_whose_version_unloads_meanwhile_goes_to_the_next(
+    ab_store: ModelStore, tmp_path: Path
+) -> None:
+    """The newest version starts unloading while a request's body is still being read."""
+    store = _copy_versions(ab_store, tmp_path / "store", [1, 2])
+    async with _gateway(_config(store), store) as (app, _):
+        service = app.state.service
+        body_wanted = asyncio.Event()
+        release = asyncio.Event()
+
+        async def read_body() -> bytes:
+            body_wanted.set()
+            await release.wait()
+            return orjson.dumps(BODY)
+
+        state: dict[str, Any] = {}
+        call = InferCall(MODEL, None, {}, read_body, time.perf_counter_ns(), state)
+        request = asyncio.create_task(service.infer(call))
+        await body_wanted.wait()
+        assert state["served"] == (MODEL, 2)
+        store.remove(MODEL, 2)
+        unloading = asyncio.create_task(app.state.repository.load_model(MODEL))
+        while 2 in app.state.repository.versions(MODEL):
+            if app.state.repository.get(MODEL, "2").batcher.closed:
+                break
+            await asyncio.sleep(0.001)
+        release.set()
+        _, headers = await request
+        await unloading
+    assert headers["fermion-model-version"] == "1"
+    assert state["served"] == (MODEL, 1)
