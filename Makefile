@@ -8,7 +8,7 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean redis chromium
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean system-deps
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,33 +24,32 @@ serve: demo
 		--keys-file $(KEYS) --demo-key demo
 
 lint: $(BIN)/.fermion-installed
-	$(BIN)/ruff check serving compilers model_store loadtest bench tests
-	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests
+	$(BIN)/ruff check serving compilers model_store loadtest bench tests deploy
+	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests deploy
 
 typecheck: $(BIN)/.fermion-installed
-	$(BIN)/mypy serving compilers model_store loadtest bench tests
+	$(BIN)/mypy serving compilers model_store loadtest bench tests deploy
 
 # The layer contract of DESIGN.md ([tool.importlinter] in pyproject.toml).
 imports: $(BIN)/.fermion-installed
 	$(BIN)/lint-imports
 
-# redis-server for the fleet tests (they start and stop their own on a free port).
-redis:
-	@command -v redis-server >/dev/null || { apt-get update -qq \
-		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
-
-pytest: $(BIN)/.fermion-installed redis
+pytest: $(BIN)/.fermion-installed system-deps
 	$(BIN)/pytest
 
-test: lint typecheck imports chromium pytest
+# System packages the tests use, from Debian, installed only when one is missing (apt-get as
+# root, else through sudo): redis-server (the fleet tests start their own on a free port),
+# Prometheus and promtool (deploy/prometheus rules and the dashboard's queries against a real
+# scrape), Chromium (the load test report's charts in a real browser).
+SYSTEM_COMMANDS := redis-server prometheus promtool chromium
+SYSTEM_PACKAGES := redis-server prometheus chromium
+system-deps:
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
-# Headless Chromium for the load test report's browser test (tests/loadtest/test_report_html.py),
-# from Debian's package when it is missing (apt-get as root, else through sudo).
-chromium:
-	@command -v chromium >/dev/null || { \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+test: lint typecheck imports pytest
 
 # Mutation testing of the core modules by their own unit tests ([tool.mutmut] in
 # pyproject.toml). A first run takes tens of minutes on 2 cores (most of it the batcher);

@@ -62,6 +62,9 @@ class ServerConfig(_Strict):
     #: Gateway processes on this host, sharing the port (SO_REUSEPORT); above 1 needs
     #: a shared ``control.store``.
     workers: int = Field(default=1, ge=1, le=64)
+    #: Readiness as Triton's strict mode: 503 while any configured or store-listed version
+    #: failed to load. False: ready once every served model has a ready version.
+    strict_readiness: bool = True
 
 
 class StoreConfig(_Strict):
@@ -355,12 +358,28 @@ class LimitsConfig(_Strict):
 
 
 class TracingConfig(_Strict):
-    """OpenTelemetry traces."""
+    """OpenTelemetry traces.
 
-    exporter: Literal["none", "console", "otlp-http"] = "none"
-    #: OTLP/HTTP traces endpoint.
-    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    A key left out of the file takes the standard ``OTEL_*`` environment variable
+    (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_PROTOCOL``,
+    ``_HEADERS``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER[_ARG]``), then the default
+    below; a key set in the file wins (see ``serving.observability.tracing.resolve``).
+    """
+
+    exporter: Literal["none", "console", "otlp-http", "otlp-grpc"] = "none"
+    #: OTLP endpoint: the traces URL for otlp-http, ``http://host:port`` for otlp-grpc.
+    #: None: from the environment, else the local collector's default.
+    endpoint: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    #: OTEL_TRACES_SAMPLER's names; the ratio applies to the traceidratio ones.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_traceidratio"
     #: Share of new traces recorded (requests with a sampled parent always are).
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_name: str = "fermion"

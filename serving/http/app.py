@@ -28,6 +28,7 @@ from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
 from serving.http.middleware.capture import CaptureMiddleware
+from serving.http.middleware.compression import GzipResponseMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
@@ -36,7 +37,7 @@ from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.fleet_limits import FleetRateLimiter
 from serving.inference.limits import RateLimiter, RequestLimits
-from serving.inference.repository import ModelRepository
+from serving.inference.repository import ModelRepository, VersionState
 from serving.inference.service import InferenceService
 from serving.observability import tracing
 from serving.observability.capture import CaptureWriter
@@ -165,6 +166,7 @@ def _middleware(
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
         ),
+        Middleware(GzipResponseMiddleware),
         Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]
@@ -194,7 +196,7 @@ def create_app(
         metrics = GatewayMetrics(
             counters,
             lambda: (
-                (sv.name, sv.version, sv.batcher.queue_depth)
+                (sv.name, sv.version, sv.batcher.queue_depth, sv.batcher.max_queue_size)
                 for sv in repository.served()
                 if sv.batcher is not None
             ),
@@ -207,6 +209,14 @@ def create_app(
                 )
                 for sv in repository.served()
                 if sv.replica
+            ),
+            replicas=backend.replica_counts,
+            ready=lambda: (
+                repository.readiness().ready,
+                (
+                    (sv.name, sv.version, sv.state is VersionState.READY)
+                    for sv in repository.served()
+                ),
             ),
         )
     repository = ModelRepository(config, store, backend, counters=counters)

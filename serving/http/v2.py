@@ -37,8 +37,21 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    is_ready = _repo(request).ready
-    return _json({"ready": is_ready}, 200 if is_ready else 503)
+    """``{"ready": ...}``, with the reason and each model or version that is not ready."""
+    readiness = _repo(request).readiness()
+    body: dict[str, Any] = {"ready": readiness.ready}
+    if readiness.problems:
+        body["reason"] = readiness.reason()
+        body["not_ready"] = [
+            {
+                "model": p.model,
+                "version": None if p.version is None else str(p.version),
+                "state": p.state,
+                "reason": p.reason,
+            }
+            for p in readiness.problems
+        ]
+    return _json(body, 200 if readiness.ready else 503)
 
 
 def _tensors(specs: Any) -> list[dict[str, Any]]:

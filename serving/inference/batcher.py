@@ -120,6 +120,11 @@ class DynamicBatcher:
         return self._queued
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called: new requests are refused."""
+        return self._closed
+
+    @property
     def running(self) -> int:
         """Batches being computed now."""
         return self._running

@@ -12,12 +12,12 @@ from typing import Any
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore, StoreError
 from serving.config import FermionConfig
-from serving.errors import ModelNotFound, ModelNotReady
+from serving.errors import FermionError, ModelNotFound, ModelNotReady
 from serving.inference.backends import Backend
 from serving.inference.batcher import DynamicBatcher
 from serving.observability.counters import VersionCounter, VersionCounters
 
-__all__ = ["ModelRepository", "ServedVersion", "VersionState"]
+__all__ = ["ModelRepository", "NotReady", "Readiness", "ServedVersion", "VersionState"]
 
 log = logging.getLogger("fermion.repository")
 
@@ -29,6 +29,33 @@ class VersionState(StrEnum):
     READY = "READY"
     UNAVAILABLE = "UNAVAILABLE"
     UNLOADING = "UNLOADING"
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """A model (``version`` None: the whole model) that is not ready, and why."""
+
+    model: str
+    version: int | None
+    state: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line: which model or version, its state, and why."""
+        which = self.model if self.version is None else f"{self.model} version {self.version}"
+        return f"{which} {self.state.lower()}: {self.reason}" if self.reason else which
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the gateway is ready, and what is not (named even when ready anyway)."""
+
+    ready: bool
+    problems: tuple[NotReady, ...] = ()
+
+    def reason(self) -> str:
+        """Every problem, one after another."""
+        return "; ".join(p.describe() for p in self.problems)
 
 
 @dataclass
@@ -51,6 +78,15 @@ class ServedVersion:
     def version(self) -> int:
         return self.manifest.version
 
+    def ready_batcher(self) -> DynamicBatcher:
+        """The batcher of this version when it is READY; ModelNotReady (503) otherwise."""
+        if self.state is not VersionState.READY or self.batcher is None:
+            detail = f": {self.reason}" if self.reason else ""
+            raise ModelNotReady(
+                f"model {self.name} version {self.version} is {self.state.value.lower()}{detail}"
+            )
+        return self.batcher
+
 
 class ModelRepository:
     """Keeps the served versions of every model and their batchers, over one backend."""
@@ -70,6 +106,8 @@ class ModelRepository:
         self.counters = counters if counters is not None else VersionCounters()
         self._models: dict[str, dict[int, ServedVersion]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Models that could not be loaded at all (e.g. not in the store) -> why.
+        self._failed: dict[str, str] = {}
         self._started = False
 
     @property
@@ -87,6 +125,7 @@ class ModelRepository:
                 await self.load_model(name)
             except Exception as e:  # one broken model must not keep the others down
                 log.error("model %s failed to load: %s", name, e)
+                self._failed[name] = e.message if isinstance(e, FermionError) else str(e)
         self._started = True
 
     async def stop(self) -> None:
@@ -96,10 +135,38 @@ class ModelRepository:
 
     @property
     def ready(self) -> bool:
-        """True once start finished and every served version is READY."""
-        return self._started and all(
-            sv.state is VersionState.READY for vs in self._models.values() for sv in vs.values()
-        )
+        """Whether the gateway is ready (see ``readiness``)."""
+        return self.readiness().ready
+
+    def readiness(self) -> Readiness:
+        """Ready, by ``server.strict_readiness``, and every model or version that is not.
+
+        Never ready before start has finished or with nothing to serve. Strict (the
+        default, as Triton's): not ready while any configured or store-listed model or
+        version failed to load. Otherwise: ready once every served model has a READY
+        version; the failed ones are still named. A version loading or unloading beside a
+        READY one (a push, a reload) changes nothing.
+        """
+        if not self._started:
+            return Readiness(False, (NotReady("", None, "LOADING", "models are loading"),))
+        problems = [NotReady(n, None, "UNAVAILABLE", r) for n, r in sorted(self._failed.items())]
+        unserved = False
+        for name, versions in sorted(self._models.items()):
+            serving = any(sv.state is VersionState.READY for sv in versions.values())
+            for sv in sorted(versions.values(), key=lambda sv: sv.version):
+                if sv.state is VersionState.UNAVAILABLE or (
+                    not serving and sv.state is not VersionState.READY
+                ):
+                    problems.append(NotReady(name, sv.version, sv.state.value, sv.reason))
+            unserved = unserved or not serving
+        if not self._models and not self._failed:
+            root = self._store.root
+            why = "does not exist" if not root.is_dir() else "holds no published model"
+            problems.append(NotReady("", None, "UNAVAILABLE", f"store {root} {why}"))
+            return Readiness(False, tuple(problems))
+        if self._config.server.strict_readiness:
+            return Readiness(not problems, tuple(problems))
+        return Readiness(bool(self._models) and not unserved, tuple(problems))
 
     def versions_to_serve(self, name: str) -> list[int]:
         """The versions of ``name`` this gateway serves: its version policy over the store."""
@@ -125,6 +192,7 @@ class ModelRepository:
                 manifests = [self._store.manifest(name, v) for v in wanted]
             except StoreError as e:
                 raise ModelNotFound(str(e)) from e
+            self._failed.pop(name, None)
             current = self._models.setdefault(name, {})
             loaded: list[ServedVersion] = []
             for manifest in manifests:
@@ -181,6 +249,8 @@ class ModelRepository:
     async def unload_model(self, name: str) -> None:
         """Stop serving ``name``: requests already queued finish first."""
         if name not in self._models:
+            if self._failed.pop(name, None) is not None:
+                return  # it never loaded: forget that it failed
             raise ModelNotFound(f"model {name} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             versions = self._models.get(name, {})
@@ -204,10 +274,16 @@ class ModelRepository:
         return versions
 
     def get(self, name: str, version: str | None) -> ServedVersion:
-        """The served version named by the URL (latest when None), in any state."""
+        """The served version named by the URL, in any state.
+
+        None names the latest: the newest READY version, so that a version still
+        loading, unloading or failed never takes unversioned requests; the newest
+        version when none is READY.
+        """
         versions = self.versions(name)
         if version is None:
-            return versions[max(versions)]
+            ready = [v for v, sv in versions.items() if sv.state is VersionState.READY]
+            return versions[max(ready or versions)]
         try:
             number = int(version)
         except ValueError:
@@ -220,12 +296,7 @@ class ModelRepository:
     def resolve(self, name: str, version: str | None) -> tuple[ServedVersion, DynamicBatcher]:
         """The READY version a request goes to, and its batcher."""
         sv = self.get(name, version)
-        if sv.state is not VersionState.READY or sv.batcher is None:
-            detail = f": {sv.reason}" if sv.reason else ""
-            raise ModelNotReady(
-                f"model {name} version {sv.version} is {sv.state.value.lower()}{detail}"
-            )
-        return sv, sv.batcher
+        return sv, sv.ready_batcher()
 
     def index(self) -> list[dict[str, Any]]:
         """The V2 repository index: every model in the store, with the state of served ones."""

@@ -17,8 +17,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from serving.config import ShadowConfig
-from serving.errors import InvalidInput, PayloadTooLarge
-from serving.inference.codec import HEADER_LENGTH, decode_request, encode_response
+from serving.errors import InvalidInput, ModelNotReady, PayloadTooLarge
+from serving.inference.batcher import DynamicBatcher
+from serving.inference.codec import HEADER_LENGTH, InferRequest, decode_request, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion
 from serving.observability.tracing import recording_tracer
@@ -99,56 +100,61 @@ class InferenceService(Generic[R]):
         self._max_body_bytes = max_body_bytes
 
     async def infer(self, call: InferCall) -> tuple[bytes, dict[str, str]]:
-        """The encoded answer to ``call`` and its headers, or a FermionError."""
+        """The encoded answer to ``call`` and its headers, or a FermionError.
+
+        Every call's outcome is counted once: on the version that answered or refused it,
+        else (unknown model or version) on the model's door counter.
+        """
         name, repo, limits = call.model, self._repository, self._limits
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
-        repo.counters.enter(name)
+        entered = False
         try:
-            # 1. Which version: the route's pick or the pinned one; 404/503 before the body.
-            tracer = recording_tracer()
+            # 1. Which version: the route's pick, the pinned one, or the newest READY one;
+            #    404/503 before the body is read.
             wanted = call.version if route is None else route.pick(call.headers)
-            if tracer is None:
-                served, batcher = repo.resolve(name, wanted)
-            else:
-                with tracer.start_as_current_span("fermion.route") as span:
-                    served, batcher = repo.resolve(name, wanted)
-                    span.set_attributes({"fermion.model": name, "fermion.version": served.version})
+            served = self._find(name, wanted)
+            repo.counters.enter(name)
+            entered = True
+            batcher = served.ready_batcher()
             call.state["served"] = (name, served.version)
             # 2. The body, inflated and decoded against the version's signature.
             body = _inflate(await call.read_body(), call.headers, self._max_body_bytes)
             header_length = _header_length(call.headers)
-            max_batch = batcher.max_batch_size
-            if limits.max_batch is not None:
-                max_batch = min(max_batch, limits.max_batch)
-            req = decode_request(
-                body, served.manifest, header_length=header_length, max_batch_size=max_batch
-            )
+            req = self._decode(body, served, batcher, header_length)
             limits.check_elements(req.inputs)
             # 3. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
             if sticky is not None and sticky != str(served.version):
-                first = served.manifest
-                served, batcher = repo.resolve(name, sticky)
+                first = served
+                served = repo.get(name, sticky)
+                batcher = served.ready_batcher()
                 call.state["served"] = (name, served.version)
-                m = served.manifest
-                if (m.inputs, m.outputs, m.max_batch_size) != (
-                    first.inputs,
-                    first.outputs,
-                    first.max_batch_size,
-                ):
-                    req = decode_request(
-                        body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
-                    )
-            # 4. One submit, with the request's deadline and priority.
-            outputs = await batcher.submit(
-                req.inputs,
-                req.batch_size,
-                deadline_ns=limits.deadline_ns(
-                    call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
-                ),
-                priority=limits.priority(req.parameters),
+                if not _same_signature(first, served):
+                    req = self._decode(body, served, batcher, header_length)
+            # 4. One submit, with the request's deadline and priority. An unversioned
+            #    request whose version began unloading meanwhile goes to the newest
+            #    READY one instead (once).
+            deadline_ns = limits.deadline_ns(
+                call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
             )
+            priority = limits.priority(req.parameters)
+            try:
+                outputs = await batcher.submit(
+                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+                )
+            except ModelNotReady:
+                if wanted is not None or not batcher.closed:
+                    raise
+                first = served
+                served = repo.get(name, None)
+                batcher = served.ready_batcher()
+                call.state["served"] = (name, served.version)
+                if not _same_signature(first, served):
+                    req = self._decode(body, served, batcher, header_length)
+                outputs = await batcher.submit(
+                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+                )
             # 5. The answer, encoded (a model output that cannot be encoded fails here).
             content, headers = encode_response(
                 req,
@@ -159,17 +165,51 @@ class InferenceService(Generic[R]):
             )
         except Exception as e:
             # 6. The outcome, recorded once: a failure here, a success below.
-            if served is not None:
-                served.counter.failed(e)
+            counter = served.counter if served is not None else repo.counters.door(name)
+            counter.failed(e, call.started_ns)
             raise
         finally:
-            repo.counters.leave(name)
+            if entered:
+                repo.counters.leave(name)
         served.counter.answered(call.started_ns)
         # 7. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         headers[VERSION_HEADER] = str(served.version)
         return content, headers
+
+    def _find(self, name: str, version: str | None) -> ServedVersion:
+        """The served version a request names (404 when none), within a route span."""
+        tracer = recording_tracer()
+        if tracer is None:
+            return self._repository.get(name, version)
+        # An unknown model is an answer (404), not an exception to record on the trace.
+        with tracer.start_as_current_span(
+            "fermion.route", record_exception=False, set_status_on_exception=False
+        ) as span:
+            served = self._repository.get(name, version)
+            span.set_attributes({"fermion.model": name, "fermion.version": str(served.version)})
+            return served
+
+    def _decode(
+        self,
+        body: bytes,
+        served: ServedVersion,
+        batcher: DynamicBatcher,
+        header_length: int | None,
+    ) -> InferRequest:
+        max_batch = batcher.max_batch_size
+        if self._limits.max_batch is not None:
+            max_batch = min(max_batch, self._limits.max_batch)
+        return decode_request(
+            body, served.manifest, header_length=header_length, max_batch_size=max_batch
+        )
+
+
+def _same_signature(a: ServedVersion, b: ServedVersion) -> bool:
+    """Whether a request decoded for ``a`` is also valid for ``b`` as it is."""
+    ma, mb = a.manifest, b.manifest
+    return (ma.inputs, ma.outputs, ma.max_batch_size) == (mb.inputs, mb.outputs, mb.max_batch_size)
 
 
 def _header_length(headers: Mapping[str, str]) -> int | None:
@@ -182,20 +222,27 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
 
 
+#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
+_WBITS = {"gzip": 31, "deflate": 15}
+
+
 def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes)."""
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes)."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    d = zlib.decompressobj(wbits=31)
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
+        )
+    d = zlib.decompressobj(wbits=wbits)
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
+        raise InvalidInput(f"invalid {encoding} body: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
     if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
+        raise InvalidInput(f"invalid {encoding} body: truncated")
     return out

@@ -53,6 +53,13 @@ class Backend(ABC):
     ) -> dict[str, np.ndarray]:
         """Compute one batch on a replica of this version."""
 
+    def replica_counts(self) -> dict[tuple[str, int], int]:
+        """Running replicas per loaded (model, version), as last seen; never blocks.
+
+        Empty when the backend cannot tell.
+        """
+        return {}
+
 
 def create_backend(config: FermionConfig, store: ModelStore) -> Backend:
     """Build the backend named in ``config``."""

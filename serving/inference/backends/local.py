@@ -53,6 +53,10 @@ class LocalBackend(Backend):
             old.close()
         return {"backend": "local", "replicas": 1, **replica.describe()}
 
+    def replica_counts(self) -> dict[tuple[str, int], int]:
+        """One replica per loaded version."""
+        return dict.fromkeys(self._replicas, 1)
+
     async def unload(self, name: str, version: int) -> None:
         replica = self._replicas.pop((name, version), None)
         if replica is not None:
