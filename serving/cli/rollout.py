@@ -236,7 +236,7 @@ def add_route_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _fleet_status(args: argparse.Namespace) -> Any:
-    fleet = _call(args.url, "GET", "/admin/fleet")
+    fleet = _call(args, "GET", "/admin/fleet")
     if not args.json:
         up = "up" if fleet["store_up"] else "DOWN"
         print(f"control store {fleet['store']} ({up}); {len(fleet['gateways'])} gateway(s)")

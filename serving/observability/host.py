@@ -32,13 +32,23 @@ SUMMED_GAUGES = frozenset(
     {
         "fermion_inflight_requests",
         "fermion_queue_depth",
+        "fermion_queue_capacity",
         "process_resident_memory_bytes",
         "process_virtual_memory_bytes",
         "process_open_fds",
     }
 )
-#: Gauges that take the smallest value (a start time, whether every worker sees the store).
-_MIN_GAUGES = frozenset({"process_start_time_seconds", "fermion_control_store_up"})
+#: Gauges that take the smallest value (a start time, whether every worker sees the store,
+#: readiness).
+_MIN_GAUGES = frozenset(
+    {
+        "process_start_time_seconds",
+        "fermion_control_store_up",
+        # The host is ready only while every worker is (a probe may reach any of them).
+        "fermion_ready",
+        "fermion_version_ready",
+    }
+)
 _ASK_TIMEOUT_S = 1.0
 
 #: A request name -> what answers it, given the request's arguments.

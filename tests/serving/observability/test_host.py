@@ -33,21 +33,27 @@ def test_counters_histograms_and_summed_gauges_add_up() -> None:
     merged = _samples(merge_prometheus([_worker(3, 1), _worker(4, 2)]))
     labels = (("model", "clf"), ("status", "200"), ("version", "1"))
     assert merged[("fermion_requests_total", labels)] == 7
-    count = ("fermion_request_duration_seconds_count", (("model", "clf"), ("version", "1")))
+    count = (
+        "fermion_request_duration_seconds_count",
+        (("model", "clf"), ("status_class", "2xx"), ("version", "1")),
+    )
     assert merged[count] == 7
     assert merged[("fermion_inflight_requests", (("model", "clf"),))] == 3
 
 
 def test_other_gauges_take_the_largest_and_start_times_the_earliest() -> None:
-    def one(step: float, start: float) -> bytes:
+    def one(step: float, start: float, ready: float) -> bytes:
         registry = CollectorRegistry()
         Gauge("fermion_rollout_step_percent", "step", registry=registry).set(step)
         Gauge("process_start_time_seconds", "start", registry=registry).set(start)
+        Gauge("fermion_ready", "ready", registry=registry).set(ready)
         return generate_latest(registry)
 
-    merged = _samples(merge_prometheus([one(25, 100.0), one(25, 90.0)]))
+    merged = _samples(merge_prometheus([one(25, 100.0, 1.0), one(25, 90.0, 0.0)]))
     assert merged[("fermion_rollout_step_percent", ())] == 25
     assert merged[("process_start_time_seconds", ())] == 90.0
+    # The host is ready only while every worker is.
+    assert merged[("fermion_ready", ())] == 0.0
 
 
 def test_statistics_rows_add_up_by_model_version_and_batch_size() -> None:
