@@ -139,7 +139,9 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument(
         "--port", type=int, help="listen port (server.port); 0: a free one, printed once listening"
     )
-    serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
+    serve.add_argument(
+        "--backend", choices=["local", "ray", "remote"], help="replica backend (backend)"
+    )
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
     serve.add_argument(
         "--demo-key",

@@ -180,7 +180,7 @@ def create_app(
         config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
     )
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts):
+        for collector in (route_table, route_table.shadow, rollouts, repository):
             metrics.register(collector)
 
     @contextlib.asynccontextmanager

@@ -18,15 +18,25 @@ import numpy as np
 
 from serving.config import ShadowConfig
 from serving.errors import InvalidInput, PayloadTooLarge
+from serving.inference.batcher import DynamicBatcher
 from serving.inference.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion
 from serving.observability.tracing import recording_tracer
 
-__all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy", "RoutePolicy"]
+__all__ = [
+    "LOCATION_HEADER",
+    "VERSION_HEADER",
+    "InferCall",
+    "InferenceService",
+    "ModelRoutePolicy",
+    "RoutePolicy",
+]
 
 #: The response header naming the version that answered.
 VERSION_HEADER = "fermion-model-version"
+#: The response header naming where the answer was computed: local, ray or remote.
+LOCATION_HEADER = "fermion-location"
 
 
 class ModelRoutePolicy(Protocol):
@@ -141,14 +151,19 @@ class InferenceService(Generic[R]):
                         body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
                     )
             # 4. One submit, with the request's deadline and priority.
-            outputs = await batcher.submit(
-                req.inputs,
-                req.batch_size,
-                deadline_ns=limits.deadline_ns(
-                    call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
-                ),
-                priority=limits.priority(req.parameters),
+            deadline_ns = limits.deadline_ns(
+                call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
             )
+            priority = limits.priority(req.parameters)
+            if isinstance(batcher, DynamicBatcher):
+                outputs = await batcher.submit(
+                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+                )
+                location = served.location
+            else:  # a local replica and upstreams: the answer says which computed it
+                outputs, location = await batcher.submit_located(
+                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+                )
             # 5. The answer, encoded (a model output that cannot be encoded fails here).
             content, headers = encode_response(
                 req,
@@ -169,6 +184,7 @@ class InferenceService(Generic[R]):
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         headers[VERSION_HEADER] = str(served.version)
+        headers[LOCATION_HEADER] = location
         return content, headers
 
 
