@@ -246,9 +246,10 @@ class RemoteSettings(_Strict):
     #: local store, for its metadata).
     load_timeout_s: float = Field(default=30.0, gt=0)
     #: ``remote``: only the upstreams compute. With a local replica too (backend local
-    #: or ray): ``local-first`` (remote when the local queue is deeper than
-    #: ``overflow_queue_depth`` or the local replica is not ready), ``remote-first``
-    #: (local when no upstream is up), ``split`` (``remote_percent`` of requests remote).
+    #: or ray): ``local-first`` (remote when a request would wait locally behind
+    #: ``overflow_queue_depth`` others, or the local replica is not ready),
+    #: ``remote-first`` (local when no upstream is up), ``split`` (``remote_percent``
+    #: of requests remote, while an upstream is up).
     policy: RemotePolicy = "remote"
     overflow_queue_depth: int = Field(default=8, ge=0)
     remote_percent: float = Field(default=50.0, ge=0.0, le=100.0)

@@ -3,8 +3,9 @@
 Each place has its own batcher (its own batch size, queue and batches in flight);
 a policy picks the place of each request when it arrives:
 
-- ``local-first``: local, unless more than ``overflow_queue_depth`` requests already
-  wait there (or there is no local replica): then remote, when an upstream is up;
+- ``local-first``: local, unless the request would wait there behind
+  ``overflow_queue_depth`` others (or there is no local replica): then remote,
+  when an upstream is up;
 - ``remote-first``: remote while an upstream is up, else local;
 - ``split``: ``remote_percent`` of requests remote (while an upstream is up).
 
@@ -94,8 +95,10 @@ class PlacedBatcher:
             go_remote = self._remote_up()
         elif self.policy == "split":
             go_remote = self._draw() < self._remote_share and self._remote_up()
-        else:  # local-first
-            go_remote = local.batcher.queue_depth > self._overflow and self._remote_up()
+        else:  # local-first: remote when waiting here would make the queue deeper than the bound
+            b = local.batcher
+            waiting = b.queue_depth + (b.running >= b.max_concurrent_batches)
+            go_remote = waiting > self._overflow and self._remote_up()
         return (remote, local) if go_remote else (local, remote)
 
     async def _compute(
