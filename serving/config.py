@@ -235,8 +235,10 @@ class RemoteSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
     #: Longest wait for a new connection.
     connect_timeout_s: float = Field(default=2.0, gt=0)
-    #: Rows the upstream accepts in one request. None: its ``/config``'s max_batch_size
-    #: (Triton, Fermion), else 0: requests are sent one by one, unbatched.
+    #: Rows the upstream accepts in one request; it replaces ``batching.max_batch_size``
+    #: for the batches sent upstream. None: the batching one, capped by the manifest's,
+    #: which for a model not in the local store is the upstream ``/config``'s
+    #: max_batch_size (Triton, Fermion), else 0: requests are sent one by one, unbatched.
     max_batch_size: int | None = Field(default=None, ge=0)
     #: Connections kept open to each upstream.
     pool_size: int = Field(default=16, ge=1, le=1024)

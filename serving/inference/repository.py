@@ -214,7 +214,7 @@ class ModelRepository:
         remote = self._remote
         assert remote is not None  # the config names upstreams, so the repository has one
         name, version = sv.name, sv.version
-        remote_max = max(1, remote.max_batch_size(sv.manifest))
+        remote_max = remote.batch_limit(sv.manifest)
         concurrent = remote.concurrent_batches(name, version)
         if settings.policy == REMOTE:
             sv.replica = await remote.load(sv.manifest)
@@ -253,12 +253,11 @@ class ModelRepository:
         max_rows: int | None = None,
         concurrent: int | None = None,
     ) -> DynamicBatcher:
-        """A batcher of ``sv`` calling ``infer_batch`` (capped at ``max_rows`` rows)."""
+        """A batcher of ``sv`` calling ``infer_batch``; ``max_rows`` replaces the batch size."""
         b = self._config.batching_for(sv.name)
         batched = sv.manifest.max_batch_size > 0
-        max_batch = min(b.max_batch_size, sv.manifest.max_batch_size) if batched else 1
-        if max_rows is not None:
-            max_batch = min(max_batch, max_rows)
+        rows = b.max_batch_size if max_rows is None else max_rows
+        max_batch = min(rows, sv.manifest.max_batch_size) if batched else 1
         runner: BatchRunner = functools.partial(infer_batch, sv.name, sv.version)
         return DynamicBatcher(
             # The batcher calls the backend itself: no frame of this module in between.

@@ -174,14 +174,13 @@ class RemoteBackend(Backend):
             ],
             "model": model,
             "version": upstream_version,
-            "max_batch_size": self.max_batch_size(manifest),
+            "max_batch_size": self.batch_limit(manifest) or manifest.max_batch_size,
         }
 
-    def max_batch_size(self, manifest: ModelManifest) -> int:
-        """Rows the upstreams take in one request (0: the model does not batch)."""
-        settings = self._settings(manifest.name, manifest.version)
-        limit = settings.max_batch_size
-        return manifest.max_batch_size if limit is None else min(limit, manifest.max_batch_size)
+    def batch_limit(self, manifest: ModelManifest) -> int | None:
+        """Rows per upstream request when ``max_batch_size`` is configured, else None."""
+        limit = self._settings(manifest.name, manifest.version).max_batch_size
+        return None if limit is None else max(1, min(limit, manifest.max_batch_size))
 
     def concurrent_batches(self, name: str, version: int) -> int:
         """Batches this version may have in flight to its upstreams."""
