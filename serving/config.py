@@ -211,7 +211,7 @@ class UpstreamHealthConfig(_Strict):
 
 
 #: Where the answers of a version with a local replica and upstreams come from.
-RemotePolicy = Literal["remote", "local-first", "remote-first", "split"]
+RemotePolicy = Literal["remote", "local", "local-first", "remote-first", "split"]
 
 
 class RemoteSettings(_Strict):
@@ -247,8 +247,9 @@ class RemoteSettings(_Strict):
     #: Longest wait at load for an upstream to be ready (and, for a model not in the
     #: local store, for its metadata).
     load_timeout_s: float = Field(default=30.0, gt=0)
-    #: ``remote``: only the upstreams compute. With a local replica too (backend local
-    #: or ray): ``local-first`` (remote when a request would wait locally behind
+    #: ``remote``: only the upstreams compute. ``local``: only the local replica (a
+    #: model whose other versions are remote). With both (backend local or ray):
+    #: ``local-first`` (remote when a request would wait locally behind
     #: ``overflow_queue_depth`` others, or the local replica is not ready),
     #: ``remote-first`` (local when no upstream is up), ``split`` (``remote_percent``
     #: of requests remote, while an upstream is up).
@@ -506,6 +507,8 @@ class FermionConfig(_Strict):
             if mc.remote is None and self.backend != "remote":
                 continue
             for where, settings in self._remote_levels(name):
+                if settings.policy == "local" and self.backend != "remote":
+                    continue
                 if not settings.urls:
                     raise ValueError(f"{where}: no upstream URL (set urls here or above)")
                 if settings.policy != "remote" and self.backend == "remote":
@@ -532,7 +535,20 @@ class FermionConfig(_Strict):
             return None
         settings = self.remote if block is None else self.remote.merged(block)
         own = block.versions.get(version) if block is not None else None
-        return settings if own is None else settings.merged(own)
+        settings = settings if own is None else settings.merged(own)
+        return None if settings.policy == "local" else settings
+
+    def upstream_versions(self, model: str) -> list[int]:
+        """Versions of ``model`` declared under ``models.<name>.remote.versions`` that only
+        upstreams compute: they are served even when the local store lacks them."""
+        mc = self.models.get(model)
+        if mc is None or mc.remote is None:
+            return []
+        return sorted(
+            v
+            for v in mc.remote.versions
+            if (s := self.remote_for(model, v)) is not None and s.policy == "remote"
+        )
 
     def uses_remote(self) -> bool:
         """True when some model version is computed by upstream V2 servers."""

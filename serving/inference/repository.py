@@ -132,34 +132,34 @@ class ModelRepository:
         )
 
     def versions_to_serve(self, name: str) -> list[int]:
-        """The versions of ``name`` this gateway serves: its version policy over the store."""
-        available = self._store.versions(name)
+        """The versions of ``name`` this gateway serves: its version policy over the store
+        and the versions only upstreams compute (a model not in the store: 1 by default)."""
+        stored = self._store.versions(name)
         policy = self._config.models[name].versions if name in self._config.models else "all"
-        if not available and self._config.remote_for(name, 1) is not None:
-            return self._remote_only_versions(name, policy)
+        available = sorted(set(stored) | set(self._config.upstream_versions(name)))
+        if not available and self._upstream_only(name, 1):
+            available = [1]
+        if isinstance(policy, list):
+            missing = sorted(
+                v for v in set(policy) - set(available) if not self._upstream_only(name, v)
+            )
+            if missing:
+                raise ModelNotFound(f"model {name} has no version(s) {missing} in the store")
+            return sorted(policy)
         if not available:
             raise ModelNotFound(f"model {name} has no published version in the store")
-        if policy == "all":
-            return available
-        if policy == "latest":
-            return available[-1:]
-        missing = sorted(set(policy) - set(available))
-        if missing:
-            raise ModelNotFound(f"model {name} has no version(s) {missing} in the store")
-        return sorted(policy)
+        return available if policy == "all" else available[-1:]
 
-    @staticmethod
-    def _remote_only_versions(name: str, policy: object) -> list[int]:
-        """A model not in the store, computed upstream: the listed versions, else 1."""
-        if isinstance(policy, list):
-            return sorted(policy)
-        return [1]
+    def _upstream_only(self, name: str, version: int) -> bool:
+        settings = self._config.remote_for(name, version)
+        return settings is not None and settings.policy == REMOTE
 
     async def _manifest(self, name: str, version: int) -> ModelManifest:
-        """The store's manifest, or for a version only computed upstream, the upstream's."""
-        if version in self._store.versions(name) or self._remote is None:
-            return self._store.manifest(name, version)
-        return await self._remote.discover(name, version)
+        """The store's manifest, or for a version only upstreams compute, the upstream's."""
+        stored = version in self._store.versions(name)
+        if self._remote is not None and not stored and self._upstream_only(name, version):
+            return await self._remote.discover(name, version)
+        return self._store.manifest(name, version)
 
     async def load_model(self, name: str) -> list[ServedVersion]:
         """(Re)load ``name`` from the store; versions no longer wanted are drained and unloaded."""

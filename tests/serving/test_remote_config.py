@@ -106,3 +106,25 @@ def test_a_remote_configuration_that_cannot_work_is_refused_at_start(
 ) -> None:
     with pytest.raises(ConfigError, match=problem):
         load_config(None, data)
+
+
+def test_a_model_may_keep_versions_local_and_declare_others_upstream_only() -> None:
+    config = _config(
+        models={
+            "m": {
+                "remote": {
+                    "urls": ["http://cloud:8000"],
+                    "policy": "local",
+                    "versions": {2: {"policy": "remote"}, 3: {"policy": "split"}},
+                }
+            }
+        }
+    )
+    assert config.remote_for("m", 1) is None
+    v2, v3 = config.remote_for("m", 2), config.remote_for("m", 3)
+    assert v2 is not None and v2.policy == "remote"
+    assert v3 is not None and v3.policy == "split"
+    # Only version 2 is served without a local artifact.
+    assert config.upstream_versions("m") == [2]
+    # The local versions need no URL.
+    assert _config(models={"m": {"remote": {"policy": "local"}}}).remote_for("m", 1) is None

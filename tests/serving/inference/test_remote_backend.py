@@ -176,3 +176,72 @@ async def test_no_upstream_up_is_503_with_retry_after(
             await asyncio.sleep(0.05)
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"] == "no upstream of model linear version 1 is up"
+
+
+def _across(cloud: str, route: dict[str, Any]) -> FermionConfig:
+    """Version 1 from the local store, version 2 the same model computed by ``cloud``."""
+    return FermionConfig.model_validate(
+        {
+            "models": {
+                "linear": {
+                    "remote": {
+                        "urls": [cloud],
+                        "policy": "local",
+                        "health": FAST_HEALTH,
+                        "versions": {2: {"policy": "remote", "version": "1"}},
+                    }
+                }
+            },
+            "routes": {"linear": route},
+        }
+    )
+
+
+async def test_a_route_splits_between_a_local_and_a_remote_version(
+    cloud_store: ModelStore, tmp_path: Path
+) -> None:
+    edge_store = ModelStore(tmp_path / "edge-store")
+    publish_linear(edge_store, tmp_path / "work")
+    async with _cloud(cloud_store) as cloud:
+        config = _across(cloud.url, {"split": {1: 50, 2: 50}})
+        async with serve_in_process(config, edge_store) as edge:
+            x = np.random.default_rng(3).random((2, 4), dtype=np.float32)
+            seen = set()
+            for _ in range(40):
+                response = await edge.client.post("/v2/models/linear/infer", json=_body(x))
+                np.testing.assert_allclose(_answer(response), expected(x), rtol=1e-6)
+                seen.add(
+                    (
+                        response.headers["fermion-model-version"],
+                        response.headers["fermion-location"],
+                    )
+                )
+            assert seen == {("1", "local"), ("2", "remote")}
+            # Version 2 is known from the cloud only: no artifact here.
+            config2 = (await edge.client.get("/v2/models/linear/versions/2/config")).json()
+            assert config2["artifacts"] == [] and config2["artifact"]["backend"] == "remote"
+
+
+async def test_a_remote_shadow_is_compared_with_the_local_version(
+    cloud_store: ModelStore, tmp_path: Path
+) -> None:
+    edge_store = ModelStore(tmp_path / "edge-store")
+    publish_linear(edge_store, tmp_path / "work")
+    async with _cloud(cloud_store) as cloud:
+        config = _across(cloud.url, {"split": {1: 1}, "shadow": {"version": 2}})
+        async with serve_in_process(config, edge_store) as edge:
+            x = np.random.default_rng(4).random((1, 4), dtype=np.float32)
+            for _ in range(10):
+                response = await edge.client.post("/v2/models/linear/infer", json=_body(x))
+                assert response.headers["fermion-location"] == "local"
+            pair = {"model": "linear", "primary": "1", "shadow": "2"}
+            for _ in range(200):
+                metrics = (await edge.client.get("/metrics")).text
+                ok = metric_value(metrics, "fermion_shadow_requests_total", outcome="ok", **pair)
+                if ok == 10:
+                    break
+                await asyncio.sleep(0.02)
+            assert ok == 10
+            assert metric_value(metrics, "fermion_shadow_top1_agreement", **pair) == 1.0
+            assert metric_value(metrics, "fermion_shadow_rows_total", agree="true", **pair) == 10
+            assert metric_value(metrics, "fermion_shadow_max_abs_diff_sum", **pair) == 0.0
