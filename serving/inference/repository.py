@@ -230,7 +230,12 @@ class ModelRepository:
                 "model %s version %s: no local replica (%s); upstreams only", name, version, e
             )
             local_replica = {"error": str(e)}
-        remote_replica = await remote.load(sv.manifest, wait_ready=False)
+        try:
+            remote_replica = await remote.load(sv.manifest, wait_ready=False)
+        except Exception:
+            if local is not None:
+                await self._backend.unload(name, version)
+            raise
         sv.replica = {
             "target": local_replica.get("target", REMOTE),
             "policy": settings.policy,

@@ -32,19 +32,29 @@ class HttpUpstreamClient(UpstreamClient):
     def __init__(self, url: str, settings: RemoteSettings) -> None:
         super().__init__(url, settings)
         self._session: aiohttp.ClientSession | None = None
+        #: Health checks and metadata on connections of their own: a pool busy with
+        #: slow batches must not make a working upstream look dead.
+        self._checks: aiohttp.ClientSession | None = None
+
+    def _new_session(self, connections: int) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=connections, keepalive_timeout=30.0, ttl_dns_cache=60
+            ),
+            headers=self.settings.headers,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.settings.pool_size, keepalive_timeout=30.0, ttl_dns_cache=60
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers=self.settings.headers,
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
+            self._session = self._new_session(self.settings.pool_size)
         return self._session
+
+    def _open_checks(self) -> aiohttp.ClientSession:
+        if self._checks is None:
+            self._checks = self._new_session(2)
+        return self._checks
 
     def _path(self, model: str, version: str) -> str:
         path = f"{self.url}/v2/models/{quote(model, safe='')}"
@@ -57,7 +67,7 @@ class HttpUpstreamClient(UpstreamClient):
 
     async def _get(self, url: str, timeout_s: float) -> tuple[int, bytes]:
         try:
-            async with self._open().get(url, timeout=self._timeout(timeout_s)) as response:
+            async with self._open_checks().get(url, timeout=self._timeout(timeout_s)) as response:
                 return response.status, await response.read()
         except TimeoutError:
             raise UpstreamUnavailable(f"no answer within {timeout_s:g}s") from None
@@ -120,11 +130,13 @@ class HttpUpstreamClient(UpstreamClient):
         return decode_infer_response(raw, header_length, manifest)
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-            # Let the connector's transports finish closing before the loop moves on.
-            await asyncio.sleep(0)
+        sessions = (self._session, self._checks)
+        self._session = self._checks = None
+        for session in sessions:
+            if session is not None:
+                await session.close()
+        # Let the connectors' transports finish closing before the loop moves on.
+        await asyncio.sleep(0)
 
 
 def _json(body: bytes) -> Any:
