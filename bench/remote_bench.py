@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from bench._payloads import Payload, binary_payload, check_answer, json_payload
-from bench._procs import ServerProcess, cores_between, cpu_seconds, free_port, machine_ticks
+from bench._procs import (
+    ServerProcess,
+    cores_between,
+    cpu_seconds,
+    free_port,
+    machine_ticks,
+    wait_quiet,
+)
 from bench._report import Cell
 from bench._store import find_model_version
 from bench._wrk import find_wrk, run_wrk
@@ -45,6 +52,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=int(os.environ.get("DURATION", "10")))
     parser.add_argument("--warmup", type=int, default=3, help="seconds of load before each cell")
     parser.add_argument("--quick", action="store_true", help="4 s cells, 2 s warm-ups")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each cell, wait up to this many seconds for other processes to idle",
+    )
     parser.add_argument("--concurrency", default="1,64", help="comma-separated, default 1,64")
     parser.add_argument(
         "--fermion", default=str(Path(sys.executable).with_name("fermion")), help="fermion CLI"
@@ -172,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                 body.write_bytes(payload.body)
                 for conc in args.concurrency:
                     for server in servers:
-                        print(f".. {server.name} {payload.kind} c={conc}", flush=True)
+                        others = wait_quiet(args.wait_quiet, 0.25)
+                        print(
+                            f".. {server.name} {payload.kind} c={conc} "
+                            f"(other processes: {others:.0%} of a core)",
+                            flush=True,
+                        )
                         cells.append(_measure(server, payload, body, conc, args, wrk))
         finally:
             for server in reversed(servers):

@@ -230,6 +230,9 @@ class RemoteSettings(_Strict):
     version: str | None = None
     #: Headers sent with every upstream request (e.g. ``Authorization``).
     headers: dict[str, str] = Field(default_factory=dict)
+    #: Tensors as the binary tensor extension (Fermion, Triton, KServe); False: JSON
+    #: (servers without the extension, e.g. MLServer's REST).
+    binary: bool = True
     #: Longest wait for one batch's answer, a retry on another upstream included
     #: (and never past the batch's requests' deadline).
     timeout_s: float = Field(default=30.0, gt=0)

@@ -106,7 +106,7 @@ class HttpUpstreamClient(UpstreamClient):
         timeout_s: float,
         headers: Mapping[str, str],
     ) -> dict[str, np.ndarray]:
-        body, wire_headers = encode_infer_request(inputs, manifest)
+        body, wire_headers = encode_infer_request(inputs, manifest, binary=self.settings.binary)
         wire_headers.update(headers)
         url = self._path(model, version) + "/infer"
         try:

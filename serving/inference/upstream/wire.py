@@ -42,12 +42,15 @@ class UpstreamFailed(FermionError):
 
 
 def encode_infer_request(
-    inputs: Mapping[str, np.ndarray], manifest: ModelManifest
+    inputs: Mapping[str, np.ndarray], manifest: ModelManifest, *, binary: bool = True
 ) -> tuple[bytes, dict[str, str]]:
     """The V2 request body computing ``inputs`` on an upstream, and its headers.
 
-    Every input goes as binary data; every output of ``manifest`` is asked back as binary.
+    Every input goes as binary data and every output of ``manifest`` is asked back as
+    binary; with ``binary`` False, plain JSON (for servers without the extension).
     """
+    if not binary:
+        return _json_request(inputs, manifest)
     tensors: list[dict[str, Any]] = []
     buffers: list[bytes | memoryview] = []
     for spec in manifest.inputs:
@@ -72,6 +75,31 @@ def encode_infer_request(
     head = orjson.dumps({"inputs": tensors, "outputs": outputs})
     body = b"".join([head, *buffers])
     return body, {"content-type": "application/octet-stream", _HEADER_LENGTH: str(len(head))}
+
+
+def _json_request(
+    inputs: Mapping[str, np.ndarray], manifest: ModelManifest
+) -> tuple[bytes, dict[str, str]]:
+    tensors: list[dict[str, Any]] = []
+    for spec in manifest.inputs:
+        value = inputs[spec.name]
+        if spec.datatype == "BYTES":
+            data: Any = [
+                v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+                for v in value.reshape(-1).tolist()
+            ]
+        elif spec.datatype == "FP16":
+            data = value.astype(np.float32).reshape(-1)  # orjson writes no float16
+        else:
+            data = np.ascontiguousarray(value).reshape(-1)
+        tensors.append(
+            {"name": spec.name, "datatype": spec.datatype, "shape": list(value.shape), "data": data}
+        )
+    body = orjson.dumps(
+        {"inputs": tensors, "outputs": [{"name": o.name} for o in manifest.outputs]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    return body, {"content-type": "application/json"}
 
 
 def decode_infer_response(

@@ -89,6 +89,13 @@ async def test_a_model_only_upstream_is_discovered_and_answers_as_upstream(
         assert metric_value(metrics, sent, outcome="ok", upstream=cloud.url, **where) == 1
 
 
+async def test_tensors_may_go_upstream_as_json(cloud_store: ModelStore, tmp_path: Path) -> None:
+    async with _cloud(cloud_store) as cloud, _edge(tmp_path, [cloud.url], binary=False) as edge:
+        x = np.random.default_rng(2).random((3, 4), dtype=np.float32)
+        response = await edge.client.post("/v2/models/linear/infer", json=_body(x))
+        np.testing.assert_allclose(_answer(response), expected(x), rtol=1e-6)
+
+
 async def test_an_upstream_error_keeps_its_status(cloud_store: ModelStore, tmp_path: Path) -> None:
     # The cloud takes at most 2 rows per request; the edge does not know it and sends 3.
     async with (

@@ -52,18 +52,18 @@ def _inputs(rows: int) -> dict[str, np.ndarray]:
     }
 
 
-def test_a_batch_request_is_what_a_v2_server_decodes_to_the_same_tensors() -> None:
+@pytest.mark.parametrize("binary", [True, False])
+def test_a_batch_request_is_what_a_v2_server_decodes_to_the_same_tensors(binary: bool) -> None:
     inputs = _inputs(3)
-    body, headers = encode_infer_request(inputs, MANIFEST)
-    assert headers["content-type"] == "application/octet-stream"
-    req = decode_request(
-        body, MANIFEST, header_length=int(headers["inference-header-content-length"])
-    )
+    body, headers = encode_infer_request(inputs, MANIFEST, binary=binary)
+    length = headers.get("inference-header-content-length")
+    assert (length is not None) == binary
+    req = decode_request(body, MANIFEST, header_length=None if length is None else int(length))
     assert req.batch_size == 3
     for name, value in inputs.items():
         assert req.inputs[name].tolist() == value.tolist()
-    # Every output is asked back as binary.
-    assert req.binary_outputs == {"y", "label"}
+    # Every output is asked back as binary, unless the upstream speaks JSON only.
+    assert req.binary_outputs == ({"y", "label"} if binary else set())
 
 
 @pytest.mark.parametrize("binary", [True, False])
