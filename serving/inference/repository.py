@@ -54,7 +54,8 @@ class ServedVersion:
     #: A PlacedBatcher when a local replica and upstreams both compute it.
     batcher: VersionBatcher | None = None
     replica: dict[str, Any] = field(default_factory=dict)
-    #: Where its answers are computed (local, ray, remote); a PlacedBatcher says per answer.
+    #: Where its answers are computed: local, ray or remote; with a PlacedBatcher, which
+    #: says where per answer, its policy (local-first, remote-first, split).
     location: str = "local"
 
     @property
