@@ -158,7 +158,9 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         type=int,
         help=f"listen port (server.port, or ${PORT_ENV}); 0: a free one, printed once listening",
     )
-    serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
+    serve.add_argument(
+        "--backend", choices=["local", "ray", "remote"], help="replica backend (backend)"
+    )
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
     serve.add_argument(
         "--demo-key",

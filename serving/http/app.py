@@ -258,7 +258,7 @@ def create_app(
         fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
     capture = _capture_writer(config)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts, fleet, capture):
+        for collector in (route_table, route_table.shadow, rollouts, fleet, capture, repository):
             if collector is not None:
                 metrics.register(collector)
 

@@ -21,13 +21,22 @@ from serving.errors import InvalidInput, ModelNotReady, PayloadTooLarge
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.codec import HEADER_LENGTH, InferRequest, decode_request, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
-from serving.inference.repository import ModelRepository, ServedVersion
+from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
 from serving.observability.tracing import recording_tracer
 
-__all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy", "RoutePolicy"]
+__all__ = [
+    "LOCATION_HEADER",
+    "VERSION_HEADER",
+    "InferCall",
+    "InferenceService",
+    "ModelRoutePolicy",
+    "RoutePolicy",
+]
 
 #: The response header naming the version that answered.
 VERSION_HEADER = "fermion-model-version"
+#: The response header naming where the answer was computed: local, ray or remote.
+LOCATION_HEADER = "fermion-location"
 
 
 class ModelRoutePolicy(Protocol):
@@ -140,9 +149,7 @@ class InferenceService(Generic[R]):
             )
             priority = limits.priority(req.parameters)
             try:
-                outputs = await batcher.submit(
-                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
-                )
+                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
             except ModelNotReady:
                 if wanted is not None or not batcher.closed:
                     raise
@@ -152,9 +159,7 @@ class InferenceService(Generic[R]):
                 call.state["served"] = (name, served.version)
                 if not _same_signature(first, served):
                     req = self._decode(body, served, batcher, header_length)
-                outputs = await batcher.submit(
-                    req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
-                )
+                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
             # 5. The answer, encoded (a model output that cannot be encoded fails here).
             content, headers = encode_response(
                 req,
@@ -176,6 +181,7 @@ class InferenceService(Generic[R]):
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         headers[VERSION_HEADER] = str(served.version)
+        headers[LOCATION_HEADER] = location
         return content, headers
 
     def _find(self, name: str, version: str | None) -> ServedVersion:
@@ -195,7 +201,7 @@ class InferenceService(Generic[R]):
         self,
         body: bytes,
         served: ServedVersion,
-        batcher: DynamicBatcher,
+        batcher: VersionBatcher,
         header_length: int | None,
     ) -> InferRequest:
         max_batch = batcher.max_batch_size
@@ -204,6 +210,25 @@ class InferenceService(Generic[R]):
         return decode_request(
             body, served.manifest, header_length=header_length, max_batch_size=max_batch
         )
+
+
+async def _submit(
+    batcher: VersionBatcher,
+    served: ServedVersion,
+    req: InferRequest,
+    deadline_ns: int | None,
+    priority: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The outputs of one submit and the location that computed them."""
+    if isinstance(batcher, DynamicBatcher):
+        outputs = await batcher.submit(
+            req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+        )
+        return outputs, served.location
+    # A local replica and upstreams: the placed batcher says which one computed it.
+    return await batcher.submit_located(
+        req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+    )
 
 
 def _same_signature(a: ServedVersion, b: ServedVersion) -> bool:
