@@ -11,8 +11,9 @@ name is ``--api-key-env``), ``Authorization: Bearer <key>``. Bodies are built fr
 model's metadata and ``--samples FILE.npz`` (random inputs without one). Each response's
 served version (its ``fermion-model-version`` header or ``model_version`` field) names
 its locust stats row (``infer v2``) so that A/B shares show under load. With
-``--record FILE`` the master (or the only process) writes per-second histograms there
-when it quits; ``fermion loadtest`` turns that into its report.
+``--record FILE`` the master (or the only process) prints a progress line's figures each
+second and writes per-second histograms there when it quits; ``fermion loadtest`` turns
+those into its progress line and its report.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import types
 import urllib.request
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from locust import FastHttpUser, constant, constant_throughput, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from loadtest.openloop import hist_percentile
 from loadtest.payloads import (
     HEADER_LENGTH,
     VERSION_HEADER,
@@ -44,6 +48,7 @@ from loadtest.payloads import (
     load_samples,
     served_version,
 )
+from loadtest.progress import PROGRESS_PREFIX, Progress
 from loadtest.recorder import Recorder
 
 __all__ = ["InferenceUser"]
@@ -210,10 +215,39 @@ def _master_final(environment: Environment, msg: Any, **_: Any) -> None:
     _finals.add(msg.node_id)
 
 
+def _progress(environment: Environment, started: float, window: list[Any]) -> None:
+    """Print the progress line's figures (a 3-second window) for ``fermion loadtest``."""
+    total = environment.stats.total
+    now = (time.monotonic(), total.num_requests, total.num_failures, dict(total.response_times))
+    window.append(now)
+    del window[:-4]
+    then = window[0]
+    span = now[0] - then[0]
+    recent = {
+        int(ms * 1000): n - then[3].get(ms, 0) for ms, n in now[3].items() if n > then[3].get(ms, 0)
+    }
+    progress = Progress(
+        elapsed_s=now[0] - started,
+        rate=(now[1] - then[1]) / span if span > 0 else 0.0,
+        p50_ms=hist_percentile(recent, 0.5),
+        p99_ms=hist_percentile(recent, 0.99),
+        requests=now[1],
+        errors=now[2],
+        users=environment.runner.user_count if environment.runner else None,
+    )
+    sys.stdout.buffer.write(PROGRESS_PREFIX + json.dumps(asdict(progress)).encode() + b"\n")
+    sys.stdout.flush()
+
+
 def _sample_users(environment: Environment) -> None:
     runner = environment.runner
+    show = bool(_opts(environment).record)
+    started = time.monotonic()
+    window: list[Any] = []
     while runner is not None:
         _recorder.sample_users(time.time(), runner.user_count)
+        if show:
+            _progress(environment, started, window)
         gevent.sleep(1.0)
 
 

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from model_store.store import ModelStore
 from serving.auth import ApiKeys, JwtVerifier
 from serving.config import ConfigError, FermionConfig
+from serving.control.store import create_store
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
 from serving.http.drain import DrainState
@@ -27,19 +28,25 @@ from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
+from serving.http.middleware.capture import CaptureMiddleware
+from serving.http.middleware.compression import GzipResponseMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
 from serving.http.v2 import repository_mount, routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
+from serving.inference.fleet_limits import FleetRateLimiter
 from serving.inference.limits import RateLimiter, RequestLimits
-from serving.inference.repository import ModelRepository
+from serving.inference.repository import ModelRepository, VersionState
 from serving.inference.service import InferenceService
 from serving.observability import tracing
+from serving.observability.capture import CaptureWriter
 from serving.observability.counters import VersionCounters
+from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutController
+from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_file import RouteFile
 from serving.traffic.route_table import RouteTable
 
@@ -80,7 +87,11 @@ def _metrics_route(metrics: GatewayMetrics, path: str) -> Route:
     """``GET path`` answering the Prometheus text format."""
 
     async def endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+        if siblings is not None:  # --workers: the whole host's counts, whichever answers
+            body = merge_prometheus([body, *await siblings.ask("metrics")])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, endpoint, methods=["GET"])
 
@@ -104,16 +115,45 @@ def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
             )
 
 
-def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[Middleware]:
+def _capture_writer(config: FermionConfig) -> CaptureWriter | None:
+    c = config.capture
+    if not c.enabled:
+        return None
+    return CaptureWriter(
+        c.dir, max_file_bytes=c.max_file_bytes, max_files=c.max_files, queue_size=c.queue_size
+    )
+
+
+def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware | None:
+    c = config.capture
+    if writer is None:
+        return None
+    return Middleware(
+        CaptureMiddleware,
+        writer=writer,
+        percent=c.percent,
+        max_body_bytes=c.max_body_bytes,
+        responses=c.responses,
+        redact_headers=c.redact_headers,
+    )
+
+
+def _middleware(
+    config: FermionConfig,
+    metrics: GatewayMetrics | None,
+    limiter: RateLimiter | None,
+    capture: CaptureWriter | None = None,
+) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
-    auth, rules = config.auth, config.limits.rate_limits
+    auth = config.auth
     keys = ApiKeys(auth.keys_file) if auth.keys_file is not None else None
     jwt = JwtVerifier(auth.jwt) if auth.jwt is not None else None
     public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
     tracer = tracing.current_tracer()
     layers = [
         Middleware(RequestIdMiddleware),
+        _capture(config, capture),
         Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
         Middleware(AccessLogMiddleware) if config.server.access_log else None,
         Middleware(
@@ -121,12 +161,13 @@ def _middleware(config: FermionConfig, metrics: GatewayMetrics | None) -> list[M
         )
         if auth.enabled
         else None,
-        Middleware(RateLimitMiddleware, limiter=RateLimiter(rules), on_reject=reject)
-        if rules
+        Middleware(RateLimitMiddleware, limiter=limiter, on_reject=reject)
+        if limiter is not None
         else None,
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
         ),
+        Middleware(GzipResponseMiddleware),
         Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]
@@ -156,7 +197,7 @@ def create_app(
         metrics = GatewayMetrics(
             counters,
             lambda: (
-                (sv.name, sv.version, sv.batcher.queue_depth)
+                (sv.name, sv.version, sv.batcher.queue_depth, sv.batcher.max_queue_size)
                 for sv in repository.served()
                 if sv.batcher is not None
             ),
@@ -170,23 +211,64 @@ def create_app(
                 for sv in repository.served()
                 if sv.replica
             ),
+            replicas=backend.replica_counts,
+            ready=lambda: (
+                repository.readiness().ready and not drain.draining,
+                (
+                    (sv.name, sv.version, sv.state is VersionState.READY)
+                    for sv in repository.served()
+                ),
+            ),
         )
     repository = ModelRepository(config, store, backend, counters=counters)
+    drain = DrainState()
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
-    route_table = RouteTable(config.routes, repository, route_file=RouteFile(config_path))
+    # Control state: in this process (memory), or shared by a fleet through a store.
+    control = config.control
+    shared = create_store(control)
+    gateway = Gateway(
+        address=control.advertise or f"{config.server.host}:{config.server.port}",
+        backend=config.backend,
+    )
+    route_table = RouteTable(
+        config.routes, repository, route_file=RouteFile(config_path), store=shared
+    )
     rollouts = RolloutController(
         route_table,
         repository,
         config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
+        store=shared,
+        holder=gateway.id,
+        lease_ttl_s=control.lease_ttl_s,
+        retry_s=control.sync_interval_s,
     )
+    rules = config.limits.rate_limits
+    fleet: FleetSync | None = None
+    limiter: RateLimiter | None = None
+    if rules and shared is not None:
+        limiter = FleetRateLimiter(
+            rules,
+            shared,
+            serves=repository.serves,
+            live=lambda: fleet.live if fleet is not None else 1,
+        )
+    elif rules:
+        limiter = RateLimiter(rules, serves=repository.serves)
+    if shared is not None:
+        fleet_limiter = limiter if isinstance(limiter, FleetRateLimiter) else None
+        fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
+    capture = _capture_writer(config)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts):
-            metrics.register(collector)
+        for collector in (route_table, route_table.shadow, rollouts, fleet, capture, repository):
+            if collector is not None:
+                metrics.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.start()
+        if fleet is not None:  # the fleet's routes before the first request
+            await fleet.start()
 
         async def load_all() -> None:
             await repository.start()
@@ -203,10 +285,14 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await rollouts.stop()
+            if fleet is not None:
+                await fleet.stop()
             await route_table.shadow.stop()
             await repository.stop()
             await backend.stop()
             tracing.shutdown()
+            if capture is not None:
+                await asyncio.to_thread(capture.close)
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     app = Starlette(
@@ -216,7 +302,7 @@ def create_app(
             admin_mount(loopback_only=not config.auth.enabled),
             *extra_routes,
         ],
-        middleware=_middleware(config, metrics),
+        middleware=_middleware(config, metrics, limiter, capture),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -225,11 +311,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
-    app.state.drain = DrainState()  # set by the server on SIGTERM; readiness reads it
+    app.state.drain = drain  # set by the server on SIGTERM; readiness reads it
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.routes = route_table
     app.state.rollouts = rollouts
+    app.state.gateway = gateway
+    app.state.fleet = fleet
+    app.state.limiter = limiter
     app.state.service = InferenceService(
         repository,
         RequestLimits(config.limits),

@@ -19,16 +19,31 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from serving.config import ShadowConfig
-from serving.errors import FermionError, InvalidInput, Overloaded, PayloadTooLarge
-from serving.inference.codec import HEADER_LENGTH, decode_request_async, encode_response
+from serving.errors import FermionError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
+from serving.inference.batcher import DynamicBatcher
+from serving.inference.codec import (
+    HEADER_LENGTH,
+    InferRequest,
+    decode_request_async,
+    encode_response,
+)
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
-from serving.inference.repository import ModelRepository, ServedVersion
+from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
 from serving.observability.tracing import recording_tracer
 
-__all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy", "RoutePolicy"]
+__all__ = [
+    "LOCATION_HEADER",
+    "VERSION_HEADER",
+    "InferCall",
+    "InferenceService",
+    "ModelRoutePolicy",
+    "RoutePolicy",
+]
 
 #: The response header naming the version that answered.
 VERSION_HEADER = "fermion-model-version"
+#: The response header naming where the answer was computed: local, ray or remote.
+LOCATION_HEADER = "fermion-location"
 
 _NO_PARAMETERS: Mapping[str, object] = {}
 #: How long after a refusal connections keep asking before the body (``refusing``).
@@ -130,78 +145,84 @@ class InferenceService(Generic[R]):
         try:
             timeout = headers.get(TIMEOUT_HEADER)
             now = time.perf_counter_ns()
-            batcher.check_admission(self._limits.deadline_ns(timeout, _NO_PARAMETERS, now))
+            if isinstance(batcher, DynamicBatcher):
+                batcher.check_admission(self._limits.deadline_ns(timeout, _NO_PARAMETERS, now))
         except Overloaded as e:
             self._refused()
-            served.counter.failed(e)
+            served.counter.failed(e, now)
             return e
         except FermionError:
             return None
         return None
 
     async def infer(self, call: InferCall) -> tuple[bytes, dict[str, str]]:
-        """The encoded answer to ``call`` and its headers, or a FermionError."""
+        """The encoded answer to ``call`` and its headers, or a FermionError.
+
+        Every call's outcome is counted once: on the version that answered or refused it,
+        else (unknown model or version) on the model's door counter.
+        """
         name, repo, limits = call.model, self._repository, self._limits
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
-        holding = None  # the batcher whose queue place this request holds
-        repo.counters.enter(name)
+        entered = False
+        holding: DynamicBatcher | None = None  # the batcher whose queue place this holds
         try:
-            # 1. Which version: the route's pick or the pinned one; 404/503 before the body.
-            tracer = recording_tracer()
+            # 1. Which version: the route's pick, the pinned one, or the newest READY one;
+            #    404/503 before the body is read.
             wanted = call.version if route is None else route.pick(call.headers)
-            if tracer is None:
-                served, batcher = repo.resolve(name, wanted)
-            else:
-                with tracer.start_as_current_span("fermion.route") as span:
-                    served, batcher = repo.resolve(name, wanted)
-                    span.set_attributes({"fermion.model": name, "fermion.version": served.version})
+            served = self._find(name, wanted)
+            repo.counters.enter(name)
+            entered = True
+            batcher = served.ready_batcher()
             call.state["served"] = (name, served.version)
             # 2. Admission: a request the queue would shed is refused before its body is read.
             timeout = call.headers.get(TIMEOUT_HEADER)
-            try:
-                batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
-            except Overloaded:
-                self._refused()  # connections refuse from the head for a while
-                raise
-            holding = batcher
+            if isinstance(batcher, DynamicBatcher):
+                try:
+                    batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
+                except Overloaded:
+                    self._refused()  # connections refuse from the head for a while
+                    raise
+                holding = batcher
             # 3. The body, inflated and decoded against the version's signature.
             body = await _inflate(await call.read_body(), call.headers, self._max_body_bytes)
             header_length = _header_length(call.headers)
-            max_batch = batcher.max_batch_size
-            if limits.max_batch is not None:
-                max_batch = min(max_batch, limits.max_batch)
-            req = await decode_request_async(
-                body, served.manifest, header_length=header_length, max_batch_size=max_batch
-            )
+            req = await self._decode(body, served, batcher, header_length)
             limits.check_elements(req.inputs)
             # 4. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
             if sticky is not None and sticky != str(served.version):
-                first = served.manifest
-                served, batcher = repo.resolve(name, sticky)
+                first = served
+                served = repo.get(name, sticky)
+                batcher = served.ready_batcher()
                 call.state["served"] = (name, served.version)
-                m = served.manifest
-                if (m.inputs, m.outputs, m.max_batch_size) != (
-                    first.inputs,
-                    first.outputs,
-                    first.max_batch_size,
-                ):
-                    req = await decode_request_async(
-                        body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
-                    )
+                if not _same_signature(first, served):
+                    req = await self._decode(body, served, batcher, header_length)
             # 5. One submit, with the request's deadline and priority; it takes over the
-            # queue place (the sticky version's batcher checks for one of its own).
-            submitted = batcher.submit(
-                req.inputs,
-                req.batch_size,
-                deadline_ns=limits.deadline_ns(timeout, req.parameters, call.started_ns),
-                priority=limits.priority(req.parameters),
-                admitted=holding is batcher,
-            )
-            if holding is batcher:
+            #    queue place (a sticky version's batcher checks for one of its own). An
+            #    unversioned request whose version began unloading meanwhile goes to the
+            #    newest READY one instead (once).
+            deadline_ns = limits.deadline_ns(timeout, req.parameters, call.started_ns)
+            priority = limits.priority(req.parameters)
+            admitted = holding is batcher
+            if admitted:
                 holding = None
-            outputs = await submitted
+            try:
+                outputs, location = await _submit(
+                    batcher, served, req, deadline_ns, priority, admitted=admitted
+                )
+            except ModelNotReady:
+                if wanted is not None or not batcher.closed:
+                    raise
+                first = served
+                served = repo.get(name, None)
+                batcher = served.ready_batcher()
+                call.state["served"] = (name, served.version)
+                if not _same_signature(first, served):
+                    req = await self._decode(body, served, batcher, header_length)
+                outputs, location = await _submit(
+                    batcher, served, req, deadline_ns, priority, admitted=False
+                )
             # 6. The answer, encoded (a model output that cannot be encoded fails here).
             content, headers = encode_response(
                 req,
@@ -212,19 +233,82 @@ class InferenceService(Generic[R]):
             )
         except Exception as e:
             # 7. The outcome, recorded once: a failure here, a success below.
-            if served is not None:
-                served.counter.failed(e)
+            counter = served.counter if served is not None else repo.counters.door(name)
+            counter.failed(e, call.started_ns)
             raise
         finally:
             if holding is not None:
                 holding.release()
-            repo.counters.leave(name)
+            if entered:
+                repo.counters.leave(name)
         served.counter.answered(call.started_ns)
         # 8. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         headers[VERSION_HEADER] = str(served.version)
+        headers[LOCATION_HEADER] = location
         return content, headers
+
+    def _find(self, name: str, version: str | None) -> ServedVersion:
+        """The served version a request names (404 when none), within a route span."""
+        tracer = recording_tracer()
+        if tracer is None:
+            return self._repository.get(name, version)
+        # An unknown model is an answer (404), not an exception to record on the trace.
+        with tracer.start_as_current_span(
+            "fermion.route", record_exception=False, set_status_on_exception=False
+        ) as span:
+            served = self._repository.get(name, version)
+            span.set_attributes({"fermion.model": name, "fermion.version": str(served.version)})
+            return served
+
+    async def _decode(
+        self,
+        body: bytes | bytearray,
+        served: ServedVersion,
+        batcher: VersionBatcher,
+        header_length: int | None,
+    ) -> InferRequest:
+        max_batch = batcher.max_batch_size
+        if self._limits.max_batch is not None:
+            max_batch = min(max_batch, self._limits.max_batch)
+        return await decode_request_async(
+            body, served.manifest, header_length=header_length, max_batch_size=max_batch
+        )
+
+
+async def _submit(
+    batcher: VersionBatcher,
+    served: ServedVersion,
+    req: InferRequest,
+    deadline_ns: int | None,
+    priority: int,
+    *,
+    admitted: bool,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The outputs of one submit and the location that computed them.
+
+    ``admitted``: the request already holds a place in ``batcher``'s queue.
+    """
+    if isinstance(batcher, DynamicBatcher):
+        outputs = await batcher.submit(
+            req.inputs,
+            req.batch_size,
+            deadline_ns=deadline_ns,
+            priority=priority,
+            admitted=admitted,
+        )
+        return outputs, served.location
+    # A local replica and upstreams: the placed batcher says which one computed it.
+    return await batcher.submit_located(
+        req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+    )
+
+
+def _same_signature(a: ServedVersion, b: ServedVersion) -> bool:
+    """Whether a request decoded for ``a`` is also valid for ``b`` as it is."""
+    ma, mb = a.manifest, b.manifest
+    return (ma.inputs, ma.outputs, ma.max_batch_size) == (mb.inputs, mb.outputs, mb.max_batch_size)
 
 
 def _header_length(headers: Mapping[str, str]) -> int | None:
@@ -237,18 +321,25 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
 
 
+#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
+_WBITS = {"gzip": 31, "deflate": 15}
+
+
 async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes | bytearray:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes).
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes).
 
     Inflated a slice at a time into one buffer, the loop running in between; a body of
-    more than one gzip member is refused.
+    more than one member (or data after its end) is refused.
     """
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    d = zlib.decompressobj(wbits=31)
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
+        )
+    d = zlib.decompressobj(wbits=wbits)
     # Grown a slice at a time: a large buffer grows in place (mremap), never copied whole.
     out = bytearray()
     data = body
@@ -263,11 +354,11 @@ async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes
                 break
             await asyncio.sleep(0)
     except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
+        raise InvalidInput(f"invalid {encoding} body: {e}") from None
     if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
+        raise InvalidInput(f"invalid {encoding} body: truncated")
     if d.unused_data:
-        raise InvalidInput("invalid gzip body: data after the end of its gzip member")
+        raise InvalidInput(f"invalid {encoding} body: data after the end of its {encoding} member")
     return out
 
 

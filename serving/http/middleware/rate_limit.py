@@ -34,7 +34,7 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if model is not None:
-            wait = self._limiter.acquire(_caller(scope), model)
+            wait = await self._limiter.admit(_caller(scope), model)
             if wait > 0.0:
                 if self._on_reject is not None:
                     self._on_reject(model, "rate_limited")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.observability.counters import REQUEST_STARTED_NS
 
 __all__ = ["RequestIdMiddleware", "request_id_of"]
 
@@ -29,7 +32,11 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class RequestIdMiddleware:
-    """Echo the client's ``x-request-id`` (or a new one) on every response."""
+    """Echo the client's ``x-request-id`` (or a new one) on every response.
+
+    Outermost, it also notes when the request arrived (``REQUEST_STARTED_NS``), so that
+    a request refused at the door is timed like any other.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -38,6 +45,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        REQUEST_STARTED_NS.set(time.perf_counter_ns())
         request_id = request_id_of(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 

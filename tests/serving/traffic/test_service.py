@@ -10,6 +10,7 @@ import pytest
 
 from serving.config import RouteConfig
 from serving.errors import ModelNotFound, Overloaded
+from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall
 from serving.traffic.route_table import RouteTable
@@ -74,6 +75,7 @@ async def test_a_request_its_queue_would_shed_is_refused_before_its_body_is_read
 ) -> None:
     svc = service(RouteTable({}, repository), repository)
     _, batcher = repository.resolve(MODEL, "1")
+    assert isinstance(batcher, DynamicBatcher)
     for _ in range(batcher.max_queue_size):  # every place taken by requests being read
         batcher.admit()
     read: list[bool] = []
