@@ -39,7 +39,7 @@ control:
   sync_interval_s: 0.1
   heartbeat_s: 0.3
   lease_ttl_s: 1.0
-  timeout_s: 0.3
+  timeout_s: 1.0  # generous: a loaded 2-core host may stall a reply past 0.3 s
 limits:
   rate_limits: [{{models: {LIMITED}, rate: 50, burst: 50}}]
 routes:
