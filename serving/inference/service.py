@@ -1,32 +1,36 @@
 """One inference request, from a resolved model name to an encoded answer.
 
-The transports (HTTP, gRPC) read their own framing and call ``InferenceService.infer``;
-everything between the model name and the encoded outputs happens here, in one pass:
-version, body, decode, limits, sticky version, one submit to the batcher, encode,
-the outcome recorded once, the shadow copy. Nothing here knows a web framework.
-Routing is reached through ``RoutePolicy``, which the traffic layer implements.
+The transports (HTTP, gRPC) read their own framing and call ``InferenceService.infer``
+with the request's body (``RequestBody``: the HTTP V2 body in ``codec.HttpInferBody``, a
+``ModelInferRequest`` in ``serving.grpc``); everything between the model name and the
+encoded outputs happens here, in one pass: version, decode, limits, sticky version, one
+submit to the batcher, encode, the outcome recorded once, the shadow copy. Nothing here
+knows a web framework. Routing is reached through ``RoutePolicy``, which the traffic
+layer implements.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from model_store.manifest import ModelManifest
 from serving.config import ShadowConfig
-from serving.errors import InvalidInput, PayloadTooLarge
-from serving.inference.codec import HEADER_LENGTH, decode_request, encode_response
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion
+from serving.inference.tensors import InferRequest
 from serving.observability.tracing import recording_tracer
 
-__all__ = ["VERSION_HEADER", "InferCall", "InferenceService", "ModelRoutePolicy", "RoutePolicy"]
-
-#: The response header naming the version that answered.
-VERSION_HEADER = "fermion-model-version"
+__all__ = [
+    "InferCall",
+    "InferenceService",
+    "ModelRoutePolicy",
+    "RequestBody",
+    "RoutePolicy",
+]
 
 
 class ModelRoutePolicy(Protocol):
@@ -65,8 +69,35 @@ class RoutePolicy(Protocol[R]):
         """A routed request was answered by ``served`` (e.g. mirror it to the shadow)."""
 
 
+#: What a transport's answer is (HTTP: body and headers; gRPC: a response message).
+A = TypeVar("A")
+A_co = TypeVar("A_co", covariant=True)
+
+
+class RequestBody(Protocol[A_co]):
+    """A request's body in one transport's framing: its tensors, and its answer encoded."""
+
+    async def decode(self, manifest: ModelManifest, max_batch_size: int) -> InferRequest:
+        """The request checked against ``manifest`` (InvalidInput when it does not match).
+
+        Called once the model is known to be served (the body is read then), and again
+        when a sticky parameter moves the request to a version of another signature.
+        """
+
+    def encode(
+        self,
+        request: InferRequest,
+        outputs: Mapping[str, np.ndarray],
+        *,
+        model_name: str,
+        model_version: str,
+        manifest: ModelManifest,
+    ) -> A_co:
+        """The answer carrying ``outputs`` (InferenceFailed when one cannot be encoded)."""
+
+
 @dataclass(frozen=True, slots=True)
-class InferCall:
+class InferCall(Generic[A]):
     """One inference request as a transport hands it over."""
 
     model: str
@@ -74,8 +105,8 @@ class InferCall:
     version: str | None
     #: Request headers (or gRPC metadata), lower-case names.
     headers: Mapping[str, str]
-    #: Reads the whole request body; called once the model is known to be served.
-    read_body: Callable[[], Awaitable[bytes]]
+    #: The request's body, decoded once the model is known to be served.
+    body: RequestBody[A]
     #: ``time.perf_counter_ns()`` when the transport took the request.
     started_ns: int
     #: Per-request state shared with the transport; ``served`` is set to (model, version).
@@ -96,10 +127,11 @@ class InferenceService(Generic[R]):
         self._repository = repository
         self._limits = limits
         self._routes = routes
-        self._max_body_bytes = max_body_bytes
+        #: The largest request a transport accepts (after decompression).
+        self.max_body_bytes = max_body_bytes
 
-    async def infer(self, call: InferCall) -> tuple[bytes, dict[str, str]]:
-        """The encoded answer to ``call`` and its headers, or a FermionError."""
+    async def infer(self, call: InferCall[A]) -> A:
+        """The encoded answer to ``call``, or a FermionError."""
         name, repo, limits = call.model, self._repository, self._limits
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
@@ -115,15 +147,12 @@ class InferenceService(Generic[R]):
                     served, batcher = repo.resolve(name, wanted)
                     span.set_attributes({"fermion.model": name, "fermion.version": served.version})
             call.state["served"] = (name, served.version)
-            # 2. The body, inflated and decoded against the version's signature.
-            body = _inflate(await call.read_body(), call.headers, self._max_body_bytes)
-            header_length = _header_length(call.headers)
+            # 2. The body, read and decoded against the version's signature.
+            body = call.body
             max_batch = batcher.max_batch_size
             if limits.max_batch is not None:
                 max_batch = min(max_batch, limits.max_batch)
-            req = decode_request(
-                body, served.manifest, header_length=header_length, max_batch_size=max_batch
-            )
+            req = await body.decode(served.manifest, max_batch)
             limits.check_elements(req.inputs)
             # 3. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
@@ -137,9 +166,7 @@ class InferenceService(Generic[R]):
                     first.outputs,
                     first.max_batch_size,
                 ):
-                    req = decode_request(
-                        body, m, header_length=header_length, max_batch_size=batcher.max_batch_size
-                    )
+                    req = await body.decode(m, batcher.max_batch_size)
             # 4. One submit, with the request's deadline and priority.
             outputs = await batcher.submit(
                 req.inputs,
@@ -150,7 +177,7 @@ class InferenceService(Generic[R]):
                 priority=limits.priority(req.parameters),
             )
             # 5. The answer, encoded (a model output that cannot be encoded fails here).
-            content, headers = encode_response(
+            answer = body.encode(
                 req,
                 outputs,
                 model_name=name,
@@ -168,34 +195,4 @@ class InferenceService(Generic[R]):
         # 7. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
-        headers[VERSION_HEADER] = str(served.version)
-        return content, headers
-
-
-def _header_length(headers: Mapping[str, str]) -> int | None:
-    raw = headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
-
-
-def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes)."""
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    d = zlib.decompressobj(wbits=31)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
-    if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
-    return out
+        return answer
