@@ -1,13 +1,16 @@
-"""``fermion serve``: run the gateway (KServe V2 over HTTP) with uvicorn.
+"""``fermion serve``: run the gateway (KServe V2 over HTTP, and gRPC) with uvicorn.
 
 The listening socket is bound here, before uvicorn starts, so that ``--port 0`` works:
 the OS picks a free port, and once the server listens it prints
-``Fermion listening on http://HOST:PORT`` (the real port) on stdout.
+``Fermion listening on http://HOST:PORT`` (the real port) on stdout. The gRPC server
+(``server.grpc_port``, ``--grpc-port``) runs on the same event loop, started with the
+app, and prints ``Fermion gRPC listening on HOST:PORT`` the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
 import sys
@@ -18,13 +21,18 @@ from serving.config import ConfigError, load_config
 
 if TYPE_CHECKING:
     import uvicorn
+    from starlette.applications import Starlette
 
+    from serving.config import FermionConfig
+    from serving.http.app import Companion
     from serving.inference.repository import ModelRepository
 
 __all__ = ["add_serve_parser"]
 
 #: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
 _STARTUP_FAILURE = 3
+#: ``--grpc-port`` not given (None means ``off``).
+_UNSET: Any = object()
 
 
 def _demo_key(name: str, keys_file: Path | None) -> str:
@@ -47,6 +55,41 @@ def _bind(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _grpc_port(value: str) -> int | None:
+    """``--grpc-port``: a port number, or ``off``."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port or 'off': {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 0-65535")
+    return port
+
+
+def _grpc_companion(config: FermionConfig, port: int) -> Companion:
+    """The gRPC server as a companion of the app: same loop, same inference service."""
+
+    def companion(app: Starlette) -> contextlib.AbstractAsyncContextManager[int]:
+        from serving.grpc.server import serve_grpc
+
+        state = app.state
+        return serve_grpc(
+            host=config.server.host,
+            port=port,
+            service=state.service,
+            repository=state.repository,
+            backend=config.backend,
+            access=state.access,
+            limiter=state.rate_limiter,
+            metrics=state.metrics,
+            on_listening=lambda address: print(f"Fermion gRPC listening on {address}", flush=True),
+        )
+
+    return companion
 
 
 def _url(host: str, port: int) -> str:
@@ -80,6 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["server.host"] = args.host
     if args.port is not None:
         overrides["server.port"] = args.port
+    if args.grpc_port is not _UNSET:
+        overrides["server.grpc_port"] = args.grpc_port
     if args.backend is not None:
         overrides["backend"] = args.backend
     if args.keys_file is not None:
@@ -101,6 +146,14 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fermion: cannot listen on {host}:{config.server.port}: {e}", file=sys.stderr)
         return _STARTUP_FAILURE
     base_url = _url(host, sock.getsockname()[1])
+    grpc_port = config.server.grpc_port
+    if grpc_port:  # a fixed port: refuse one in use now, with the reason, as for HTTP
+        try:
+            _bind(host, grpc_port).close()
+        except OSError as e:
+            sock.close()
+            print(f"fermion: cannot listen for gRPC on {host}:{grpc_port}: {e}", file=sys.stderr)
+            return _STARTUP_FAILURE
 
     def on_ready(repo: ModelRepository) -> None:
         names = repo.configured_models()
@@ -115,7 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
         manifest = versions[max(versions)].manifest
         print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
 
-    app = create_app(config, on_ready=on_ready, config_path=args.config)
+    companions = [] if grpc_port is None else [_grpc_companion(config, grpc_port)]
+    app = create_app(config, on_ready=on_ready, config_path=args.config, companions=companions)
     server_config = uvicorn.Config(
         app,
         log_level=config.server.log_level,
@@ -132,12 +186,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` to the ``fermion`` command line."""
-    serve = sub.add_parser("serve", help="run the gateway (KServe V2 over HTTP)")
+    serve = sub.add_parser("serve", help="run the gateway (KServe V2 over HTTP and gRPC)")
     serve.add_argument("--config", type=Path, help="YAML configuration file")
     serve.add_argument("--store", type=Path, help="model store root (store.root)")
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument(
         "--port", type=int, help="listen port (server.port); 0: a free one, printed once listening"
+    )
+    serve.add_argument(
+        "--grpc-port",
+        type=_grpc_port,
+        default=_UNSET,
+        metavar="PORT|off",
+        help="V2 gRPC port (server.grpc_port, default 8001); 0: a free one, printed once "
+        "listening; off: no gRPC",
     )
     serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")

@@ -49,7 +49,7 @@ __all__ = ["Companion", "create_app"]
 
 #: Something served beside the HTTP app on its event loop (the gRPC server): entered at
 #: start, once the backend has started, and left first at shutdown.
-Companion = Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]
+Companion = Callable[[Starlette], contextlib.AbstractAsyncContextManager[object]]
 
 log = logging.getLogger("fermion.gateway")
 
