@@ -1,4 +1,5 @@
-"""``fermion serve --port 0``: the OS picks the port, and the server says which once it listens."""
+"""``fermion serve --port 0`` (and ``--grpc-port 0``): the OS picks the port, and the server
+says which once it listens."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from model_store.manifest import TensorSpec
 from model_store.store import ArtifactSource, ModelStore
@@ -23,6 +25,7 @@ from tests.helpers.tiny_models import write_matmul_onnx
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"^Fermion listening on (http://127\.0\.0\.1:(\d+))$")
+_GRPC_LISTENING = re.compile(r"^Fermion gRPC listening on (127\.0\.0\.1:(\d+))$")
 _WAIT_S = 60.0
 
 
@@ -100,7 +103,9 @@ def _serve(store: ModelStore, *args: str) -> Generator[_Served, None, None]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[_Served]:
-    yield from _serve(_store(tmp_path / "store"), "--host", "127.0.0.1", "--port", "0")
+    yield from _serve(
+        _store(tmp_path / "store"), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0"
+    )
 
 
 def test_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
@@ -108,6 +113,16 @@ def test_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
     assert int(port) > 0
     live = httpx.get(f"{url}/v2/health/live", timeout=10.0)
     assert live.status_code == 200
+
+
+def test_grpc_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
+    address, port = served.wait_for(_GRPC_LISTENING).groups()
+    assert int(port) > 0
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        assert client.is_server_live()
+    finally:
+        client.close()
 
 
 def test_the_start_banner_s_examples_use_the_real_port(served: _Served) -> None:
@@ -126,13 +141,16 @@ def test_the_start_banner_s_examples_use_the_real_port(served: _Served) -> None:
 
 def test_two_servers_on_port_0_get_ports_of_their_own(tmp_path: Path) -> None:
     store = _store(tmp_path / "store")
-    first = _serve(store, "--host", "127.0.0.1", "--port", "0")
-    second = _serve(store, "--host", "127.0.0.1", "--port", "0")
+    first = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0")
+    second = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0")
     a, b = next(first), next(second)
     try:
         port_a = a.wait_for(_LISTENING).group(2)
         port_b = b.wait_for(_LISTENING).group(2)
         assert port_a != port_b
+        grpc_a = a.wait_for(_GRPC_LISTENING).group(2)
+        assert grpc_a != b.wait_for(_GRPC_LISTENING).group(2)
+        assert grpc_a not in (port_a, port_b)
         for served in (a, b):
             url = served.wait_for(_LISTENING).group(1)
             assert httpx.get(f"{url}/v2/health/live", timeout=10.0).status_code == 200
@@ -145,7 +163,7 @@ def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Pat
     port = served.wait_for(_LISTENING).group(2)
     serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
     done = subprocess.run(
-        [*serve, "--host", "127.0.0.1", "--port", port],
+        [*serve, "--host", "127.0.0.1", "--port", port, "--grpc-port", "off"],
         capture_output=True,
         text=True,
         cwd=_REPO_ROOT,
@@ -153,3 +171,17 @@ def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Pat
     )
     assert done.returncode == 3
     assert f"fermion: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_a_grpc_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Path) -> None:
+    port = served.wait_for(_GRPC_LISTENING).group(2)
+    serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
+    done = subprocess.run(
+        [*serve, "--host", "127.0.0.1", "--port", "0", "--grpc-port", port],
+        capture_output=True,
+        text=True,
+        cwd=_REPO_ROOT,
+        timeout=_WAIT_S,
+    )
+    assert done.returncode == 3
+    assert f"fermion: cannot listen for gRPC on 127.0.0.1:{port}" in done.stderr
