@@ -29,6 +29,9 @@ from serving.durations import parse_duration
 
 __all__ = ["add_loadtest_parser", "format_result"]
 
+#: ``--url`` when none is given, by ``--protocol``.
+_DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "grpc://127.0.0.1:8001"}
+
 
 def format_result(result: LoadTestResult) -> str:
     """A few lines for the terminal: throughput, latency, versions, errors, SLOs, files."""
@@ -74,7 +77,8 @@ def _run(args: argparse.Namespace) -> int:
             return 2
     out = args.out or Path("loadtest-reports") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = LoadTestOptions(
-        url=args.url,
+        url=args.url or _DEFAULT_URLS[args.protocol],
+        protocol=args.protocol,
         model=args.model,
         out=out,
         users=args.users,
@@ -134,7 +138,17 @@ def add_loadtest_parser(sub: Any) -> None:
         description="Run locust headless against a Fermion gateway and write a report folder "
         "(summary.json, history.csv, report.html). Exits 1 when an --slo is missed.",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's base URL")
+    p.add_argument(
+        "--url",
+        help="the gateway: base URL (http://127.0.0.1:8000) or, with --protocol grpc, its "
+        "gRPC address (grpc://127.0.0.1:8001)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["http", "grpc"],
+        default="http",
+        help="V2 over HTTP (JSON, or --binary) or over gRPC (raw tensors)",
+    )
     p.add_argument("--model", help="model to load-test")
     p.add_argument("--model-version", help="pin one version (default: what the gateway routes)")
     p.add_argument("--users", type=int, default=10, help="simulated users (peak for shapes)")

@@ -66,6 +66,8 @@ class LoadTestOptions:
     store: Path | None = None
     user_rps: float = 0.0
     api_key_env: str = "FERMION_API_KEY"
+    #: ``http`` (``url`` is the base URL) or ``grpc`` (``url`` is ``grpc://host:port``).
+    protocol: str = "http"
     slos: list[Slo] = field(default_factory=list)
     workers: int = 1
     remote_workers: int = 0
@@ -148,6 +150,8 @@ def locust_command(opts: LoadTestOptions, samples: Path | None, master: bool) ->
         str(opts.user_rps),
         "--api-key-env",
         opts.api_key_env,
+        "--protocol",
+        opts.protocol,
         "--record",
         str(out / _RAW),
     ]
@@ -179,7 +183,26 @@ def _require_locust() -> None:
         raise LoadTestError("locust is missing: pip install 'fermion[loadtest]'")
 
 
+def _preflight_grpc(opts: LoadTestOptions) -> None:
+    import grpc
+
+    from loadtest.grpc_client import grpc_address, model_metadata
+
+    key = os.environ.get(opts.api_key_env, "")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    address = grpc_address(opts.url)
+    try:
+        model_metadata(address, opts.model, opts.model_version, headers, 10.0)
+    except grpc.RpcError as e:
+        raise LoadTestError(
+            f"gRPC ModelMetadata at {address}: {e.code().name} {e.details()}"
+        ) from None
+
+
 def _preflight(opts: LoadTestOptions) -> None:
+    if opts.protocol == "grpc":
+        _preflight_grpc(opts)
+        return
     path = f"/v2/models/{opts.model}"
     if opts.model_version:
         path += f"/versions/{opts.model_version}"
@@ -303,6 +326,7 @@ def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print) -> 
     raw = json.loads(raw_path.read_text())
     config = {
         "url": opts.url,
+        "protocol": opts.protocol,
         "model": opts.model,
         "model_version": opts.model_version,
         "users": opts.users,
