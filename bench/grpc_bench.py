@@ -123,9 +123,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
         f"{'srv CPU':>8} {'us/req':>7} {'gen CPU':>8} {'machine':>8} errors"
     ]
     for r in rows:
+        us = r["server_us_per_request"] or 0
         lines.append(
             f"{r['cell']:<12} {r['concurrency']:>3} {r['rps']:>9.1f} {r['p50_ms']:>8.3f} "
-            f"{r['p99_ms']:>8.3f} {r['server_cores']:>8.2f} {r['server_us_per_request'] or 0:>7.0f} "
+            f"{r['p99_ms']:>8.3f} {r['server_cores']:>8.2f} {us:>7.0f} "
             f"{r['generator_cores']:>8.2f} "
             f"{r['machine_cores']:>8.2f} {r['errors']}"
         )

@@ -197,7 +197,11 @@ async def test_outputs_go_back_raw_with_id_and_version() -> None:
     req = await body.decode(manifest, 8)
     y = np.array([[1.5, 2.5]], np.float64)  # cast to the manifest's FP32
     response = body.encode(
-        req, {"y": y, "z": np.array([7], np.int64)}, model_name="m", model_version="3", manifest=manifest
+        req,
+        {"y": y, "z": np.array([7], np.int64)},
+        model_name="m",
+        model_version="3",
+        manifest=manifest,
     )
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "abc")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
