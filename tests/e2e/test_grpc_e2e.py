@@ -5,7 +5,11 @@ RPCs Fermion does not offer."""
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -19,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from model_store.store import ModelStore
 from tests.e2e.conftest import MAX_BODY_BYTES
-from tests.helpers.servers import RunningServer
+from tests.helpers.servers import REPO_ROOT, RunningServer
 
 pytestmark = pytest.mark.e2e
 
@@ -166,3 +170,21 @@ def test_a_message_over_the_body_limit_is_resource_exhausted(
         client.infer("digits", [_input(np.zeros((rows, 1, 28, 28), np.float32))])
     assert raised.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert client.is_server_ready()
+
+
+def test_the_readme_example_works_as_printed(
+    served: RunningServer, demo_store: ModelStore, tmp_path: Path
+) -> None:
+    """The README's tritonclient.grpc example, with this server's address and store."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("\n## gRPC\n") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    assert served.grpc_address is not None
+    script = code.group(1).replace("127.0.0.1:8001", served.grpc_address)
+    (tmp_path / "model_store").symlink_to(demo_store.root)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"\[\d \d\] from version 2\n", run.stdout), run.stdout
