@@ -3,7 +3,7 @@
 # models are built elsewhere (`fermion build`) and mounted read-only as a model store.
 #
 # Build:  docker build -t fermion:0.1.0-gpu .
-# Run:    docker run --gpus all -p 8000:8000 -v "$PWD/model_store:/models:ro" fermion:0.1.0-gpu
+# Run:    docker run --gpus all -p 8000:8000 -p 8001:8001 -v "$PWD/model_store:/models:ro" fermion:0.1.0-gpu
 # CPU:    the same image runs without --gpus; it then serves the CPU artifacts
 #         (each replica picks the artifact that fits its host, see README "GPU targets").
 #
@@ -42,7 +42,7 @@ COPY --from=build /opt/fermion /opt/fermion
 ENV PATH=/opt/fermion/bin:$PATH PYTHONUNBUFFERED=1
 USER fermion
 WORKDIR /srv
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"
