@@ -198,3 +198,37 @@ async def test_traceparent_metadata_continues_the_trace(ab_store: ModelStore) ->
     assert server.attributes["rpc.grpc.status_code"] == 0
     assert server.attributes["fermion.request_id"] == "g-1"
     assert {"fermion.route", "fermion.queue", "fermion.batch"} <= {s.name for s in spans}
+
+
+async def test_a_sticky_parameter_and_a_shadow_copy_work_over_grpc(ab_store: ModelStore) -> None:
+    config = FermionConfig.model_validate(
+        {
+            "store": {"root": str(ab_store.root)},
+            "routes": {
+                MODEL: {
+                    "split": {1: 50, 3: 50},
+                    "sticky": {"parameter": "user"},
+                    "shadow": {"version": 2, "max_queue_depth": 64},
+                }
+            },
+        }
+    )
+    async with serve_grpc_in_process(config, ab_store) as (gw, stub):
+        x = np.ones((1, 4), np.float32)
+        seen: dict[str, set[str]] = {}
+        for user in [f"u{i}" for i in range(8)] * 2:
+            user_param = pb.InferParameter(string_param=user)
+            response = await stub.ModelInfer(_request(x, user=user_param))
+            seen.setdefault(user, set()).add(response.model_version)
+        assert all(len(versions) == 1 for versions in seen.values())
+        assert set().union(*seen.values()) == {"1", "3"}
+
+        def mirrored() -> float:
+            return sum(
+                s.value
+                for family in text_string_to_metric_families(gw.app.state.metrics.render().decode())
+                for s in family.samples
+                if s.name == "fermion_shadow_requests_total" and s.labels["outcome"] == "ok"
+            )
+
+        await _until(lambda: mirrored() == 16, "every call mirrored to the shadow")
