@@ -8,12 +8,12 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean protos
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean system-deps protos
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[compile,ray,loadtest,test]'
+	$(BIN)/pip install --quiet -e '.[compile,ray,loadtest,test,fleet]'
 	touch $@
 
 demo: $(BIN)/.fermion-installed
@@ -24,18 +24,30 @@ serve: demo
 		--keys-file $(KEYS) --demo-key demo
 
 lint: $(BIN)/.fermion-installed
-	$(BIN)/ruff check serving compilers model_store loadtest bench tests
-	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests
+	$(BIN)/ruff check serving compilers model_store loadtest bench tests deploy
+	$(BIN)/ruff format --check serving compilers model_store loadtest bench tests deploy
 
 typecheck: $(BIN)/.fermion-installed
-	$(BIN)/mypy serving compilers model_store loadtest bench tests
+	$(BIN)/mypy serving compilers model_store loadtest bench tests deploy
 
 # The layer contract of DESIGN.md ([tool.importlinter] in pyproject.toml).
 imports: $(BIN)/.fermion-installed
 	$(BIN)/lint-imports
 
-pytest: $(BIN)/.fermion-installed
+pytest: $(BIN)/.fermion-installed system-deps
 	$(BIN)/pytest
+
+# System packages the tests use, from Debian, installed only when one is missing (apt-get as
+# root, else through sudo): redis-server (the fleet tests start their own on a free port),
+# Prometheus and promtool (deploy/prometheus rules and the dashboard's queries against a real
+# scrape), Chromium (the load test report's charts in a real browser).
+SYSTEM_COMMANDS := redis-server prometheus promtool chromium
+SYSTEM_PACKAGES := redis-server prometheus chromium
+system-deps:
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES); }
 
 test: lint typecheck imports pytest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,11 @@ def _summary(manifest: ModelManifest) -> str:
     return "\n".join(lines)
 
 
+def _progress(line: str) -> None:
+    """A phase's progress line, on stderr (stdout keeps the summary)."""
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
 def run_build(args: argparse.Namespace) -> int:
     """Run ``fermion build``; print a summary and return 0, or raise on failure."""
     from compilers.export import load_module
@@ -212,6 +218,7 @@ def run_build(args: argparse.Namespace) -> int:
         extra_files={p.name: p for p in args.files},
         atol=args.atol,
         rtol=args.rtol,
+        progress=_progress,
     )
     print(_summary(manifest))
     return 0
@@ -222,7 +229,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from compilers.demo import publish_demo
 
     store = ModelStore(args.store)
-    manifests = publish_demo(store, args.name, if_missing=args.if_missing)
+    manifests = publish_demo(store, args.name, if_missing=args.if_missing, progress=_progress)
     if not manifests:
         print(f"{args.name} already has versions {store.versions(args.name)} in {store.root}")
     for manifest in manifests:

@@ -18,6 +18,7 @@ from torch import nn
 
 from compilers.errors import BuildError
 from compilers.pipeline import build_model
+from compilers.progress import Progress, timed
 from model_store.manifest import SAMPLES_FILE, ModelManifest, TensorSpec
 from model_store.store import ModelStore
 
@@ -133,8 +134,13 @@ def _deterministic_torch(seed: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def train_digits(seed: int, epochs: int, data: DigitsData | None = None) -> TrainedDigits:
-    """Train the demo CNN with Adam and a one-cycle schedule; same seed, same weights."""
+def train_digits(
+    seed: int, epochs: int, data: DigitsData | None = None, progress: Progress | None = None
+) -> TrainedDigits:
+    """Train the demo CNN with Adam and a one-cycle schedule; same seed, same weights.
+
+    ``progress`` receives one line per epoch.
+    """
     data = load_digits_28() if data is None else data
     x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     with _deterministic_torch(seed):
@@ -147,15 +153,19 @@ def train_digits(seed: int, epochs: int, data: DigitsData | None = None) -> Trai
         order = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         model.train()
-        for _ in range(epochs):
-            permutation = torch.randperm(len(x_train), generator=order)
-            for first in range(0, len(permutation), _BATCH):
-                batch = permutation[first : first + _BATCH]
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                schedule.step()
+        for epoch in range(1, epochs + 1):
+            with timed(progress, f"train seed {seed}: epoch {epoch}/{epochs}") as note:
+                permutation = torch.randperm(len(x_train), generator=order)
+                total = 0.0
+                for first in range(0, len(permutation), _BATCH):
+                    batch = permutation[first : first + _BATCH]
+                    optimizer.zero_grad()
+                    loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+                    loss.backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+                    schedule.step()
+                    total += float(loss.detach()) * len(batch)
+                note["detail"] = f"loss {total / len(permutation):.4f}"
         train_seconds = time.perf_counter() - start
         model.eval()
         with torch.no_grad():
@@ -172,13 +182,17 @@ def train_digits(seed: int, epochs: int, data: DigitsData | None = None) -> Trai
 
 
 def publish_demo(
-    store: ModelStore, name: str = "digits", if_missing: bool = False
+    store: ModelStore,
+    name: str = "digits",
+    if_missing: bool = False,
+    progress: Progress | None = None,
 ) -> list[ModelManifest]:
     """Train and publish one version of the demo per recipe; return their manifests.
 
     With ``if_missing``, publish nothing (and return ``[]``) when ``name`` has versions.
     Each version carries ``samples.npz`` (the held-out set) and its training record
-    in the metadata; a version under ``MIN_ACCURACY`` fails the build.
+    in the metadata; a version under ``MIN_ACCURACY`` fails the build. ``progress``
+    receives a line per phase (epochs, export, compile, parity, publish).
     """
     if if_missing and store.versions(name):
         return []
@@ -188,7 +202,7 @@ def publish_demo(
         samples = Path(tmp) / SAMPLES_FILE
         np.savez_compressed(samples, input=data.x_test, labels=data.y_test)
         for recipe in DEMO_RECIPES:
-            trained = train_digits(recipe.seed, recipe.epochs, data)
+            trained = train_digits(recipe.seed, recipe.epochs, data, progress)
             if trained.accuracy < MIN_ACCURACY:
                 raise BuildError(
                     f"demo model (seed {recipe.seed}, {recipe.epochs} epochs) reached held-out "
@@ -203,6 +217,7 @@ def publish_demo(
                     output_names=["logits"],
                     samples=data.x_test,
                     extra_files={SAMPLES_FILE: samples},
+                    progress=progress,
                     metadata={
                         "accuracy": trained.accuracy,
                         "dataset": DATASET,

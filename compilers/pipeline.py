@@ -12,6 +12,7 @@ from torch import nn
 
 from compilers.errors import BuildError
 from compilers.export import DEFAULT_OPSET, export_module, import_onnx
+from compilers.progress import Progress, timed
 from compilers.signature import ModelSignature, check_inputs, random_inputs
 from compilers.targets import BuildSource, CompileTarget, get_target
 from compilers.validate import (
@@ -51,6 +52,7 @@ def build_model(
     metadata: Mapping[str, Any] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    progress: Progress | None = None,
 ) -> ModelManifest:
     """Build ``name`` from a torch ``module`` or an ``onnx_path`` and publish a new version.
 
@@ -58,7 +60,8 @@ def build_model(
     outputs. Every target compiles the ONNX graph and must match the reference (the
     module, or the ONNX graph run by plain ONNX Runtime) on ``samples`` (random
     inputs when None) within the precision's tolerance, ``atol``/``rtol`` overriding
-    it; otherwise ``ParityError`` is raised and nothing is published.
+    it; otherwise ``ParityError`` is raised and nothing is published. ``progress``
+    receives a line per phase (export, compile and parity per target, publish).
     """
     validate_model_name(name)
     if (module is None) == (onnx_path is None):
@@ -80,12 +83,14 @@ def build_model(
         reference: Reference
         if module is not None:
             assert inputs is not None
-            signature = export_module(module, inputs, source, output_names=output_names)
+            with timed(progress, f"{name}: export to ONNX (opset {DEFAULT_OPSET})"):
+                signature = export_module(module, inputs, source, output_names=output_names)
             reference = torch_reference(module, signature)
             build: dict[str, Any] = {"source": "torch", "opset": DEFAULT_OPSET}
         else:
             assert onnx_path is not None
-            signature = import_onnx(onnx_path, source)
+            with timed(progress, f"{name}: import {Path(onnx_path).name}"):
+                signature = import_onnx(onnx_path, source)
             reference = onnx_reference(source)
             build = {"source": "onnx", "file": Path(onnx_path).name}
         if max_batch_size > 0 and not signature.batchable():
@@ -114,20 +119,25 @@ def build_model(
                 max_batch_size=max_batch_size,
                 atol=atol,
                 rtol=rtol,
+                progress=progress,
+                label=name,
             )
             for target in compile_targets
         ]
         build["targets"] = list(targets)
-        return store.publish(
-            name,
-            platform=PLATFORM,
-            inputs=signature.inputs,
-            outputs=signature.outputs,
-            max_batch_size=max_batch_size,
-            artifacts=artifacts,
-            files={SOURCE_FILE: source, **files},
-            metadata={"build": build, **(metadata or {})},
-        )
+        with timed(progress, f"{name}: publish") as note:
+            manifest = store.publish(
+                name,
+                platform=PLATFORM,
+                inputs=signature.inputs,
+                outputs=signature.outputs,
+                max_batch_size=max_batch_size,
+                artifacts=artifacts,
+                files={SOURCE_FILE: source, **files},
+                metadata={"build": build, **(metadata or {})},
+            )
+            note["detail"] = f"version {manifest.version} in {store.root}"
+        return manifest
 
 
 def _sample_inputs(
@@ -163,19 +173,24 @@ def _compile_and_check(
     max_batch_size: int,
     atol: float | None,
     rtol: float | None,
+    progress: Progress | None,
+    label: str,
 ) -> ArtifactSource:
-    compiled = target.build(source, out_dir, options)
+    with timed(progress, f"{label}: compile {target.name}"):
+        compiled = target.build(source, out_dir, options)
     tolerance = tolerance_for(str(compiled.options.get("precision", "fp32")), atol=atol, rtol=rtol)
     n = next(iter(samples.values())).shape[0]
-    parity = check_parity(
-        target.load(compiled.path),
-        reference,
-        samples,
-        tolerance,
-        batch_size=max_batch_size if max_batch_size > 0 else n,
-        check_batch_one=max_batch_size > 0,
-        label=f"the {target.name} artifact",
-    )
+    with timed(progress, f"{label}: parity of {target.name} on {n} samples") as note:
+        parity = check_parity(
+            target.load(compiled.path),
+            reference,
+            samples,
+            tolerance,
+            batch_size=max_batch_size if max_batch_size > 0 else n,
+            check_batch_one=max_batch_size > 0,
+            label=f"the {target.name} artifact",
+        )
+        note["detail"] = f"max abs err {parity.max_abs_err:.3g}"
     return ArtifactSource(
         target=target.name,
         path=compiled.path,

@@ -67,17 +67,19 @@ REPORT_JS: Final = r"""
                     "text-anchor": right ? "start" : "end", "class": "tick"}, svg, fmt(v) + unit);
     }
   }
-  function xAxis(svg, maxT) {
+  function xAxis(svg, maxT, xUnit) {
     var step = Math.max(niceMax(maxT / 6), 1);
     for (var t = 0; t <= maxT + 1e-9; t += step) {
       var x = M.l + (W - M.l - M.r) * (maxT ? t / maxT : 0);
       node("text", {x: x, y: H - M.b + 16, "text-anchor": "middle", "class": "tick"}, svg,
-           fmt(t) + "s");
+           fmt(t) + xUnit);
     }
   }
 
-  // series: [{name, color, points: [[t, y] or [t, null]], right: bool}]
-  function lineChart(id, series, unit, rightUnit) {
+  // series: [{name, color, points: [[x, y] or [x, null]], right: bool}]; x in seconds
+  // unless xUnit says otherwise (e.g. "/s" for a rate).
+  function lineChart(id, series, unit, rightUnit, xUnit) {
+    xUnit = xUnit || "s";
     var c = svgFor(id);
     var shown = series.filter(function (s) {
       return s.points.some(function (p) { return p[1] !== null; });
@@ -94,7 +96,7 @@ REPORT_JS: Final = r"""
     maxL = niceMax(maxL); maxR = niceMax(maxR);
     yAxis(c.svg, maxL, false, unit);
     if (shown.some(function (s) { return s.right; })) { yAxis(c.svg, maxR, true, rightUnit); }
-    xAxis(c.svg, maxT);
+    xAxis(c.svg, maxT, xUnit);
     legend(c.svg, shown);
     var count = 0;
     shown.forEach(function (s) {
@@ -109,10 +111,11 @@ REPORT_JS: Final = r"""
         count++;
         var dot = node("circle", {cx: x, cy: y, r: 2.2, fill: s.color, "class": "point"}, g);
         node("title", {}, dot,
-             s.name + " at " + p[0] + "s: " + fmt(p[1]) + (s.right ? rightUnit : unit));
+             s.name + " at " + fmt(p[0]) + xUnit + ": " + fmt(p[1]) +
+             (s.right ? rightUnit : unit));
       });
       node("path", {d: d, fill: "none", stroke: s.color, "stroke-width": 1.8,
-                    "stroke-dasharray": s.right ? "5 3" : "none"}, g);
+                    "stroke-dasharray": s.right || s.dashed ? "5 3" : "none"}, g);
     });
     done(c.fig, count);
   }
@@ -138,6 +141,40 @@ REPORT_JS: Final = r"""
         node("text", {x: ex, y: H - M.b + 16, "text-anchor": "middle", "class": "tick"}, c.svg,
              fmt(edge) + "ms");
       }
+    });
+    done(c.fig, count);
+  }
+
+  // groups: [{name, bars: [{name, value}]}]; one colour per bar name across groups.
+  function barChart(id, groups, unit) {
+    var c = svgFor(id);
+    var names = [], max = 0, count = 0;
+    groups.forEach(function (g) {
+      g.bars.forEach(function (b) {
+        if (names.indexOf(b.name) < 0) { names.push(b.name); }
+        if (b.value !== null && b.value !== undefined) { max = Math.max(max, b.value); }
+      });
+    });
+    if (!names.length || !groups.length) { return empty(c); }
+    max = niceMax(max);
+    yAxis(c.svg, max, false, unit);
+    legend(c.svg, names.map(function (n, i) {
+      return {name: n, color: COLORS[i % COLORS.length]};
+    }));
+    var gw = (W - M.l - M.r) / groups.length;
+    groups.forEach(function (g, gi) {
+      var bw = Math.max((gw - 12) / Math.max(g.bars.length, 1), 1), x0 = M.l + gi * gw + 6;
+      node("text", {x: M.l + gi * gw + gw / 2, y: H - M.b + 16, "text-anchor": "middle",
+                    "class": "tick"}, c.svg, g.name);
+      g.bars.forEach(function (b, bi) {
+        if (b.value === null || b.value === undefined) { return; }
+        var h = (H - M.t - M.b) * b.value / max;
+        var bar = node("rect", {x: x0 + bi * bw, y: H - M.b - h, width: Math.max(bw - 1, 1),
+                                height: h, fill: COLORS[names.indexOf(b.name) % COLORS.length],
+                                "class": "bar"}, c.svg);
+        node("title", {}, bar, g.name + " " + b.name + ": " + fmt(b.value) + unit);
+        count++;
+      });
     });
     done(c.fig, count);
   }
@@ -183,21 +220,33 @@ REPORT_JS: Final = r"""
   }
   throughput.push({name: "users", color: "#6b7280", points: usersPts, right: true});
 
+  var extra = document.getElementById("fermion-charts");
+  var charts = extra ? JSON.parse(extra.textContent) : {};
   var drawn = 0;
-  function run(f) { f(); drawn++; }
-  run(function () { lineChart("chart-throughput", throughput, "", ""); });
-  run(function () {
+  function run(id, f) {
+    if (document.getElementById(id)) { f(); drawn++; }
+  }
+  run("chart-throughput", function () { lineChart("chart-throughput", throughput, "", ""); });
+  run("chart-latency", function () {
     lineChart("chart-latency", [
       {name: "p50", color: COLORS[1], points: pts("p50")},
       {name: "p90", color: COLORS[2], points: pts("p90")},
       {name: "p99", color: COLORS[5], points: pts("p99")}], "ms", "");
   });
-  run(function () { histogramChart("chart-histogram", data.histogram || []); });
-  run(function () { shareChart("chart-versions", data.versions || {}); });
-  run(function () {
+  run("chart-histogram", function () { histogramChart("chart-histogram", data.histogram || []); });
+  run("chart-versions", function () { shareChart("chart-versions", data.versions || {}); });
+  run("chart-errors", function () {
     lineChart("chart-errors", [{name: "error rate", color: COLORS[5], points: tl.map(function (p) {
       return [p.t, p.rps ? 100 * p.failures / p.rps : null];
     })}], "%", "");
+  });
+  run("chart-server", function () { barChart("chart-server", charts.server || [], "ms"); });
+  run("chart-batch", function () { barChart("chart-batch", charts.batch || [], ""); });
+  run("chart-capacity", function () {
+    lineChart("chart-capacity", (charts.capacity || []).map(function (s, i) {
+      return {name: s.name, color: s.dashed ? "#6b7280" : COLORS[i + 1], points: s.points,
+              dashed: s.dashed};
+    }), "ms", "", "/s");
   });
   document.body.setAttribute("data-charts", String(drawn));
 })();

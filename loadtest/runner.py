@@ -1,26 +1,32 @@
-"""Run a load test: locust headless in subprocesses (one, or a master and N workers),
-then the report folder and the SLO verdict.
+"""Run a load test, then write the report folder and the SLO verdict.
 
-Locust monkey-patches the process it runs in (gevent), so it never runs in this one.
+Three modes: ``--rate`` runs the open-loop engine (in this process or N worker
+processes); a capture file replays recorded traffic through the same engine; otherwise
+locust's closed-loop users run headless in subprocesses (one, or a master and N workers;
+locust monkey-patches the process it runs in, so never this one). Either way one request
+is sent first (a request the model refuses ends the test at once), and every gateway's
+``/metrics`` is scraped before and after for the server's side of the report.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
-from loadtest.payloads import find_samples
+from loadtest.open_runner import EngineJob, JobResult, run_jobs
+from loadtest.options import EXIT_SLO_MISSED, LoadTestError, LoadTestOptions, LoadTestResult
+from loadtest.preflight import RAW_FILE, prepare, settings_line
+from loadtest.progress import PROGRESS_PREFIX, Progress, ProgressLine
 from loadtest.report_html import render_html
+from loadtest.server_metrics import breakdown, scrape_all
 from loadtest.slo import Slo, SloResult, evaluate
 from loadtest.summary import summarize, write_history
 
@@ -32,61 +38,13 @@ __all__ = [
     "locust_command",
     "run_loadtest",
     "worker_command",
+    "write_report",
 ]
 
-#: The exit status of ``fermion loadtest`` when an SLO was missed.
-EXIT_SLO_MISSED: Final = 1
 
 _HERE = Path(__file__).resolve().parent
 _LOCUSTFILES: Final = f"{_HERE / 'locustfile.py'},{_HERE / 'shapefile.py'}"
 _STOP_TIMEOUT_S: Final = 10
-_RAW: Final = "raw.json"
-
-
-class LoadTestError(RuntimeError):
-    """The load test could not run (server unreachable, locust failed, nothing measured)."""
-
-
-@dataclass
-class LoadTestOptions:
-    """Everything ``fermion loadtest`` takes."""
-
-    url: str
-    model: str
-    out: Path
-    users: int = 10
-    spawn_rate: float = 10.0
-    duration_s: float = 60.0
-    shape: str = "steady"
-    steps: int = 4
-    binary: bool = False
-    batch_size: int = 1
-    model_version: str | None = None
-    samples: Path | None = None
-    store: Path | None = None
-    user_rps: float = 0.0
-    api_key_env: str = "FERMION_API_KEY"
-    #: ``http`` (``url`` is the base URL) or ``grpc`` (``url`` is ``grpc://host:port``).
-    protocol: str = "http"
-    slos: list[Slo] = field(default_factory=list)
-    workers: int = 1
-    remote_workers: int = 0
-    master_bind: str = "127.0.0.1"
-    master_port: int | None = None
-
-
-@dataclass
-class LoadTestResult:
-    """A finished load test: its summary, SLO verdicts and report folder."""
-
-    summary: dict[str, Any]
-    slo_results: list[SloResult]
-    out: Path
-
-    @property
-    def slo_missed(self) -> list[SloResult]:
-        """The objectives that were missed."""
-        return [r for r in self.slo_results if not r.ok]
 
 
 def _free_port(host: str) -> int:
@@ -150,10 +108,8 @@ def locust_command(opts: LoadTestOptions, samples: Path | None, master: bool) ->
         str(opts.user_rps),
         "--api-key-env",
         opts.api_key_env,
-        "--protocol",
-        opts.protocol,
         "--record",
-        str(out / _RAW),
+        str(out / RAW_FILE),
     ]
     if opts.model_version:
         cmd += ["--model-version", opts.model_version]
@@ -178,60 +134,6 @@ def locust_command(opts: LoadTestOptions, samples: Path | None, master: bool) ->
     return cmd
 
 
-def _require_locust() -> None:
-    if importlib.util.find_spec("locust") is None:
-        raise LoadTestError("locust is missing: pip install 'fermion[loadtest]'")
-
-
-def _preflight_grpc(opts: LoadTestOptions) -> None:
-    import grpc
-
-    from loadtest.grpc_client import grpc_address, model_metadata
-
-    key = os.environ.get(opts.api_key_env, "")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    address = grpc_address(opts.url)
-    try:
-        model_metadata(address, opts.model, opts.model_version, headers, 10.0)
-    except grpc.RpcError as e:
-        raise LoadTestError(
-            f"gRPC ModelMetadata at {address}: {e.code().name} {e.details()}"
-        ) from None
-
-
-def _preflight(opts: LoadTestOptions) -> None:
-    if opts.protocol == "grpc":
-        _preflight_grpc(opts)
-        return
-    path = f"/v2/models/{opts.model}"
-    if opts.model_version:
-        path += f"/versions/{opts.model_version}"
-    headers = {}
-    key = os.environ.get(opts.api_key_env, "")
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(opts.url.rstrip("/") + path, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        body = e.read()[:300].decode("utf-8", errors="replace")
-        raise LoadTestError(f"GET {request.full_url}: HTTP {e.code} {body}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise LoadTestError(f"GET {request.full_url}: {e}") from None
-
-
-def _samples(opts: LoadTestOptions) -> Path | None:
-    if opts.samples is not None:
-        if not opts.samples.is_file():
-            raise LoadTestError(f"samples file {opts.samples} not found")
-        return opts.samples
-    if opts.store is not None:
-        version = int(opts.model_version) if opts.model_version else None
-        return find_samples(opts.store, opts.model, version)
-    return None
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     root = str(_HERE.parent)
@@ -246,8 +148,23 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def _pump_locust(stream: IO[bytes], log: IO[bytes], progress: ProgressLine | None) -> None:
+    """Copy locust's output to its log; show its progress lines instead of logging them."""
+    for line in stream:
+        if line.startswith(PROGRESS_PREFIX):
+            if progress is not None:
+                with contextlib.suppress(ValueError, TypeError):
+                    progress.show(Progress(**json.loads(line[len(PROGRESS_PREFIX) :])))
+            continue
+        log.write(line)
+        log.flush()
+
+
 def _run_processes(
-    opts: LoadTestOptions, samples: Path | None, echo: Callable[[str], None]
+    opts: LoadTestOptions,
+    samples: Path | None,
+    echo: Callable[[str], None],
+    progress: ProgressLine | None = None,
 ) -> None:
     distributed = opts.workers > 1 or opts.remote_workers > 0
     if distributed and opts.master_port is None:
@@ -256,22 +173,29 @@ def _run_processes(
     logs: list[IO[bytes]] = []
     procs: list[subprocess.Popen[bytes]] = []
     env = _env()
+    pump: threading.Thread | None = None
     try:
         logs.append(log.open("wb"))
         main = subprocess.Popen(
             locust_command(opts, samples, distributed),
-            stdout=logs[-1],
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
         )
         procs.append(main)
+        assert main.stdout is not None
+        pump = threading.Thread(
+            target=_pump_locust, args=(main.stdout, logs[0], progress), daemon=True
+        )
+        pump.start()
         if distributed:
             assert opts.master_port is not None
             host = opts.master_bind
             if host in ("0.0.0.0", "", "*"):
                 host = socket.gethostname()
-            remote = " ".join(["fermion loadtest worker", "--master-host", host])
-            echo(f"workers on other hosts: {remote} --master-port {opts.master_port}")
+            if opts.remote_workers:
+                remote = " ".join(["fermion loadtest worker", "--master-host", host])
+                echo(f"workers on other hosts: {remote} --master-port {opts.master_port}")
             local_host = "127.0.0.1" if opts.master_bind in ("0.0.0.0", "", "*") else host
             for i in range(opts.workers if opts.workers > 1 else 0):
                 logs.append((opts.out / f"worker-{i + 1}.log").open("wb"))
@@ -288,6 +212,7 @@ def _run_processes(
             code = main.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             raise LoadTestError(f"locust did not finish in {limit:.0f}s; see {log}") from None
+        pump.join(timeout=10)
         for p in procs[1:]:
             try:
                 p.wait(timeout=30)
@@ -303,47 +228,65 @@ def _run_processes(
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if pump is not None:
+            pump.join(timeout=10)
         for f in logs:
             f.close()
 
 
-def run_loadtest(opts: LoadTestOptions, echo: Callable[[str], None] = print) -> LoadTestResult:
-    """Run the test ``opts`` describe and write its report folder (``opts.out``)."""
-    _require_locust()
-    _preflight(opts)
-    samples = _samples(opts)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / _RAW).unlink(missing_ok=True)
-    inputs = f"samples from {samples}" if samples else "random inputs within the signature"
-    echo(
-        f"load test: {opts.url} model {opts.model}, {opts.users} users ({opts.shape}) "
-        f"for {opts.duration_s:g}s, {inputs}"
-    )
-    _run_processes(opts, samples, echo)
-    raw_path = opts.out / _RAW
-    if not raw_path.is_file():
-        raise LoadTestError(f"locust wrote no measurements; see {opts.out / 'locust.log'}")
-    raw = json.loads(raw_path.read_text())
-    config = {
-        "url": opts.url,
-        "protocol": opts.protocol,
-        "model": opts.model,
-        "model_version": opts.model_version,
-        "users": opts.users,
-        "spawn_rate": opts.spawn_rate,
-        "duration": f"{opts.duration_s:g}s",
-        "shape": opts.shape,
-        "binary": opts.binary,
-        "batch_size": opts.batch_size,
-        "samples": str(samples) if samples else None,
-        "workers": opts.workers + opts.remote_workers
-        if opts.workers > 1 or opts.remote_workers
-        else 0,
-    }
-    summary = summarize(raw, config)
-    results = evaluate(opts.slos, summary)
+def _open_loop(opts: LoadTestOptions, job: EngineJob, progress: ProgressLine | None) -> JobResult:
+    try:
+        result = run_jobs(job, opts.workers, opts.out, progress.tick if progress else None)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise LoadTestError(str(e)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    if result.stats.aborted:
+        stats = result.stats
+        raise LoadTestError(f"stopped after {stats.completed} answers: {stats.aborted}")
+    return result
+
+
+def write_report(out: Path, summary: dict[str, Any], slos: list[Slo]) -> list[SloResult]:
+    """Check ``slos`` and write the report folder (summary.json, history.csv, report.html)."""
+    results = evaluate(slos, summary)
     summary["slo"] = [r.to_dict() for r in results]
-    (opts.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_history(summary, opts.out / "history.csv")
-    (opts.out / "report.html").write_text(render_html(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_history(summary, out / "history.csv")
+    (out / "report.html").write_text(render_html(summary))
+    return results
+
+
+def run_loadtest(
+    opts: LoadTestOptions,
+    echo: Callable[[str], None] = print,
+    progress: ProgressLine | None = None,
+) -> LoadTestResult:
+    """Run the test ``opts`` describe and write its report folder (``opts.out``)."""
+    ready = prepare(opts)
+    echo(f"load test: {settings_line(ready.config)}")
+    before = scrape_all(ready.scrape, ready.headers)
+    generator = None
+    if opts.mode == "closed":
+        _run_processes(opts, ready.samples, echo, progress)
+        if progress is not None:
+            progress.close()
+        raw_path = opts.out / RAW_FILE
+        if not raw_path.is_file():
+            raise LoadTestError(f"locust wrote no measurements; see {opts.out / 'locust.log'}")
+        raw = json.loads(raw_path.read_text())
+    else:
+        result = _open_loop(opts, ready.job, progress)
+        raw = result.measured.to_dict()
+        raw["workers"] = opts.workers if opts.workers > 1 else 0
+        generator = result.stats.to_dict()
+        (opts.out / RAW_FILE).write_text(json.dumps(raw))
+    after = scrape_all(ready.scrape, ready.headers)
+    summary = summarize(raw, ready.config)
+    summary["generator"] = generator
+    if ready.check is not None:  # sent before the load to the first gateway: not measured
+        summary["check"] = {"status": ready.check.status, "version": ready.check.version}
+    summary["server"] = breakdown(before, after) if ready.scrape else None
+    results = write_report(opts.out, summary, opts.slos)
     return LoadTestResult(summary, results, opts.out)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from loadtest.summary import PERCENTILES
+from loadtest.summary import PERCENTILES, number
 
 __all__ = ["Slo", "SloResult", "evaluate", "parse_slos"]
 
@@ -47,7 +47,7 @@ class Slo:
             return f"{value * 100:.3g}%"
         if self.metric == "rps":
             return f"{value:.1f}/s"
-        return f"{value:.3g}ms"
+        return f"{number(value)}ms"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from loadtest.recorder import FAILED
 
-__all__ = ["PERCENTILES", "summarize", "write_history"]
+__all__ = ["PERCENTILES", "number", "summarize", "write_history"]
 
 #: The latency percentiles a summary reports (and SLOs may name).
 PERCENTILES: Final = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99.9": 0.999}
@@ -25,6 +25,12 @@ _HISTOGRAM_BINS: Final = 40
 _TIMELINE_PERCENTILES: Final = ("p50", "p90", "p99")
 
 _Hist = dict[int, int]
+
+
+def number(value: float) -> str:
+    """``value`` to three significant digits for people, never in e-notation
+    (``0.347``, ``12.5``, ``149``, ``1850``, ``29800``)."""
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def _add(into: _Hist, hist: Mapping[Any, Any]) -> None:

@@ -168,7 +168,9 @@ class ModelManifest(_Strict):
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     max_batch_size: int = Field(ge=0)
-    artifacts: list[Artifact] = Field(min_length=1)
+    #: What the store holds for this version (at least one when published). Empty only
+    #: for a version the gateway serves from an upstream V2 server and never published.
+    artifacts: list[Artifact] = Field(default_factory=list)
     #: Other files published with the version (sample inputs, calibration sets).
     files: list[StoredFile] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)

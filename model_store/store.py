@@ -178,6 +178,8 @@ class ModelStore:
         like). Sizes and sha256 digests are computed here while copying.
         """
         _checked_name(name)
+        if not artifacts:
+            raise StoreError(f"cannot publish model {name!r}: artifacts: at least one is needed")
         artifact_files = [a.file or Path(a.path).name for a in artifacts]
         extra = {stored: Path(path) for stored, path in (files or {}).items()}
         paths = [Path(a.path) for a in artifacts] + list(extra.values())
@@ -399,6 +401,8 @@ def _read_manifest(directory: Path, what: str, error: type[StoreError]) -> Model
         manifest = ModelManifest.model_validate_json(raw)
     except ValidationError as e:
         raise error(f"{what}: {path} is corrupt: {_describe(e)}") from None
+    if not manifest.artifacts:
+        raise error(f"{what}: {path} is corrupt: it lists no artifact")
     _check_file_names([f.file for f in (*manifest.artifacts, *manifest.files)], error)
     return manifest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -20,7 +21,9 @@ from model_store.manifest import validate_model_name
 __all__ = [
     "AuthConfig",
     "BatchingConfig",
+    "CaptureConfig",
     "ConfigError",
+    "ControlConfig",
     "ExecutorConfig",
     "FermionConfig",
     "LocalBackendConfig",
@@ -28,12 +31,15 @@ __all__ = [
     "RayAutoscalingConfig",
     "RayBackendConfig",
     "RayDeploymentConfig",
+    "RemoteConfig",
+    "RemoteSettings",
     "RolloutBounds",
     "RouteConfig",
     "ServerConfig",
     "ShadowConfig",
     "StickyConfig",
     "StoreConfig",
+    "UpstreamHealthConfig",
     "load_config",
     "validation_problems",
 ]
@@ -60,6 +66,12 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
+    #: Gateway processes on this host, sharing the port (SO_REUSEPORT); above 1 needs
+    #: a shared ``control.store``.
+    workers: int = Field(default=1, ge=1, le=64)
+    #: Readiness as Triton's strict mode: 503 while any configured or store-listed version
+    #: failed to load. False: ready once every served model has a ready version.
+    strict_readiness: bool = True
 
 
 class StoreConfig(_Strict):
@@ -189,6 +201,105 @@ class ModelConfig(_Strict):
     executor: ExecutorConfig | None = None
     #: Backend ray: this model's deployments (replaces ``ray.deployment`` whole).
     ray: RayDeploymentConfig | None = None
+    #: Upstream V2 servers computing this model (over the top-level ``remote``).
+    remote: RemoteConfig | None = None
+
+
+class UpstreamHealthConfig(_Strict):
+    """How the gateway watches the upstreams of a remote version."""
+
+    #: Active check: every interval, each upstream's ``/v2/health/ready`` and model ready.
+    interval_s: float = Field(default=2.0, gt=0)
+    #: Longest wait for one check's answer.
+    timeout_s: float = Field(default=1.0, gt=0)
+    #: Passive check: this many batches in a row that got no answer (refused, reset,
+    #: timed out, 502/503) open the upstream's circuit; it gets no traffic while open.
+    failures_to_open: int = Field(default=3, ge=1)
+    #: An open circuit lets one trial batch through after this long (half-open); a failed
+    #: trial doubles the wait, up to ``max_open_s``. A passing active check closes it.
+    open_s: float = Field(default=5.0, gt=0)
+    max_open_s: float = Field(default=60.0, gt=0)
+
+
+#: Where the answers of a version with a local replica and upstreams come from.
+RemotePolicy = Literal["remote", "local", "local-first", "remote-first", "split"]
+
+
+class RemoteSettings(_Strict):
+    """Upstream V2 servers that compute a model version (backend ``remote``).
+
+    Set at three levels, each key overriding the one above: ``remote`` (every
+    model), ``models.<name>.remote``, ``models.<name>.remote.versions.<v>``.
+    """
+
+    #: Base URLs of upstream V2 servers (``http://host:port``); requests spread over the
+    #: healthy ones.
+    urls: list[str] = Field(default_factory=list)
+    #: The model's name upstream (None: the same name).
+    model: str | None = None
+    #: The version upstream (None: the same number; "": the unversioned path).
+    version: str | None = None
+    #: Headers sent with every upstream request (e.g. ``Authorization``).
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: Tensors as the binary tensor extension (Fermion, Triton, KServe); False: JSON
+    #: (servers without the extension, e.g. MLServer's REST).
+    binary: bool = True
+    #: Longest wait for one batch's answer, a retry on another upstream included
+    #: (and never past the batch's requests' deadline).
+    timeout_s: float = Field(default=30.0, gt=0)
+    #: Longest wait for a new connection.
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    #: Rows the upstream accepts in one request; it replaces ``batching.max_batch_size``
+    #: for the batches sent upstream. None: the batching one, capped by the manifest's,
+    #: which for a model not in the local store is the upstream ``/config``'s
+    #: max_batch_size (Triton, Fermion), else 0: requests are sent one by one, unbatched.
+    max_batch_size: int | None = Field(default=None, ge=0)
+    #: Connections kept open to each upstream.
+    pool_size: int = Field(default=16, ge=1, le=1024)
+    #: Batches in flight to the upstreams per version. None: 2 per upstream URL.
+    max_concurrent_batches: int | None = Field(default=None, ge=1, le=1024)
+    #: Longest wait at load for an upstream to be ready (and, for a model not in the
+    #: local store, for its metadata).
+    load_timeout_s: float = Field(default=30.0, gt=0)
+    #: ``remote``: only the upstreams compute. ``local``: only the local replica (a
+    #: model whose other versions are remote). With both (backend local or ray):
+    #: ``local-first`` (remote when a request would wait locally behind
+    #: ``overflow_queue_depth`` others, or the local replica is not ready),
+    #: ``remote-first`` (local when no upstream is up), ``split`` (``remote_percent``
+    #: of requests remote, while an upstream is up).
+    policy: RemotePolicy = "remote"
+    overflow_queue_depth: int = Field(default=8, ge=0)
+    remote_percent: float = Field(default=50.0, ge=0.0, le=100.0)
+    health: UpstreamHealthConfig = Field(default_factory=UpstreamHealthConfig)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        checked = []
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+            if parts.query or parts.fragment:
+                raise ValueError(f"{url!r}: a base URL has no query or fragment")
+            checked.append(url.rstrip("/"))
+        if len(set(checked)) != len(checked):
+            raise ValueError("an upstream URL is listed twice")
+        return checked
+
+    def merged(self, over: RemoteSettings) -> RemoteSettings:
+        """These settings with the keys set in ``over`` replaced."""
+        update = {
+            f: getattr(over, f) for f in over.model_fields_set if f in RemoteSettings.model_fields
+        }
+        return self.model_copy(update=update)
+
+
+class RemoteConfig(RemoteSettings):
+    """A model's upstream settings (``models.<name>.remote``), and its versions' own."""
+
+    #: Version -> settings of that version (e.g. another upstream model or version).
+    versions: dict[int, RemoteSettings] = Field(default_factory=dict)
 
 
 class StickyConfig(_Strict):
@@ -353,12 +464,28 @@ class LimitsConfig(_Strict):
 
 
 class TracingConfig(_Strict):
-    """OpenTelemetry traces."""
+    """OpenTelemetry traces.
 
-    exporter: Literal["none", "console", "otlp-http"] = "none"
-    #: OTLP/HTTP traces endpoint.
-    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    A key left out of the file takes the standard ``OTEL_*`` environment variable
+    (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``_PROTOCOL``,
+    ``_HEADERS``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER[_ARG]``), then the default
+    below; a key set in the file wins (see ``serving.observability.tracing.resolve``).
+    """
+
+    exporter: Literal["none", "console", "otlp-http", "otlp-grpc"] = "none"
+    #: OTLP endpoint: the traces URL for otlp-http, ``http://host:port`` for otlp-grpc.
+    #: None: from the environment, else the local collector's default.
+    endpoint: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    #: OTEL_TRACES_SAMPLER's names; the ratio applies to the traceidratio ones.
+    sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = "parentbased_traceidratio"
     #: Share of new traces recorded (requests with a sampled parent always are).
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_name: str = "fermion"
@@ -373,14 +500,69 @@ class MetricsConfig(_Strict):
     public: bool = True
 
 
+class ControlConfig(_Strict):
+    """Where control state lives: routes, rollouts and their driver's lease, rate-limit
+    buckets, canary figures. ``memory``: this process only; a Redis URL: a fleet."""
+
+    #: ``memory`` (one process) or ``redis://host:6379/0`` (``rediss://`` for TLS).
+    store: str = Field(default="memory", pattern=r"^(memory|rediss?://\S+)$")
+    #: Prefix of every key in the store, so that several fleets may share one Redis.
+    key_prefix: str = Field(default="fermion", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+    #: How often a gateway reads route changes and publishes canary figures.
+    sync_interval_s: float = Field(default=0.25, ge=0.02, le=5.0)
+    #: How often a gateway writes its heartbeat; it counts as gone after 3 missed ones.
+    heartbeat_s: float = Field(default=1.0, ge=0.1, le=60.0)
+    #: A rollout driver's lease: another gateway takes the rollout over this long after
+    #: the driver stopped renewing it.
+    lease_ttl_s: float = Field(default=2.0, ge=0.2, le=60.0)
+    #: Longest wait for one store call; past it the store counts as down.
+    timeout_s: float = Field(default=0.5, gt=0.0, le=10.0)
+    #: This gateway's address as ``fermion fleet status`` shows it (None: host:port).
+    advertise: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """True when the store is shared between processes (not ``memory``)."""
+        return self.store != "memory"
+
+
+class CaptureConfig(_Strict):
+    """Sampled payload capture for ``fermion loadtest replay`` (off while ``percent`` is 0)."""
+
+    #: Share of inference requests captured, in percent.
+    percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    #: Folder of the rotating ``capture-<pid>-<seq>.jsonl`` files.
+    dir: Path = Path("fermion-capture")
+    #: A file is closed after the record that takes it past this size.
+    max_file_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)
+    #: The oldest files of the folder are removed beyond this many.
+    max_files: int = Field(default=8, ge=1, le=10_000)
+    #: Larger request (or answer) bodies are recorded without their bytes.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=0)
+    #: Records waiting for the writer; beyond it they are dropped (and counted).
+    queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    #: Also record the answers' bodies.
+    responses: bool = True
+    #: Headers left out besides the credential headers (authorization, cookie, ...).
+    redact_headers: list[str] = Field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any request is captured."""
+        return self.percent > 0
+
+
 class FermionConfig(_Strict):
     """The whole gateway configuration (``fermion.yaml``)."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
-    backend: Literal["local", "ray"] = "local"
+    backend: Literal["local", "ray", "remote"] = "local"
     local: LocalBackendConfig = Field(default_factory=LocalBackendConfig)
     ray: RayBackendConfig = Field(default_factory=RayBackendConfig)
+    #: Upstream V2 servers: every model's with backend remote, else defaults for the
+    #: models that set ``models.<name>.remote``.
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     #: Models to serve. Empty: every model in the store, with the defaults above.
@@ -389,8 +571,26 @@ class FermionConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    capture: CaptureConfig = Field(default_factory=CaptureConfig)
     #: A/B routes: public model name -> weighted versions, stickiness, shadow, canary bounds.
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+
+    @model_validator(mode="after")
+    def _workers_need_a_shared_store(self) -> FermionConfig:
+        if self.server.workers > 1 and not self.control.shared:
+            raise ValueError(
+                f"server.workers {self.server.workers} needs a shared control store: set "
+                "control.store to a Redis URL (redis://host:6379/0); with the default "
+                "'memory' each worker would keep its own routes, rollouts and rate limits"
+            )
+        if self.server.workers > 1 and self.backend == "ray" and self.ray.address is None:
+            raise ValueError(
+                "server.workers above 1 with backend ray needs ray.address: each worker "
+                "would otherwise start a Ray cluster of its own (start one with "
+                "`ray start --head` and set ray.address: auto)"
+            )
+        return self
 
     @field_validator("models", "routes")
     @classmethod
@@ -398,6 +598,61 @@ class FermionConfig(_Strict):
         for name in models:
             validate_model_name(name)
         return models
+
+    @model_validator(mode="after")
+    def _check_remote(self) -> FermionConfig:
+        if self.backend == "remote" and not self.models and not self.remote.urls:
+            raise ValueError("backend remote serves every model from remote.urls: give some")
+        for name, mc in self.models.items():
+            if mc.remote is None and self.backend != "remote":
+                continue
+            for where, settings in self._remote_levels(name):
+                if settings.policy == "local" and self.backend != "remote":
+                    continue
+                if not settings.urls:
+                    raise ValueError(f"{where}: no upstream URL (set urls here or above)")
+                if settings.policy != "remote" and self.backend == "remote":
+                    raise ValueError(
+                        f"{where}: policy {settings.policy} needs a local replica: "
+                        "use backend local or ray"
+                    )
+        return self
+
+    def _remote_levels(self, model: str) -> list[tuple[str, RemoteSettings]]:
+        mc = self.models.get(model)
+        block = mc.remote if mc is not None else None
+        base = self.remote if block is None else self.remote.merged(block)
+        levels = [(f"models.{model}.remote", base)]
+        for version, own in (block.versions if block is not None else {}).items():
+            levels.append((f"models.{model}.remote.versions.{version}", base.merged(own)))
+        return levels
+
+    def remote_for(self, model: str, version: int) -> RemoteSettings | None:
+        """The upstream settings of one version, or None when no upstream computes it."""
+        mc = self.models.get(model)
+        block = mc.remote if mc is not None else None
+        if block is None and self.backend != "remote":
+            return None
+        settings = self.remote if block is None else self.remote.merged(block)
+        own = block.versions.get(version) if block is not None else None
+        settings = settings if own is None else settings.merged(own)
+        return None if settings.policy == "local" else settings
+
+    def upstream_versions(self, model: str) -> list[int]:
+        """Versions of ``model`` declared under ``models.<name>.remote.versions`` that only
+        upstreams compute: they are served even when the local store lacks them."""
+        mc = self.models.get(model)
+        if mc is None or mc.remote is None:
+            return []
+        return sorted(
+            v
+            for v in mc.remote.versions
+            if (s := self.remote_for(model, v)) is not None and s.policy == "remote"
+        )
+
+    def uses_remote(self) -> bool:
+        """True when some model version is computed by upstream V2 servers."""
+        return self.backend == "remote" or any(m.remote for m in self.models.values())
 
     def batching_for(self, model: str) -> BatchingConfig:
         """The batching settings of ``model``."""

@@ -3,6 +3,12 @@
 Every command lives in its own module, which adds its subcommand to the parser
 (``add_<name>_parser(subparsers)``). Only the chosen command's module is imported;
 the others appear in ``fermion --help`` by their one-line help alone.
+
+Exit codes, the same for every command: 0 done; 1 the operation ran and failed (a
+gateway that cannot be reached or answers 5xx, a missed load-test SLO); 2 what was
+asked is wrong or does not exist (bad arguments, an invalid configuration, a missing
+store, model, version or key, a gateway's 4xx answer, nothing to serve); 3 the gateway
+could not start (e.g. its port is taken); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import NamedTuple
 
 from model_store.store import StoreError
 from serving.config import ConfigError
+from serving.protocol import SERVER_VERSION
 
 __all__ = ["COMMANDS", "Command", "main"]
 
@@ -43,6 +50,9 @@ COMMANDS: dict[str, Command] = {
     "route": Command(
         "serving.cli.rollout:add_route_parser",
         "read or change a route's traffic split at run time",
+    ),
+    "fleet": Command(
+        "serving.cli.rollout:add_fleet_parser", "the gateways sharing a control store"
     ),
     "keys": Command("serving.cli.keys:add_keys_parser", "create, list and revoke API keys"),
     "build": Command(
@@ -74,6 +84,7 @@ def _load(spec: str) -> _Register:
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with ``command``'s subcommand in full and every other one as a placeholder."""
     parser = argparse.ArgumentParser(prog="fermion", description="Fermion model-serving gateway")
+    parser.add_argument("--version", action="version", version=f"fermion {SERVER_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, entry in COMMANDS.items():
         if name != command:

@@ -11,8 +11,9 @@ import orjson
 
 from model_store.manifest import SAMPLES_FILE, V2_DATATYPES, ModelManifest
 from model_store.store import ModelStore, StoreError
+from serving.inference.repository import ModelRepository, VersionState
 
-__all__ = ["example_request", "usage_text"]
+__all__ = ["example_request", "start_banner", "usage_text"]
 
 
 def example_request(store: ModelStore, manifest: ModelManifest) -> tuple[dict[str, Any], Any]:
@@ -63,7 +64,7 @@ def usage_text(
         auth = f" -H 'Authorization: Bearer {api_key}'"
         py_auth = f', "Authorization": "Bearer {api_key}"'
     return f"""\
-Fermion is ready at {base_url}   model {manifest.name}, versions up to {manifest.version}
+Fermion is ready at {base_url}   model {manifest.name}, version {manifest.version}
 {key_line}
   curl -s{auth} {base_url}/v2/models/{manifest.name}
   curl -s -X POST {url}{auth} \\
@@ -77,3 +78,26 @@ out = json.load(urllib.request.urlopen(req))["outputs"][0]
 print(out["name"], out["data"], "argmax:", out["data"].index(max(out["data"])))
 PY
 {expect}"""
+
+
+def start_banner(repo: ModelRepository, base_url: str, *, api_key: str | None = None) -> str:
+    """What ``fermion serve`` prints once the first load is done: only what is true.
+
+    Ready: the examples for the first model's newest READY version. Not ready: that it
+    is not, and why (the readiness reason), plus the examples when a version serves.
+    """
+    readiness = repo.readiness()
+    serving = [
+        sv
+        for sv in sorted(repo.served(), key=lambda sv: (sv.name, -sv.version))
+        if sv.state is VersionState.READY
+    ]
+    lines = []
+    if not readiness.ready:
+        lines.append(f"Fermion is up at {base_url} but NOT ready: {readiness.reason()}")
+    if serving:
+        text = usage_text(repo.store, serving[0].manifest, base_url, api_key=api_key)
+        lines.append(text if readiness.ready else text.split("\n", 1)[1])
+    if readiness.ready and readiness.problems:
+        lines.append(f"  not serving: {readiness.reason()}")
+    return "\n".join(lines)

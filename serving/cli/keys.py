@@ -71,7 +71,7 @@ def _revoke(args: argparse.Namespace) -> int:
     path = _keys_file(args)
     if not revoke_key(path, args.name):
         print(f"fermion: no key named {args.name!r} in {path}", file=sys.stderr)
-        return 1
+        return 2
     print(f"revoked key {args.name!r} in {path}")
     return 0
 

@@ -6,13 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from model_store.store import ModelStore
+from model_store.store import ModelNotFoundError, ModelStore
 
 __all__ = ["add_models_parser"]
 
 
 def _list(args: argparse.Namespace) -> int:
     store = ModelStore(args.store)
+    if not store.root.is_dir():
+        raise ModelNotFoundError(f"no model store at {store.root}")
     rows = []
     for name in store.models():
         for version in store.versions(name):

@@ -1,19 +1,24 @@
-"""``fermion rollout`` and ``fermion route``: talk to a running gateway's admin API over HTTP."""
+"""``fermion rollout``, ``fermion route`` and ``fermion fleet``: talk to a running gateway's
+admin API over HTTP."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from serving.cli._argtypes import duration_seconds
 
-__all__ = ["add_rollout_parser", "add_route_parser"]
+__all__ = ["add_fleet_parser", "add_rollout_parser", "add_route_parser"]
 
 _DEFAULT_URL = "http://127.0.0.1:8000"
+#: The environment variable holding the API key when ``--api-key`` is not given.
+API_KEY_ENV = "FERMION_API_KEY"
 
 
 def _percent_list(text: str) -> list[float]:
@@ -39,17 +44,23 @@ def _split(text: str) -> dict[str, float]:
 
 
 class _AdminError(Exception):
-    pass
+    """The gateway refused (``code`` 2: a 4xx, what was asked is wrong) or failed (1)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def _call(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def _call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    url: str = args.url
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(
-        url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"content-type": "application/json"} if data is not None else {},
-    )
+    headers = {"content-type": "application/json"} if data is not None else {}
+    key = args.api_key or os.environ.get(API_KEY_ENV)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read() or b"{}")
@@ -59,7 +70,11 @@ def _call(url: str, method: str, path: str, body: dict[str, Any] | None = None) 
             message = json.loads(raw).get("error", raw.decode(errors="replace"))
         except ValueError:
             message = raw.decode(errors="replace")
-        raise _AdminError(f"{method} {path}: {e.code} {message}") from None
+        hint = ""
+        if e.code == 401 and not key:
+            hint = f" (give the key with --api-key or {API_KEY_ENV})"
+        code = 2 if 400 <= e.code < 500 else 1
+        raise _AdminError(f"{method} {path}: {e.code} {message}{hint}", code) from None
     except urllib.error.URLError as e:
         raise _AdminError(f"cannot reach the gateway at {url}: {e.reason}") from None
 
@@ -101,7 +116,7 @@ def _run(args: argparse.Namespace, fn: Any) -> int:
         result = fn(args)
     except _AdminError as e:
         print(f"fermion: {e}", file=sys.stderr)
-        return 1
+        return e.code
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
@@ -116,7 +131,7 @@ def _start(args: argparse.Namespace) -> Any:
     }
     if args.baseline is not None:
         body["from"] = args.baseline
-    state = _call(args.url, "POST", f"/admin/rollouts/{args.model}", body)
+    state = _call(args, "POST", f"/admin/rollouts/{args.model}", body)
     if not args.json:
         _print_state(state)
     return state
@@ -125,8 +140,8 @@ def _start(args: argparse.Namespace) -> Any:
 def _one_or_all(args: argparse.Namespace, kind: str) -> list[Any]:
     """``GET /admin/{kind}/{model}`` when a model is named, else every one of ``kind``."""
     if args.model:
-        return [_call(args.url, "GET", f"/admin/{kind}/{args.model}")]
-    listed: list[Any] = _call(args.url, "GET", f"/admin/{kind}")[kind]
+        return [_call(args, "GET", f"/admin/{kind}/{args.model}")]
+    listed: list[Any] = _call(args, "GET", f"/admin/{kind}")[kind]
     return listed
 
 
@@ -146,7 +161,7 @@ def _status(args: argparse.Namespace) -> Any:
 
 
 def _stop(args: argparse.Namespace) -> Any:
-    state = _call(args.url, "POST", f"/admin/rollouts/{args.model}/stop")
+    state = _call(args, "POST", f"/admin/rollouts/{args.model}/stop")
     if not args.json:
         _print_state(state)
     return state
@@ -161,7 +176,7 @@ def _route_show(args: argparse.Namespace) -> Any:
 
 
 def _route_set(args: argparse.Namespace) -> Any:
-    route = _call(args.url, "PUT", f"/admin/routes/{args.model}/split", {"split": args.split})
+    route = _call(args, "PUT", f"/admin/routes/{args.model}/split", {"split": args.split})
     if not args.json:
         _print_shares(route)
     return route
@@ -170,6 +185,10 @@ def _route_set(args: argparse.Namespace) -> Any:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=_DEFAULT_URL, help=f"gateway URL (default {_DEFAULT_URL})")
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    p.add_argument(
+        "--api-key",
+        help=f"API key with the admin scope (default: ${API_KEY_ENV}); sent as a bearer token",
+    )
 
 
 def _runner(fn: Any) -> Any:
@@ -214,3 +233,32 @@ def add_route_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("split", type=_split, help="version=weight,... e.g. 1=90,2=10")
     _common(p)
     p.set_defaults(func=_runner(_route_set))
+
+
+def _fleet_status(args: argparse.Namespace) -> Any:
+    fleet = _call(args, "GET", "/admin/fleet")
+    if not args.json:
+        up = "up" if fleet["store_up"] else "DOWN"
+        print(f"control store {fleet['store']} ({up}); {len(fleet['gateways'])} gateway(s)")
+        print(
+            f"{'gateway':34} {'address':22} {'started':19} {'heartbeat':>9} "
+            f"{'routes':>6} {'backend':7} driving"
+        )
+        for g in fleet["gateways"]:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(g["started_at"]))
+            mark = "*" if g["id"] == fleet["self"] else " "
+            print(
+                f"{g['id'] + mark:34} {g['address']:22} {started:19} "
+                f"{g['heartbeat_age_s']:>8.1f}s {g['route_version']:>6} {g['backend']:7} "
+                f"{','.join(g.get('driving', [])) or '-'}"
+            )
+    return fleet
+
+
+def add_fleet_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``fleet status`` to the ``fermion`` command line."""
+    fleet = sub.add_parser("fleet", help="the gateways sharing a control store")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True)
+    p = fsub.add_parser("status", help="gateways, heartbeats and applied route versions")
+    _common(p)
+    p.set_defaults(func=_runner(_fleet_status))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 __all__ = ["add_serve_parser"]
 
+#: The port when ``--port`` is not given (over the config file's): images set it, and
+#: their HEALTHCHECK reads it too.
+PORT_ENV = "FERMION_PORT"
 #: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
 _STARTUP_FAILURE = 3
 #: ``--grpc-port`` not given (None means ``off``).
@@ -70,8 +74,11 @@ def _grpc_port(value: str) -> int | None:
     return port
 
 
-def _grpc_companion(config: FermionConfig, port: int) -> Companion:
-    """The gRPC server as a companion of the app: same loop, same inference service."""
+def _grpc_companion(config: FermionConfig, port: int, *, share: bool) -> Companion:
+    """The gRPC server as a companion of the app: same loop, same inference service.
+
+    ``share``: the port is shared with the other workers of the host (SO_REUSEPORT).
+    """
 
     def companion(app: Starlette) -> contextlib.AbstractAsyncContextManager[int]:
         from serving.grpc.server import serve_grpc
@@ -84,9 +91,10 @@ def _grpc_companion(config: FermionConfig, port: int) -> Companion:
             repository=state.repository,
             backend=config.backend,
             access=state.access,
-            limiter=state.rate_limiter,
+            limiter=state.limiter,
             metrics=state.metrics,
             on_listening=lambda address: print(f"Fermion gRPC listening on {address}", flush=True),
+            share_port=share,
         )
 
     return companion
@@ -113,7 +121,8 @@ def _server(config: uvicorn.Config, url: str) -> uvicorn.Server:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.cli.banner import usage_text
+    from serving.cli.banner import start_banner
+    from serving.cli.workers import WorkerSlot, supervise, with_siblings
     from serving.http.app import create_app
 
     overrides: dict[str, Any] = {}
@@ -121,14 +130,17 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["store.root"] = str(args.store)
     if args.host is not None:
         overrides["server.host"] = args.host
-    if args.port is not None:
-        overrides["server.port"] = args.port
+    port = args.port if args.port is not None else os.environ.get(PORT_ENV)
+    if port is not None:
+        overrides["server.port"] = port
     if args.grpc_port is not _UNSET:
         overrides["server.grpc_port"] = args.grpc_port
     if args.backend is not None:
         overrides["backend"] = args.backend
     if args.keys_file is not None:
         overrides["auth.keys_file"] = str(args.keys_file)
+    if args.workers is not None:
+        overrides["server.workers"] = args.workers
     config = load_config(args.config, overrides)
     demo_key = _demo_key(args.demo_key, config.auth.keys_file) if args.demo_key else None
     if config.server.access_log:
@@ -139,39 +151,49 @@ def _serve(args: argparse.Namespace) -> int:
         level=config.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if not args.allow_empty and not config.models:
+        from model_store.store import ModelStore
+
+        if not ModelStore(config.store.root).models():
+            print(
+                f"fermion: nothing to serve: no model in {config.store.root} and none "
+                "configured (--allow-empty serves anyway, not ready until a model loads)",
+                file=sys.stderr,
+            )
+            return 2
     host = config.server.host
+    # --workers N: this process supervises N workers, each a `fermion serve --worker ...`.
+    slot = WorkerSlot.parse(args.worker) if args.worker else None
+    grpc_port = config.server.grpc_port
+    if grpc_port and slot is None:  # a fixed port: refuse one in use now, as for HTTP
+        try:
+            _bind(host, grpc_port).close()
+        except OSError as e:
+            print(f"fermion: cannot listen for gRPC on {host}:{grpc_port}: {e}", file=sys.stderr)
+            return _STARTUP_FAILURE
     try:
-        sock = _bind(host, config.server.port)
+        if config.server.workers > 1 and slot is None:
+            if demo_key:
+                print(f"demo API key {args.demo_key}: {demo_key}", flush=True)
+            return supervise(config, args)
+        sock = slot.socket() if slot else _bind(host, config.server.port)
     except OSError as e:
         print(f"fermion: cannot listen on {host}:{config.server.port}: {e}", file=sys.stderr)
         return _STARTUP_FAILURE
     base_url = _url(host, sock.getsockname()[1])
-    grpc_port = config.server.grpc_port
-    if grpc_port:  # a fixed port: refuse one in use now, with the reason, as for HTTP
-        try:
-            _bind(host, grpc_port).close()
-        except OSError as e:
-            sock.close()
-            print(f"fermion: cannot listen for gRPC on {host}:{grpc_port}: {e}", file=sys.stderr)
-            return _STARTUP_FAILURE
+    config.server.port = sock.getsockname()[1]  # the address the fleet listing shows
 
     def on_ready(repo: ModelRepository) -> None:
-        names = repo.configured_models()
-        if not names:
-            print(f"Fermion is up at {base_url} with no models in {config.store.root}", flush=True)
-            return
-        name = names[0]
-        try:
-            versions = repo.versions(name)
-        except Exception:
-            return
-        manifest = versions[max(versions)].manifest
-        print(usage_text(repo.store, manifest, base_url, api_key=demo_key), flush=True)
+        if slot is not None and slot.index > 0:
+            return  # the first worker speaks for all
+        print(start_banner(repo, base_url, api_key=demo_key), flush=True)
 
-    companions = [] if grpc_port is None else [_grpc_companion(config, grpc_port)]
+    companions = (
+        [] if grpc_port is None else [_grpc_companion(config, grpc_port, share=slot is not None)]
+    )
     app = create_app(config, on_ready=on_ready, config_path=args.config, companions=companions)
     server_config = uvicorn.Config(
-        app,
+        with_siblings(app, slot) if slot else app,
         log_level=config.server.log_level,
         access_log=False,  # server.access_log writes Fermion's own JSON lines instead
         loop="uvloop",
@@ -191,7 +213,12 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     serve.add_argument("--store", type=Path, help="model store root (store.root)")
     serve.add_argument("--host", help="listen address (server.host)")
     serve.add_argument(
-        "--port", type=int, help="listen port (server.port); 0: a free one, printed once listening"
+        "--port",
+        type=int,
+        help=f"listen port (server.port, or ${PORT_ENV}); 0: a free one, printed once listening",
+    )
+    serve.add_argument(
+        "--backend", choices=["local", "ray", "remote"], help="replica backend (backend)"
     )
     serve.add_argument(
         "--grpc-port",
@@ -201,11 +228,21 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="V2 gRPC port (server.grpc_port, default 8001); 0: a free one, printed once "
         "listening; off: no gRPC",
     )
-    serve.add_argument("--backend", choices=["local", "ray"], help="replica backend (backend)")
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
     serve.add_argument(
         "--demo-key",
         metavar="NAME",
         help="(re)create key NAME (infer:*,read) in the keys file and print it with the examples",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes sharing the port (server.workers); above 1 needs control.store",
+    )
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # set by the supervisor
+    serve.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="start even with nothing to serve (else exit 2); not ready until a model loads",
     )
     serve.set_defaults(func=_serve)

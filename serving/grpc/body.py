@@ -136,6 +136,7 @@ class GrpcInferBody:
         model_name: str,
         model_version: str,
         manifest: ModelManifest,
+        location: str,
     ) -> ModelInferResponse:
         """The response: every requested output in ``raw_output_contents``, in order."""
         sig = signature(manifest)

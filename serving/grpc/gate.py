@@ -91,7 +91,7 @@ class CallGate:
         self._on_reject = on_reject
         self._tracer = tracer
 
-    def _admit(self, call: Call, kind: str, model: str) -> None:
+    async def _admit(self, call: Call, kind: str, model: str) -> None:
         principal = None
         metadata = call.metadata
         if self._access is not None and kind != OPEN:
@@ -103,7 +103,7 @@ class CallGate:
                 _peer_host(call.context.peer()),
             )
             try:
-                self._limiter.check(caller, model)
+                await self._limiter.check(caller, model)
             except RateLimited:
                 if self._on_reject is not None:
                     self._on_reject(model, "rate_limited")
@@ -166,7 +166,7 @@ class CallGate:
         call: Call,
     ) -> Resp:
         try:
-            self._admit(call, kind, model)
+            await self._admit(call, kind, model)
             response = await handler(request, call)
         except FermionError as e:
             error = e

@@ -45,12 +45,14 @@ async def serve_grpc(
     metrics: GatewayMetrics | None,
     on_listening: Callable[[str], None] | None = None,
     grace_s: float = 10.0,
+    share_port: bool = False,
 ) -> AsyncIterator[int]:
     """Serve ``inference.GRPCInferenceService`` on ``host:port`` (0: a free port) meanwhile.
 
     Yields the bound port, after calling ``on_listening`` with the address. Messages
     over ``service.max_body_bytes`` are refused by gRPC (RESOURCE_EXHAUSTED). The port
-    is never shared (no SO_REUSEPORT): a port in use fails the start.
+    is shared (SO_REUSEPORT) only with ``share_port``, by the workers of one host; else
+    a port in use fails the start.
     """
     gate = CallGate(
         access=access,
@@ -61,7 +63,7 @@ async def serve_grpc(
     servicer = InferenceServicer(service=service, repository=repository, gate=gate, backend=backend)
     server = grpc.aio.server(
         options=[
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if share_port else 0),
             ("grpc.max_receive_message_length", service.max_body_bytes),
             ("grpc.max_send_message_length", -1),
         ]

@@ -23,7 +23,7 @@ from serving.grpc._proto import model_config_pb2 as mc
 from serving.grpc._proto.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
 from serving.grpc.body import GrpcInferBody
 from serving.grpc.gate import Call, CallGate, Context
-from serving.inference.codec import VERSION_HEADER
+from serving.inference.codec import LOCATION_HEADER, VERSION_HEADER
 from serving.inference.limits import TIMEOUT_HEADER
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
@@ -268,6 +268,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         )
         response: pb.ModelInferResponse = await self._service.infer(infer)
         call.trailers.append((VERSION_HEADER, response.model_version))
+        call.trailers.append((LOCATION_HEADER, infer.state["location"]))
         return response
 
     # ------------------------------------------------------------------ not offered

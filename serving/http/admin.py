@@ -1,4 +1,5 @@
-"""The admin API under ``/admin/``: read and replace routes, start, stop and watch rollouts.
+"""The admin API under ``/admin/``: read and replace routes, start, stop and watch rollouts,
+list the gateways of the fleet.
 
 With auth off, only loopback clients (127.0.0.1, ::1) may use it and others get
 403; with auth on, it needs the ``admin`` scope (checked by the auth middleware).
@@ -6,6 +7,7 @@ With auth off, only loopback clients (127.0.0.1, ::1) may use it and others get
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import orjson
@@ -17,10 +19,12 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.config import RouteConfig, validation_problems
+from serving.control.store import redacted
 from serving.errors import Forbidden, InvalidInput, ModelNotFound
 from serving.http.responses import json_response as _json
 from serving.http.responses import send_error
 from serving.traffic.canary import RolloutController, RolloutSpec
+from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_table import RouteTable
 
 __all__ = ["LOOPBACK_HOSTS", "LoopbackOnlyMiddleware", "admin_mount"]
@@ -123,11 +127,13 @@ async def delete_route(request: Request) -> Response:
 
 
 async def list_rollouts(request: Request) -> Response:
+    await _controller(request).refresh()
     states = _controller(request).states()
     return _json({"rollouts": [s.model_dump(mode="json") for s in states]})
 
 
 async def get_rollout(request: Request) -> Response:
+    await _controller(request).refresh()
     state = _controller(request).state(request.path_params["model"])
     return _json(state.model_dump(mode="json"))
 
@@ -143,7 +149,30 @@ async def stop_rollout(request: Request) -> Response:
     return _json(state.model_dump(mode="json"))
 
 
+async def fleet_status(request: Request) -> Response:
+    """This gateway's fleet: every gateway with its heartbeat and applied route version."""
+    gateway: Gateway = request.app.state.gateway
+    fleet: FleetSync | None = request.app.state.fleet
+    if fleet is None:
+        me = {**asdict(gateway), "route_version": 0, "heartbeat_age_s": 0.0}
+        me["driving"] = _controller(request).driving()
+        return _json({"store": "memory", "store_up": True, "self": gateway.id, "gateways": [me]})
+    rows = [
+        {**g.info, "id": g.id, "heartbeat_age_s": round(g.age_s, 3)} for g in await fleet.gateways()
+    ]
+    return _json(
+        {
+            "store": redacted(request.app.state.config.control.store),
+            "store_up": fleet.store.up,
+            "self": gateway.id,
+            "route_version": _router(request).applied_version,
+            "gateways": rows,
+        }
+    )
+
+
 _ADMIN_ROUTES = [
+    Route("/fleet", fleet_status, methods=["GET"]),
     Route("/routes", list_routes, methods=["GET"]),
     Route("/routes/{model}", get_route, methods=["GET"]),
     Route("/routes/{model}", put_route, methods=["PUT"]),

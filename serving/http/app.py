@@ -20,25 +20,32 @@ from starlette.routing import Route
 from model_store.store import ModelStore
 from serving.auth import AccessControl, ApiKeys, JwtVerifier
 from serving.config import ConfigError, FermionConfig
+from serving.control.store import create_store
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
 from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
+from serving.http.middleware.capture import CaptureMiddleware
+from serving.http.middleware.compression import GzipResponseMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
 from serving.http.v2 import routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
+from serving.inference.fleet_limits import FleetRateLimiter
 from serving.inference.limits import RateLimiter, RequestLimits
-from serving.inference.repository import ModelRepository
+from serving.inference.repository import ModelRepository, VersionState
 from serving.inference.service import InferenceService
 from serving.observability import tracing
+from serving.observability.capture import CaptureWriter
 from serving.observability.counters import VersionCounters
+from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.canary import RolloutController
+from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_file import RouteFile
 from serving.traffic.route_table import RouteTable
 
@@ -83,7 +90,11 @@ def _metrics_route(metrics: GatewayMetrics, path: str) -> Route:
     """``GET path`` answering the Prometheus text format."""
 
     async def endpoint(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        body = metrics.render()
+        siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+        if siblings is not None:  # --workers: the whole host's counts, whichever answers
+            body = merge_prometheus([body, *await siblings.ask("metrics")])
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return Route(path, endpoint, methods=["GET"])
 
@@ -119,11 +130,35 @@ def _access(config: FermionConfig, metrics: GatewayMetrics | None) -> AccessCont
     )
 
 
+def _capture_writer(config: FermionConfig) -> CaptureWriter | None:
+    c = config.capture
+    if not c.enabled:
+        return None
+    return CaptureWriter(
+        c.dir, max_file_bytes=c.max_file_bytes, max_files=c.max_files, queue_size=c.queue_size
+    )
+
+
+def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware | None:
+    c = config.capture
+    if writer is None:
+        return None
+    return Middleware(
+        CaptureMiddleware,
+        writer=writer,
+        percent=c.percent,
+        max_body_bytes=c.max_body_bytes,
+        responses=c.responses,
+        redact_headers=c.redact_headers,
+    )
+
+
 def _middleware(
     config: FermionConfig,
     metrics: GatewayMetrics | None,
     access: AccessControl | None,
     limiter: RateLimiter | None,
+    capture: CaptureWriter | None = None,
 ) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
@@ -131,6 +166,7 @@ def _middleware(
     tracer = tracing.current_tracer()
     layers = [
         Middleware(RequestIdMiddleware),
+        _capture(config, capture),
         Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
         Middleware(AccessLogMiddleware) if config.server.access_log else None,
         Middleware(AuthMiddleware, access=access, public_paths=frozenset(public))
@@ -142,6 +178,7 @@ def _middleware(
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
         ),
+        Middleware(GzipResponseMiddleware),
         Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]
@@ -160,7 +197,7 @@ def create_app(
     """The gateway app: loads models in the background at start, drains them at shutdown.
 
     ``companions`` run beside it on its event loop, over the same app state (service,
-    repository, ``access``, ``rate_limiter``): the gRPC server.
+    repository, ``access``, ``limiter``): the gRPC server.
     ``on_ready`` is called once every configured model has been loaded (or failed).
     ``config_path`` is the file that route changes are written back to; rollout state
     is kept next to it (``<name>.rollouts.json``). Without it both live in memory.
@@ -174,7 +211,7 @@ def create_app(
         metrics = GatewayMetrics(
             counters,
             lambda: (
-                (sv.name, sv.version, sv.batcher.queue_depth)
+                (sv.name, sv.version, sv.batcher.queue_depth, sv.batcher.max_queue_size)
                 for sv in repository.served()
                 if sv.batcher is not None
             ),
@@ -188,23 +225,63 @@ def create_app(
                 for sv in repository.served()
                 if sv.replica
             ),
+            replicas=backend.replica_counts,
+            ready=lambda: (
+                repository.readiness().ready,
+                (
+                    (sv.name, sv.version, sv.state is VersionState.READY)
+                    for sv in repository.served()
+                ),
+            ),
         )
     repository = ModelRepository(config, store, backend, counters=counters)
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
-    route_table = RouteTable(config.routes, repository, route_file=RouteFile(config_path))
+    # Control state: in this process (memory), or shared by a fleet through a store.
+    control = config.control
+    shared = create_store(control)
+    gateway = Gateway(
+        address=control.advertise or f"{config.server.host}:{config.server.port}",
+        backend=config.backend,
+    )
+    route_table = RouteTable(
+        config.routes, repository, route_file=RouteFile(config_path), store=shared
+    )
     rollouts = RolloutController(
         route_table,
         repository,
         config_path.with_name(f"{config_path.stem}.rollouts.json") if config_path else None,
+        store=shared,
+        holder=gateway.id,
+        lease_ttl_s=control.lease_ttl_s,
+        retry_s=control.sync_interval_s,
     )
+    rules = config.limits.rate_limits
+    fleet: FleetSync | None = None
+    limiter: RateLimiter | None = None
+    if rules and shared is not None:
+        limiter = FleetRateLimiter(
+            rules,
+            shared,
+            serves=repository.serves,
+            live=lambda: fleet.live if fleet is not None else 1,
+        )
+    elif rules:
+        limiter = RateLimiter(rules, serves=repository.serves)
+    if shared is not None:
+        fleet_limiter = limiter if isinstance(limiter, FleetRateLimiter) else None
+        fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
+    capture = _capture_writer(config)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts):
-            metrics.register(collector)
+        for collector in (route_table, route_table.shadow, rollouts, fleet, capture, repository):
+            if collector is not None:
+                metrics.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await backend.start()
+        if fleet is not None:  # the fleet's routes before the first request
+            await fleet.start()
 
         async def load_all() -> None:
             await repository.start()
@@ -224,17 +301,20 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await rollouts.stop()
+            if fleet is not None:
+                await fleet.stop()
             await route_table.shadow.stop()
             await repository.stop()
             await backend.stop()
             tracing.shutdown()
+            if capture is not None:
+                await asyncio.to_thread(capture.close)
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     access = _access(config, metrics)
-    limiter = RateLimiter(config.limits.rate_limits) if config.limits.rate_limits else None
     app = Starlette(
         routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
-        middleware=_middleware(config, metrics, access, limiter),
+        middleware=_middleware(config, metrics, access, limiter, capture),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -248,7 +328,9 @@ def create_app(
     app.state.routes = route_table
     app.state.rollouts = rollouts
     app.state.access = access
-    app.state.rate_limiter = limiter
+    app.state.gateway = gateway
+    app.state.fleet = fleet
+    app.state.limiter = limiter
     app.state.service = InferenceService(
         repository,
         RequestLimits(config.limits),

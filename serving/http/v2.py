@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -15,9 +16,10 @@ from serving.http.responses import json_response as _json
 from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
+from serving.observability.host import HostSiblings, merge_stats
 from serving.protocol import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes", "stats_document"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
@@ -36,8 +38,21 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    is_ready = _repo(request).ready
-    return _json({"ready": is_ready}, 200 if is_ready else 503)
+    """``{"ready": ...}``, with the reason and each model or version that is not ready."""
+    readiness = _repo(request).readiness()
+    body: dict[str, Any] = {"ready": readiness.ready}
+    if readiness.problems:
+        body["reason"] = readiness.reason()
+        body["not_ready"] = [
+            {
+                "model": p.model,
+                "version": None if p.version is None else str(p.version),
+                "state": p.state,
+                "reason": p.reason,
+            }
+            for p in readiness.problems
+        ]
+    return _json(body, 200 if readiness.ready else 503)
 
 
 def _tensors(specs: Any) -> list[dict[str, Any]]:
@@ -144,16 +159,26 @@ def _version_stats(sv: ServedVersion) -> dict[str, Any]:
     }
 
 
-async def model_stats(request: Request) -> Response:
-    repo = _repo(request)
-    name = request.path_params.get("model")
+def stats_document(repo: ModelRepository, name: str | None, version: str | None) -> dict[str, Any]:
+    """The statistics extension's answer for every model, one model or one version."""
     if name is None:
         served = [sv for n in repo.configured_models() for sv in _served(repo, n)]
-    elif "version" in request.path_params:
-        served = [repo.get(name, request.path_params["version"])]
+    elif version is not None:
+        served = [repo.get(name, version)]
     else:
         served = list(repo.versions(name).values())
-    return _json({"model_stats": [_version_stats(sv) for sv in served]})
+    return {"model_stats": [_version_stats(sv) for sv in served]}
+
+
+async def model_stats(request: Request) -> Response:
+    name = request.path_params.get("model")
+    version = request.path_params.get("version")
+    document = stats_document(_repo(request), name, version)
+    siblings: HostSiblings | None = getattr(request.app.state, "siblings", None)
+    if siblings is not None:  # --workers: the whole host's figures
+        answers = await siblings.ask("stats", name or "-", version or "-")
+        document = merge_stats([document, *(orjson.loads(a) for a in answers if a)])
+    return _json(document)
 
 
 def _served(repo: ModelRepository, name: str) -> list[ServedVersion]:

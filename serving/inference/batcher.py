@@ -120,6 +120,11 @@ class DynamicBatcher:
         return self._queued
 
     @property
+    def closed(self) -> bool:
+        """True once ``close`` was called: new requests are refused."""
+        return self._closed
+
+    @property
     def running(self) -> int:
         """Batches being computed now."""
         return self._running
@@ -298,6 +303,11 @@ class DynamicBatcher:
                         spans[1].end()
                 parts = self._split(outputs, live, rows)
             except Exception as e:
+                if isinstance(e, InvalidInput) and len(live) > 1:
+                    # One request's values were refused (an upstream's own check): each
+                    # request alone, so that the others are still answered.
+                    await self._run_each(live)
+                    return
                 error = (
                     e if isinstance(e, FermionError) else InferenceFailed(f"inference failed: {e}")
                 )
@@ -317,6 +327,25 @@ class DynamicBatcher:
                 spans[0].end()
             self._running -= 1
             self._dispatch()
+
+    async def _run_each(self, live: list[_Pending]) -> None:
+        """Compute each request of a refused batch on its own; fail only the refused ones."""
+        for p in live:
+            started = time.perf_counter_ns()
+            try:
+                outputs = await self._run_batch(p.inputs)
+            except Exception as e:
+                self._record([p], p.rows, started, ok=False)
+                if not p.future.done():
+                    p.future.set_exception(
+                        e
+                        if isinstance(e, FermionError)
+                        else InferenceFailed(f"inference failed: {e}")
+                    )
+                continue
+            self._record([p], p.rows, started, ok=True)
+            if not p.future.done():
+                p.future.set_result(outputs)
 
     def _split(
         self, outputs: dict[str, np.ndarray], live: list[_Pending], rows: int

@@ -40,6 +40,7 @@ from serving.inference.tensors import (
 __all__ = [
     "DATATYPE_TO_NUMPY",
     "HEADER_LENGTH",
+    "LOCATION_HEADER",
     "NUMPY_TO_DATATYPE",
     "VERSION_HEADER",
     "HttpInferBody",
@@ -53,6 +54,8 @@ __all__ = [
 HEADER_LENGTH: Final = "inference-header-content-length"
 #: The response header naming the version that answered.
 VERSION_HEADER: Final = "fermion-model-version"
+#: The response header naming where the answer was computed: local, ray or remote.
+LOCATION_HEADER: Final = "fermion-location"
 
 _JSON_HEADERS: Final = {"content-type": "application/json"}
 _BINARY_CONTENT_TYPE: Final = "application/octet-stream"
@@ -365,12 +368,14 @@ class HttpInferBody:
         model_name: str,
         model_version: str,
         manifest: ModelManifest,
+        location: str,
     ) -> tuple[bytes, dict[str, str]]:
-        """The response body and headers (``fermion-model-version`` among them)."""
+        """The response body and headers (``fermion-model-version`` and ``fermion-location``)."""
         content, headers = encode_response(
             request, outputs, model_name=model_name, model_version=model_version, manifest=manifest
         )
         headers[VERSION_HEADER] = model_version
+        headers[LOCATION_HEADER] = location
         return content, headers
 
 
@@ -384,20 +389,27 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
         raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
 
 
+#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
+_WBITS = {"gzip": 31, "deflate": 15}
+
+
 def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip-encoded (413 over ``limit`` bytes)."""
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes)."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
-    if encoding != "gzip":
-        raise InvalidInput(f"unsupported Content-Encoding {encoding!r} (use gzip or identity)")
-    d = zlib.decompressobj(wbits=31)
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
+        )
+    d = zlib.decompressobj(wbits=wbits)
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
-        raise InvalidInput(f"invalid gzip body: {e}") from None
+        raise InvalidInput(f"invalid {encoding} body: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
     if not d.eof:
-        raise InvalidInput("invalid gzip body: truncated")
+        raise InvalidInput(f"invalid {encoding} body: truncated")
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -27,7 +27,8 @@ __all__ = [
 
 #: Request header carrying a deadline in milliseconds.
 TIMEOUT_HEADER = "fermion-timeout-ms"
-_MAX_CALLERS = 100_000
+#: Buckets (and cached plans) kept before idle ones are swept; the bound grows with live ones.
+_SWEEP_AT = 10_000
 
 
 def caller_key(principal: str | None, host: str | None) -> str:
@@ -62,27 +63,60 @@ class TokenBucket:
 class RateLimiter:
     """Every rule matching (caller, model) must have a token for the request to pass.
 
-    A rule's bucket is per caller and shared by all the models its glob matches.
+    A rule's bucket is per caller and shared by all the models its glob matches. State
+    stays bounded without ever resetting a live caller: a bucket that has refilled to
+    full carries no state and is dropped when buckets pile up, and a model that is not
+    served (``serves`` says False) creates none (its request is admitted here and
+    answered 404 further on).
     """
 
-    def __init__(self, rules: Sequence[RateLimitRule]) -> None:
+    def __init__(
+        self, rules: Sequence[RateLimitRule], *, serves: Callable[[str], bool] | None = None
+    ) -> None:
         self._rules = list(rules)
+        self._serves = serves
         self._buckets: dict[tuple[int, str], TokenBucket] = {}
         self._plan: dict[tuple[str, str], tuple[TokenBucket, ...]] = {}
+        self._sweep_at = _SWEEP_AT
+
+    @property
+    def rules(self) -> list[RateLimitRule]:
+        """The rules, in the order given."""
+        return list(self._rules)
+
+    def matching(self, caller: str, model: str) -> list[int]:
+        """The indexes of the rules matching (caller, model)."""
+        return [
+            i
+            for i, rule in enumerate(self._rules)
+            if fnmatchcase(caller, rule.keys) and fnmatchcase(model, rule.models)
+        ]
 
     def _plan_for(self, caller: str, model: str, now: float) -> tuple[TokenBucket, ...]:
-        if len(self._plan) > _MAX_CALLERS:
-            self._plan.clear()
-            self._buckets.clear()
+        if self._serves is not None and not self._serves(model):
+            return ()  # never cached: unknown names must not grow any state
+        if len(self._buckets) >= self._sweep_at or len(self._plan) >= self._sweep_at:
+            self._sweep(now)
         buckets = []
-        for i, rule in enumerate(self._rules):
-            if fnmatchcase(caller, rule.keys) and fnmatchcase(model, rule.models):
-                bucket = self._buckets.get((i, caller))
-                if bucket is None:
-                    bucket = self._buckets[(i, caller)] = TokenBucket(rule.rate, rule.burst, now)
-                buckets.append(bucket)
+        for i in self.matching(caller, model):
+            bucket = self._buckets.get((i, caller))
+            if bucket is None:
+                rule = self._rules[i]
+                bucket = self._buckets[(i, caller)] = TokenBucket(rule.rate, rule.burst, now)
+            buckets.append(bucket)
         plan = self._plan[(caller, model)] = tuple(buckets)
         return plan
+
+    def _sweep(self, now: float) -> None:
+        """Drop the buckets that refilled to full (and the cached plans, rebuilt on use)."""
+        self._buckets = {k: b for k, b in self._buckets.items() if b.refill(now) < b.burst}
+        self._plan.clear()
+        self._sweep_at = max(_SWEEP_AT, 2 * len(self._buckets))
+
+    @property
+    def tracked(self) -> int:
+        """Buckets held now (live callers, and idle ones not yet swept)."""
+        return len(self._buckets)
 
     def acquire(self, caller: str, model: str, now: float | None = None) -> float:
         """Take a token from every matching bucket: 0.0, or the seconds to wait (none taken)."""
@@ -100,9 +134,13 @@ class RateLimiter:
             bucket.tokens -= 1.0
         return 0.0
 
-    def check(self, caller: str, model: str) -> None:
-        """Take a token for (``caller``, ``model``), or raise RateLimited with the wait."""
-        wait = self.acquire(caller, model)
+    async def admit(self, caller: str, model: str) -> float:
+        """``acquire`` for a transport: 0.0, or the seconds to wait (may ask a shared store)."""
+        return self.acquire(caller, model)
+
+    async def check(self, caller: str, model: str) -> None:
+        """Take a token for (``caller``, ``model``) through ``admit``, or raise RateLimited."""
+        wait = await self.admit(caller, model)
         if wait > 0.0:
             raise RateLimited(f"rate limit exceeded for {model}", retry_after_s=wait)
 

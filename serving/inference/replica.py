@@ -160,6 +160,11 @@ class ModelReplica:
             "warmup_seconds": round(self.warmup_seconds, 4),
         }
 
+    @property
+    def executor(self) -> Executor:
+        """The executor of the chosen artifact (the backend calls its ``run`` per batch)."""
+        return self._executor
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Compute one batch."""
         return self._executor.run(inputs)

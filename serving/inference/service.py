@@ -19,8 +19,10 @@ import numpy as np
 
 from model_store.manifest import ModelManifest
 from serving.config import ShadowConfig
+from serving.errors import ModelNotReady
+from serving.inference.batcher import DynamicBatcher
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
-from serving.inference.repository import ModelRepository, ServedVersion
+from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
 from serving.inference.tensors import InferRequest
 from serving.observability.tracing import recording_tracer
 
@@ -92,8 +94,12 @@ class RequestBody(Protocol[A_co]):
         model_name: str,
         model_version: str,
         manifest: ModelManifest,
+        location: str,
     ) -> A_co:
-        """The answer carrying ``outputs`` (InferenceFailed when one cannot be encoded)."""
+        """The answer carrying ``outputs`` (InferenceFailed when one cannot be encoded).
+
+        ``location`` is where the outputs were computed (local, ray or remote).
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +115,8 @@ class InferCall(Generic[A]):
     body: RequestBody[A]
     #: ``time.perf_counter_ns()`` when the transport took the request.
     started_ns: int
-    #: Per-request state shared with the transport; ``served`` is set to (model, version).
+    #: Per-request state shared with the transport; ``served`` is set to (model, version)
+    #: and ``location`` to where the answer was computed.
     state: dict[str, Any]
 
 
@@ -131,51 +138,57 @@ class InferenceService(Generic[R]):
         self.max_body_bytes = max_body_bytes
 
     async def infer(self, call: InferCall[A]) -> A:
-        """The encoded answer to ``call``, or a FermionError."""
+        """The encoded answer to ``call``, or a FermionError.
+
+        Every call's outcome is counted once: on the version that answered or refused it,
+        else (unknown model or version) on the model's door counter.
+        """
         name, repo, limits = call.model, self._repository, self._limits
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
-        repo.counters.enter(name)
+        entered = False
         try:
-            # 1. Which version: the route's pick or the pinned one; 404/503 before the body.
-            tracer = recording_tracer()
+            # 1. Which version: the route's pick, the pinned one, or the newest READY one;
+            #    404/503 before the body is read.
             wanted = call.version if route is None else route.pick(call.headers)
-            if tracer is None:
-                served, batcher = repo.resolve(name, wanted)
-            else:
-                with tracer.start_as_current_span("fermion.route") as span:
-                    served, batcher = repo.resolve(name, wanted)
-                    span.set_attributes({"fermion.model": name, "fermion.version": served.version})
+            served = self._find(name, wanted)
+            repo.counters.enter(name)
+            entered = True
+            batcher = served.ready_batcher()
             call.state["served"] = (name, served.version)
             # 2. The body, read and decoded against the version's signature.
             body = call.body
-            max_batch = batcher.max_batch_size
-            if limits.max_batch is not None:
-                max_batch = min(max_batch, limits.max_batch)
-            req = await body.decode(served.manifest, max_batch)
+            req = await body.decode(served.manifest, self._max_batch(batcher))
             limits.check_elements(req.inputs)
             # 3. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
             if sticky is not None and sticky != str(served.version):
-                first = served.manifest
-                served, batcher = repo.resolve(name, sticky)
+                first = served
+                served = repo.get(name, sticky)
+                batcher = served.ready_batcher()
                 call.state["served"] = (name, served.version)
-                m = served.manifest
-                if (m.inputs, m.outputs, m.max_batch_size) != (
-                    first.inputs,
-                    first.outputs,
-                    first.max_batch_size,
-                ):
-                    req = await body.decode(m, batcher.max_batch_size)
-            # 4. One submit, with the request's deadline and priority.
-            outputs = await batcher.submit(
-                req.inputs,
-                req.batch_size,
-                deadline_ns=limits.deadline_ns(
-                    call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
-                ),
-                priority=limits.priority(req.parameters),
+                if not _same_signature(first, served):
+                    req = await body.decode(served.manifest, self._max_batch(batcher))
+            # 4. One submit, with the request's deadline and priority. An unversioned
+            #    request whose version began unloading meanwhile goes to the newest
+            #    READY one instead (once).
+            deadline_ns = limits.deadline_ns(
+                call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
             )
+            priority = limits.priority(req.parameters)
+            try:
+                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
+            except ModelNotReady:
+                if wanted is not None or not batcher.closed:
+                    raise
+                first = served
+                served = repo.get(name, None)
+                batcher = served.ready_batcher()
+                call.state["served"] = (name, served.version)
+                if not _same_signature(first, served):
+                    req = await body.decode(served.manifest, self._max_batch(batcher))
+                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
+            call.state["location"] = location
             # 5. The answer, encoded (a model output that cannot be encoded fails here).
             answer = body.encode(
                 req,
@@ -183,16 +196,61 @@ class InferenceService(Generic[R]):
                 model_name=name,
                 model_version=str(served.version),
                 manifest=served.manifest,
+                location=location,
             )
         except Exception as e:
             # 6. The outcome, recorded once: a failure here, a success below.
-            if served is not None:
-                served.counter.failed(e)
+            counter = served.counter if served is not None else repo.counters.door(name)
+            counter.failed(e, call.started_ns)
             raise
         finally:
-            repo.counters.leave(name)
+            if entered:
+                repo.counters.leave(name)
         served.counter.answered(call.started_ns)
         # 7. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         return answer
+
+    def _find(self, name: str, version: str | None) -> ServedVersion:
+        """The served version a request names (404 when none), within a route span."""
+        tracer = recording_tracer()
+        if tracer is None:
+            return self._repository.get(name, version)
+        # An unknown model is an answer (404), not an exception to record on the trace.
+        with tracer.start_as_current_span(
+            "fermion.route", record_exception=False, set_status_on_exception=False
+        ) as span:
+            served = self._repository.get(name, version)
+            span.set_attributes({"fermion.model": name, "fermion.version": str(served.version)})
+            return served
+
+    def _max_batch(self, batcher: VersionBatcher) -> int:
+        """The most rows a request to ``batcher`` may have (``limits.max_batch`` caps it)."""
+        limit = self._limits.max_batch
+        return batcher.max_batch_size if limit is None else min(batcher.max_batch_size, limit)
+
+
+async def _submit(
+    batcher: VersionBatcher,
+    served: ServedVersion,
+    req: InferRequest,
+    deadline_ns: int | None,
+    priority: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    """The outputs of one submit and the location that computed them."""
+    if isinstance(batcher, DynamicBatcher):
+        outputs = await batcher.submit(
+            req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+        )
+        return outputs, served.location
+    # A local replica and upstreams: the placed batcher says which one computed it.
+    return await batcher.submit_located(
+        req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+    )
+
+
+def _same_signature(a: ServedVersion, b: ServedVersion) -> bool:
+    """Whether a request decoded for ``a`` is also valid for ``b`` as it is."""
+    ma, mb = a.manifest, b.manifest
+    return (ma.inputs, ma.outputs, ma.max_batch_size) == (mb.inputs, mb.outputs, mb.max_batch_size)

@@ -12,32 +12,55 @@ import random
 import time
 from array import array
 from bisect import bisect_left
+from contextvars import ContextVar
 from dataclasses import dataclass
 
-from serving.errors import (
-    DeadlineExceeded,
-    FermionError,
-    InvalidInput,
-    ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
-)
+from serving import errors
+from serving.errors import FermionError
 
-__all__ = ["LATENCY_SAMPLES", "Duration", "Histogram", "VersionCounter", "VersionCounters"]
+__all__ = [
+    "LATENCY_SAMPLES",
+    "NO_MODEL",
+    "REQUEST_STARTED_NS",
+    "STATUS_CLASSES",
+    "UNKNOWN_MODEL",
+    "Duration",
+    "Histogram",
+    "VersionCounter",
+    "VersionCounters",
+    "reason_status",
+]
 
 #: Latencies kept between two canary reads; above it, a uniform reservoir sample.
 LATENCY_SAMPLES = 20_000
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _ROWS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
-#: Errors that refuse a request before it is computed, by reason label.
-_REASONS: dict[type[Exception], str] = {
-    InvalidInput: "invalid",
-    PayloadTooLarge: "too_large",
-    Overloaded: "queue_full",
-    ModelNotReady: "not_ready",
-    DeadlineExceeded: "deadline",
+#: The model label of a request that names a model this gateway never served.
+UNKNOWN_MODEL = "_unknown"
+#: The model label of a request that names no model (e.g. a body too large off the infer path).
+NO_MODEL = ""
+#: The status classes of the duration histogram.
+STATUS_CLASSES = ("2xx", "4xx", "5xx")
+#: ``time.perf_counter_ns()`` when the gateway took the current request (set by the
+#: outermost HTTP layer), so that a refusal at the door is timed from the start too.
+REQUEST_STARTED_NS: ContextVar[int | None] = ContextVar("fermion_request_started", default=None)
+
+#: Refusal reason -> HTTP status, from the error types (each reason is one type's).
+_REASON_STATUS: dict[str, int] = {
+    cls.reason: cls.status_code
+    for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, FermionError) and cls.reason is not None
 }
+
+
+def reason_status(reason: str) -> int:
+    """The HTTP status of a refusal for ``reason`` (400 for a reason no error type has)."""
+    return _REASON_STATUS.get(reason, 400)
+
+
+def _status_class(status: int) -> str:
+    return "2xx" if status < 400 else "4xx" if status < 500 else "5xx"
 
 
 @dataclass
@@ -88,13 +111,13 @@ class VersionCounter:
         "batch_sizes",
         "compute",
         "compute_hist",
+        "durations",
         "execution_count",
         "expired",
         "fail",
         "failed_batches",
         "inference_count",
         "last_inference_ms",
-        "latency",
         "model",
         "ok",
         "queue",
@@ -114,10 +137,10 @@ class VersionCounter:
         self.ok = 0
         #: Other statuses -> requests.
         self.statuses: dict[str, int] = {}
-        #: Requests refused before computation, by reason.
+        #: Requests refused before computation, by reason (a breakdown of ``statuses``).
         self.refused: dict[str, int] = {}
-        #: Latency of answered requests, start to answer.
-        self.latency = Histogram(_SECONDS)
+        #: Latency of every answered request, start to answer, by status class.
+        self.durations = {c: Histogram(_SECONDS) for c in STATUS_CLASSES}
         self._latencies = array("d")
         self._seen = 0
         # Batches and the requests in them (the batcher), in Triton's statistics' terms.
@@ -141,11 +164,16 @@ class VersionCounter:
 
     # ----------------------------------------------------------------- requests
 
+    @property
+    def latency(self) -> Histogram:
+        """Latency of the requests answered 200."""
+        return self.durations["2xx"]
+
     def answered(self, started_ns: int) -> None:
         """One request begun at ``started_ns`` (``perf_counter_ns``) was answered."""
         self.ok += 1
         seconds = (time.perf_counter_ns() - started_ns) / 1e9
-        self.latency.observe(seconds)
+        self.durations["2xx"].observe(seconds)
         self._seen += 1
         if len(self._latencies) < LATENCY_SAMPLES:
             self._latencies.append(seconds * 1000.0)
@@ -154,13 +182,26 @@ class VersionCounter:
             if slot < LATENCY_SAMPLES:
                 self._latencies[slot] = seconds * 1000.0
 
-    def failed(self, error: Exception) -> None:
-        """One request failed with ``error`` (any non-FermionError counts as a 500)."""
-        status = str(error.status_code) if isinstance(error, FermionError) else "500"
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        reason = _REASONS.get(type(error))
+    def failed(self, error: Exception, started_ns: int | None = None) -> None:
+        """One request failed with ``error`` (any non-FermionError counts as a 500).
+
+        Its status is counted, its refusal reason if it has one, and with ``started_ns``
+        its duration.
+        """
+        if isinstance(error, FermionError):
+            self.refuse(error.status_code, error.reason, started_ns)
+        else:
+            self.refuse(500, None, started_ns)
+
+    def refuse(self, status: int, reason: str | None, started_ns: int | None = None) -> None:
+        """One request answered ``status`` (refused for ``reason``, when given)."""
+        key = str(status)
+        self.statuses[key] = self.statuses.get(key, 0) + 1
         if reason is not None:
             self.refused[reason] = self.refused.get(reason, 0) + 1
+        if started_ns is not None:
+            seconds = (time.perf_counter_ns() - started_ns) / 1e9
+            self.durations[_status_class(status)].observe(seconds)
 
     @property
     def server_errors(self) -> int:
@@ -198,25 +239,48 @@ class VersionCounter:
 
 
 class VersionCounters:
-    """Every version's counter, requests in flight per model, and refusals at the door."""
+    """Every version's counter, requests in flight per model, and requests of no version.
+
+    A request that never reached a version (refused at the door, unknown model or
+    version) is counted on its model's *door* counter (version 0). Its model label is
+    the model's name only when the gateway has served that model; any other name counts
+    as ``UNKNOWN_MODEL``, so that no client can add label values.
+    """
 
     def __init__(self) -> None:
         self._versions: dict[tuple[str, int], VersionCounter] = {}
-        #: Requests being handled now, by model.
+        self._models: set[str] = set()
+        self._doors: dict[str, VersionCounter] = {}
+        #: Requests being handled now, by model (served models only).
         self.inflight: dict[str, int] = {}
-        #: Requests refused by middleware (auth, rate limit, body size): (model, reason) -> n.
-        self.refused: dict[tuple[str, str], int] = {}
 
     def version(self, model: str, version: int) -> VersionCounter:
         """The counter of one model version (created on first use, kept across reloads)."""
         counter = self._versions.get((model, version))
         if counter is None:
             counter = self._versions[(model, version)] = VersionCounter(model, version)
+            self._models.add(model)
         return counter
 
     def all(self) -> list[VersionCounter]:
-        """Every counter, by model and version."""
+        """Every version's counter, by model and version."""
         return [self._versions[k] for k in sorted(self._versions)]
+
+    def label(self, model: str) -> str:
+        """The model label for a request naming ``model``: bounded by the models served."""
+        return model if model in self._models or model == NO_MODEL else UNKNOWN_MODEL
+
+    def door(self, model: str) -> VersionCounter:
+        """The counter of ``model``'s requests that reached no version (by its label)."""
+        label = self.label(model)
+        counter = self._doors.get(label)
+        if counter is None:
+            counter = self._doors[label] = VersionCounter(label, 0)
+        return counter
+
+    def doors(self) -> list[VersionCounter]:
+        """Every door counter, by model label."""
+        return [self._doors[k] for k in sorted(self._doors)]
 
     def enter(self, model: str) -> None:
         """A request for ``model`` is being handled."""
@@ -231,6 +295,8 @@ class VersionCounters:
             del self.inflight[model]
 
     def refuse(self, model: str, reason: str) -> None:
-        """Count a request refused before it reached a model (``model`` "" when unknown)."""
-        key = (model, reason)
-        self.refused[key] = self.refused.get(key, 0) + 1
+        """Count a request refused at the door (auth, rate limit, size; ``model`` "": none).
+
+        Timed from ``REQUEST_STARTED_NS`` when the transport set it.
+        """
+        self.door(model).refuse(reason_status(reason), reason, REQUEST_STARTED_NS.get())

@@ -1,13 +1,19 @@
-"""OpenTelemetry traces: set-up from config, context propagation, span helpers.
+"""OpenTelemetry traces: set-up from config and the ``OTEL_*`` environment, context
+propagation, span helpers.
 
-Off by default (``tracing.exporter: none``): then nothing is added to the request
-path and ``current_tracer()`` is None, which every helper's caller checks first.
+Off by default (``tracing.exporter: none`` and no ``OTEL_*`` variable asking for an
+exporter): then nothing is added to the request path and ``current_tracer()`` is None,
+which every helper's caller checks first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from opentelemetry import context, trace
 from opentelemetry.trace import Link, Span, Tracer
@@ -18,14 +24,17 @@ from serving.config import TracingConfig
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.sampling import Sampler
 
 __all__ = [
     "PROPAGATOR",
+    "SHUTDOWN_WAIT_S",
     "configure",
     "current_tracer",
     "extract_context",
     "inject_context",
     "recording_tracer",
+    "resolve",
     "shutdown",
     "start_batch_spans",
     "start_queue_span",
@@ -33,6 +42,75 @@ __all__ = [
 
 #: The W3C trace-context propagator every transport uses.
 PROPAGATOR = TraceContextTextMapPropagator()
+#: Longest wait for the last spans to be exported at shutdown (a dead collector or
+#: one that never answers must not hold the process up).
+SHUTDOWN_WAIT_S = 1.0
+
+_SAMPLERS = frozenset(get_args(TracingConfig.model_fields["sampler"].annotation))
+_HTTP_DEFAULT = "http://127.0.0.1:4318/v1/traces"
+_GRPC_DEFAULT = "http://127.0.0.1:4317"
+
+
+def _env(environ: Mapping[str, str], *names: str) -> str | None:
+    """The first of ``names`` set (non-empty) in ``environ``."""
+    for name in names:
+        value = environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _headers(text: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` (values URL-encoded), as OTEL_EXPORTER_OTLP_HEADERS writes them."""
+    pairs = (part.partition("=") for part in text.split(",") if "=" in part)
+    return {k.strip(): urllib.parse.unquote(v.strip()) for k, _, v in pairs if k.strip()}
+
+
+def resolve(config: TracingConfig, environ: Mapping[str, str] | None = None) -> TracingConfig:
+    """``config`` with every key the file left out taken from the ``OTEL_*`` environment.
+
+    A key set in the file wins. The exporter comes from ``OTEL_TRACES_EXPORTER`` (otlp,
+    console, none) or, when only an OTLP endpoint is set, is OTLP; ``OTEL_SDK_DISABLED``
+    turns it off. The protocol (``grpc`` or ``http/protobuf``) picks otlp-grpc or
+    otlp-http. A generic ``OTEL_EXPORTER_OTLP_ENDPOINT`` gets ``/v1/traces`` appended for
+    HTTP, as the specification says; a traces endpoint is used as it is.
+    """
+    env = os.environ if environ is None else environ
+    given = config.model_fields_set
+    values: dict[str, Any] = config.model_dump()
+    protocol = _env(env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+    otlp = "otlp-grpc" if protocol == "grpc" else "otlp-http"
+    if "exporter" not in given:
+        chosen = (_env(env, "OTEL_TRACES_EXPORTER") or "").split(",")[0].strip().lower()
+        if (_env(env, "OTEL_SDK_DISABLED") or "").lower() == "true":
+            values["exporter"] = "none"
+        elif chosen in ("none", "console"):
+            values["exporter"] = chosen
+        elif chosen == "otlp" or _env(
+            env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
+        ):
+            values["exporter"] = otlp
+    if "endpoint" not in given or values["endpoint"] is None:
+        grpc = values["exporter"] == "otlp-grpc"
+        endpoint = _env(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        base = _env(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if endpoint is None and base is not None:
+            endpoint = base if grpc else base.rstrip("/") + "/v1/traces"
+        values["endpoint"] = endpoint or (_GRPC_DEFAULT if grpc else _HTTP_DEFAULT)
+    if "headers" not in given:
+        raw = _env(env, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+        values["headers"] = _headers(raw) if raw else {}
+    if "sampler" not in given and "sample_ratio" not in given:
+        sampler = (_env(env, "OTEL_TRACES_SAMPLER") or "").lower()
+        if sampler in _SAMPLERS:
+            values["sampler"] = sampler
+        arg = _env(env, "OTEL_TRACES_SAMPLER_ARG")
+        if arg is not None:
+            with contextlib.suppress(ValueError):
+                values["sample_ratio"] = min(max(float(arg), 0.0), 1.0)
+    if "service_name" not in given:
+        values["service_name"] = _env(env, "OTEL_SERVICE_NAME") or config.service_name
+    return TracingConfig.model_validate(values)
 
 
 class _State:
@@ -61,29 +139,59 @@ def _exporter(config: TracingConfig) -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
+    if config.exporter == "otlp-grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
+
+        endpoint = config.endpoint or _GRPC_DEFAULT
+        return GrpcExporter(
+            endpoint=endpoint,
+            insecure=not endpoint.startswith("https://"),
+            headers=dict(config.headers),
+        )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=config.endpoint, headers=dict(config.headers))
+    return OTLPSpanExporter(endpoint=config.endpoint or _HTTP_DEFAULT, headers=dict(config.headers))
+
+
+def _sampler(config: TracingConfig) -> Sampler:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        ParentBased,
+        TraceIdRatioBased,
+    )
+
+    root: Sampler = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(config.sample_ratio),
+    }.get(config.sampler.removeprefix("parentbased_"), ALWAYS_ON)
+    return ParentBased(root) if config.sampler.startswith("parentbased_") else root
 
 
 def configure(
     config: TracingConfig, *, exporter: SpanExporter | None = None
 ) -> TracerProvider | None:
-    """Set up this process's tracer from ``config`` (or with ``exporter``); None when off.
+    """Set up this process's tracer from ``config`` and the environment (or with
+    ``exporter``); None when off.
 
     Replaces any earlier setup, which is shut down first.
     """
     shutdown()
+    config = resolve(config)
     if exporter is None and config.exporter == "none":
         return None
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     provider = TracerProvider(
+        # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
         resource=Resource.create({"service.name": config.service_name}),
-        sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+        sampler=_sampler(config),
+        shutdown_on_exit=False,  # shutdown() below bounds the wait; an atexit hook would not
     )
     if exporter is not None or config.exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(exporter or _exporter(config)))
@@ -112,10 +220,17 @@ def extract_context(carrier: dict[str, str]) -> context.Context:
 
 
 def shutdown() -> None:
-    """Flush and stop the tracer set up by ``configure``; tracing is off afterwards."""
+    """Flush and stop the tracer set up by ``configure``; tracing is off afterwards.
+
+    Waits at most ``SHUTDOWN_WAIT_S`` for the last export: spans a dead collector
+    would not take are dropped rather than holding the process up.
+    """
     provider, _State.provider, _State.tracer = _State.provider, None, None
-    if provider is not None:
-        provider.shutdown()
+    if provider is None:
+        return
+    flushing = threading.Thread(target=provider.shutdown, name="fermion-trace-flush", daemon=True)
+    flushing.start()
+    flushing.join(SHUTDOWN_WAIT_S)
 
 
 def start_queue_span(tracer: Tracer, attributes: Mapping[str, Any]) -> tuple[Span, Span]:

@@ -7,6 +7,13 @@ candidate's figures (error rate, p99 latency; agreement in the shadow phase) are
 compared with the baseline's, as the gateway recorded them, against the bounds.
 A breach rolls the candidate back to 0% with the reason. The state is written to
 a JSON file after every change, and a running rollout resumes after a restart.
+
+With a shared control store, the state lives in the store and one gateway drives
+each rollout: the holder of its lease, whose every write carries the lease's fencing
+value (a driver that lost the lease is refused and stops, rolling nothing back).
+Intervals are judged on the figures of every gateway, merged in the store. If the
+driver dies, another gateway takes the lease once it expires and carries the rollout
+on from its current step. While the store is down the driver holds its step.
 """
 
 from __future__ import annotations
@@ -16,17 +23,19 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serving.atomic_file import write_atomically
 from serving.config import RolloutBounds, RouteConfig, ShadowConfig
+from serving.control.store import ControlStore, StoreConflict, StoreUnavailable
 from serving.errors import InvalidInput, ModelNotFound
 from serving.inference.repository import ModelRepository
+from serving.traffic.fleet_figures import decode_latency, decode_shadow, shadow_key, version_key
 from serving.traffic.route_table import RolloutConflict, RouteTable
 from serving.traffic.windows import LatencyFigures, ShadowFigures
 
@@ -40,6 +49,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("fermion.rollout")
+
+_T = TypeVar("_T")
+
+
+class _FencedOut(Exception):
+    """Another gateway holds this rollout's lease now: stop driving, change nothing."""
 
 
 class RolloutSpec(BaseModel):
@@ -158,6 +173,11 @@ class RolloutController:
         routes: RouteTable,
         repository: ModelRepository,
         state_path: Path | None,
+        *,
+        store: ControlStore | None = None,
+        holder: str = "",
+        lease_ttl_s: float = 2.0,
+        retry_s: float = 0.25,
     ) -> None:
         self._routes = routes
         self._repository = repository
@@ -165,10 +185,24 @@ class RolloutController:
         self._states: dict[str, RolloutState] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rollbacks: dict[str, int] = {}
+        self._store = store
+        #: This gateway's name in leases.
+        self._holder = holder
+        self._lease_ttl_s = lease_ttl_s
+        self._retry_s = retry_s
+        #: The fencing value of each lease held here.
+        self._fences: dict[str, str] = {}
 
     def running(self, name: str) -> bool:
-        """Whether a rollout of ``name`` is running."""
-        return name in self._tasks
+        """Whether a rollout of ``name`` is running (anywhere in the fleet, with a store)."""
+        if name in self._tasks:
+            return True
+        state = self._states.get(name)
+        return self._store is not None and state is not None and state.status == "running"
+
+    def driving(self) -> list[str]:
+        """The rollouts this gateway drives now."""
+        return sorted(self._tasks)
 
     def states(self) -> list[RolloutState]:
         """Every rollout known (running or finished), by model."""
@@ -202,14 +236,26 @@ class RolloutController:
         )
         probe = RouteConfig(split={baseline: 1.0, spec.to: 1.0})
         self._routes.check_versions(name, probe)
+        if self._store is not None:
+            await self._store.create_rollout(name, state.model_dump_json())
+            # A new running state was just written: any lease left is a finished rollout's.
+            fence = await self._store.acquire_lease(
+                name, self._holder, self._lease_ttl_s, force=True
+            )
+            assert fence is not None
+            self._fences[name] = fence
         self._states[name] = state
         shadow_phase = state.step_index < 0
-        await self._apply(state, 0.0 if shadow_phase else spec.steps[0], shadow=shadow_phase)
+        await self._apply(
+            state, 0.0 if shadow_phase else spec.steps[0], shadow=shadow_phase, hold=False
+        )
         self._launch(state, applied=True)
         return state
 
     async def abort(self, name: str) -> RolloutState:
         """Stop the running rollout of ``name`` and roll the candidate back to 0%."""
+        if self._store is not None:
+            return await self._abort_fleet(name)
         task = self._tasks.get(name)
         if task is None:
             raise RolloutConflict(f"no rollout of {name} is running")
@@ -219,6 +265,116 @@ class RolloutController:
         state = self._states[name]
         await self._roll_back(state, "stopped by an operator", status="stopped")
         return state
+
+    async def _abort_fleet(self, name: str) -> RolloutState:
+        """Take the lease from whichever gateway drives (fencing it out), then roll back."""
+        assert self._store is not None
+        await self.refresh()
+        if not self.running(name):
+            raise RolloutConflict(f"no rollout of {name} is running")
+        task = self._tasks.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        fence = await self._store.acquire_lease(name, self._holder, self._lease_ttl_s, force=True)
+        assert fence is not None
+        self._fences[name] = fence
+        raw = (await self._store.rollouts()).get(name)
+        state = RolloutState.model_validate_json(raw) if raw else self._states[name]
+        self._states[name] = state
+        try:
+            await self._roll_back(state, "stopped by an operator", status="stopped")
+        finally:
+            await self._release(name)
+        return state
+
+    # ----------------------------------------------------------------- the fleet
+
+    async def refresh(self) -> list[str]:
+        """Read every rollout's state from the store; the running ones no gateway here drives.
+
+        Without a store, or while it is down, the states known here stay as they are.
+        """
+        if self._store is None:
+            return []
+        try:
+            raw = await self._store.rollouts()
+        except StoreUnavailable:
+            return []
+        undriven = []
+        for name, text in raw.items():
+            if name in self._tasks:
+                continue  # the state driven here is the freshest
+            try:
+                state = RolloutState.model_validate_json(text)
+            except ValidationError as e:
+                log.error("rollout state of %s in the control store is not valid: %s", name, e)
+                continue
+            self._states[name] = state
+            if state.status == "running":
+                undriven.append(name)
+        return undriven
+
+    def running_rollouts(self) -> list[tuple[str, int, int]]:
+        """(model, baseline, candidate) of every rollout running in the fleet."""
+        return [(s.model, s.baseline, s.candidate) for s in self.states() if s.status == "running"]
+
+    def running_states(self) -> dict[str, str]:
+        """The running rollouts' states as JSON (to seed a store that lost its data)."""
+        return {s.model: s.model_dump_json() for s in self.states() if s.status == "running"}
+
+    async def take_over(self, name: str) -> bool:
+        """Drive ``name``'s rollout from its current step if its lease is free; True if so."""
+        assert self._store is not None
+        if name in self._tasks:
+            return False
+        fence = await self._store.acquire_lease(name, self._holder, self._lease_ttl_s)
+        if fence is None:
+            return False
+        raw = (await self._store.rollouts()).get(name)
+        state = RolloutState.model_validate_json(raw) if raw else None
+        if state is None or state.status != "running":
+            await self._store.release_lease(name, fence)
+            return False
+        self._fences[name] = fence
+        self._states[name] = state
+        log.info("taking over the rollout of %s at step %d", name, state.step_index)
+        self._launch(state)
+        return True
+
+    async def _fleet(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a store call of the driver: hold (retry) while the store is down."""
+        while True:
+            try:
+                return await op()
+            except StoreUnavailable:
+                await asyncio.sleep(self._retry_s)
+            except StoreConflict as e:
+                raise _FencedOut(e.message) from None
+
+    async def _renew(self, name: str, task: asyncio.Task[None]) -> None:
+        """Keep the lease of a driven rollout; cancel the driving when it is lost."""
+        assert self._store is not None
+        while not task.done():
+            await asyncio.sleep(self._lease_ttl_s / 3)
+            fence = self._fences.get(name)
+            if fence is None:
+                return
+            try:
+                held = await self._store.renew_lease(name, fence, self._lease_ttl_s)
+            except StoreUnavailable:
+                continue
+            if not held:
+                log.warning("lost the lease of the rollout of %s; another gateway drives it", name)
+                task.cancel()
+                return
+
+    async def _release(self, name: str) -> None:
+        fence = self._fences.pop(name, None)
+        if fence is not None and self._store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release_lease(name, fence)
 
     def _baseline(self, name: str, candidate: int) -> int:
         route = self._routes.get(name)
@@ -232,12 +388,16 @@ class RolloutController:
         return max(served)
 
     def _launch(self, state: RolloutState, *, applied: bool = False) -> None:
-        task = asyncio.get_running_loop().create_task(self._drive(state, applied))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._drive(state, applied))
         self._tasks[state.model] = task
         name = state.model
         self._routes.lock(name, f"a rollout of {name} is running; stop it first")
+        renewer = loop.create_task(self._renew(name, task)) if self._store is not None else None
 
         def forget(done: asyncio.Task[None]) -> None:
+            if renewer is not None:
+                renewer.cancel()
             if self._tasks.get(name) is done:
                 del self._tasks[name]
                 self._routes.unlock(name)
@@ -245,7 +405,13 @@ class RolloutController:
         task.add_done_callback(forget)
 
     async def start(self) -> None:
-        """Load the state file and resume the rollouts that were running."""
+        """Load the state file and resume the rollouts that were running.
+
+        With a store, its states are read instead (the sync loop takes over running ones).
+        """
+        if self._store is not None:
+            await self.refresh()
+            return
         if self._state_path is None or not self._state_path.exists():
             return
         try:
@@ -261,13 +427,16 @@ class RolloutController:
                 self._launch(state)
 
     async def stop(self) -> None:
-        """Pause every running rollout (they resume at the next start)."""
+        """Pause every running rollout (they resume at the next start, or on another gateway
+        of the fleet at once: the leases are released)."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for name in list(self._fences):
+            await self._release(name)
 
     async def _drive(self, state: RolloutState, applied: bool) -> None:
         try:
@@ -291,13 +460,23 @@ class RolloutController:
             state.reason = f"version {state.candidate} at {state.percent:g}% passed every step"
             await self._touch(state)
             log.info("rollout of %s: %s", state.model, state.reason)
+            await self._release(state.model)
         except asyncio.CancelledError:
             raise
+        except _FencedOut as e:
+            log.warning("stopped driving the rollout of %s: %s", state.model, e)
+            self._fences.pop(state.model, None)
         except Exception as e:  # never leave a half-rolled canary behind silently
             log.exception("rollout of %s failed", state.model)
-            await self._roll_back(state, f"rollout failed: {e}")
+            try:
+                await self._roll_back(state, f"rollout failed: {e}")
+            except _FencedOut:
+                self._fences.pop(state.model, None)
 
-    async def _apply(self, state: RolloutState, percent: float, *, shadow: bool = False) -> None:
+    async def _apply(
+        self, state: RolloutState, percent: float, *, shadow: bool = False, hold: bool = True
+    ) -> None:
+        """Set the candidate's share; ``hold``: wait out a store that is down (else 503)."""
         route = self._routes.get(state.model)
         base = route.config if route else RouteConfig(split={state.baseline: 1.0})
         mirror = (
@@ -311,22 +490,34 @@ class RolloutController:
                 "shadow": mirror,
             }
         )
-        await self._routes.save(state.model, config)
+        if self._store is None:
+            await self._routes.save(state.model, config)
+        else:
+            fence = self._fences.get(state.model)
+            if fence is None:
+                raise _FencedOut("no lease held")
+            routes = self._routes
+
+            def save() -> Awaitable[None]:
+                return routes.save(state.model, config, fence=fence)
+
+            await (self._fleet(save) if hold else save())
         state.percent = percent
-        await self._touch(state)
+        await self._touch(state, hold=hold)
 
     async def _interval(self, state: RolloutState, phase: Literal["shadow", "step"]) -> bool:
         """Wait for an interval with enough candidate traffic and judge it; False on a breach."""
-        base_w = self._routes.window(state.model, state.baseline)
-        cand_w = self._routes.window(state.model, state.candidate)
-        shadow_w = self._routes.shadow.window(state.model, state.baseline, state.candidate)
-        base_w.take(), cand_w.take(), shadow_w.take()
+        take = self._figures_taker(state)
+        await self._fleet(take)
         base, cand, shadow = LatencyFigures(), LatencyFigures(), ShadowFigures()
         bounds = state.bounds
         while True:
             await asyncio.sleep(state.interval_s)
-            base, cand = base.merge(base_w.take()), cand.merge(cand_w.take())
-            shadow = shadow.merge(shadow_w.take())
+            try:
+                more = await take()
+            except StoreUnavailable:
+                continue  # no figures: hold the step, judge nothing
+            base, cand, shadow = base.merge(more[0]), cand.merge(more[1]), shadow.merge(more[2])
             if phase == "shadow":
                 enough = shadow.mirrored >= bounds.min_requests
             else:  # both sides need figures, except the baseline once it gets no traffic
@@ -360,6 +551,37 @@ class RolloutController:
         await self._touch(state)
         return True
 
+    def _figures_taker(
+        self, state: RolloutState
+    ) -> Callable[[], Awaitable[tuple[LatencyFigures, LatencyFigures, ShadowFigures]]]:
+        """Reads (and resets) the interval's figures: this gateway's, or the fleet's."""
+        model, baseline, candidate = state.model, state.baseline, state.candidate
+        store = self._store
+        if store is None:
+            base_w = self._routes.window(model, baseline)
+            cand_w = self._routes.window(model, candidate)
+            shadow_w = self._routes.shadow.window(model, baseline, candidate)
+
+            async def take_local() -> tuple[LatencyFigures, LatencyFigures, ShadowFigures]:
+                return base_w.take(), cand_w.take(), shadow_w.take()
+
+            return take_local
+        names = [
+            version_key(model, baseline),
+            version_key(model, candidate),
+            shadow_key(model, baseline, candidate),
+        ]
+
+        async def take_fleet() -> tuple[LatencyFigures, LatencyFigures, ShadowFigures]:
+            figures = await store.take_figures(names)
+            return (
+                decode_latency(figures[names[0]]),
+                decode_latency(figures[names[1]]),
+                decode_shadow(figures[names[2]]),
+            )
+
+        return take_fleet
+
     async def _roll_back(
         self,
         state: RolloutState,
@@ -371,9 +593,21 @@ class RolloutController:
         self._rollbacks[state.model] = self._rollbacks.get(state.model, 0) + 1
         log.warning("rollout of %s rolled back: %s", state.model, reason)
 
-    async def _touch(self, state: RolloutState) -> None:
+    async def _touch(self, state: RolloutState, *, hold: bool = True) -> None:
         state.updated_at = time.time()
-        await self._save_states()
+        if self._store is None:
+            await self._save_states()
+            return
+        store, fence = self._store, self._fences.get(state.model)
+        if fence is None:
+            raise _FencedOut("no lease held")
+        text = state.model_dump_json()
+
+        def save() -> Awaitable[bool]:
+            return store.save_rollout(state.model, text, fence=fence)
+
+        if not await (self._fleet(save) if hold else save()):
+            raise _FencedOut("the lease was taken by another gateway")
 
     async def _save_states(self) -> None:
         if self._state_path is None:

@@ -40,6 +40,26 @@ class RouteFile:
         async with self._lock:
             await asyncio.to_thread(self._rewrite, self.path, name, route)
 
+    async def save_all(self, routes: dict[str, RouteConfig]) -> None:
+        """Write the whole ``routes`` section (a fleet's table as this gateway applied it)."""
+        if self.path is None:
+            return
+        async with self._lock:
+            await asyncio.to_thread(self._rewrite_all, self.path, routes)
+
+    @staticmethod
+    def _rewrite_all(path: Path, routes: dict[str, RouteConfig]) -> None:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot update {path}: {e}") from e
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        data.pop("routes", None)
+        if routes:
+            data["routes"] = {name: route_to_yaml(r) for name, r in sorted(routes.items())}
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+        write_atomically(path, text)
+
     @staticmethod
     def _rewrite(path: Path, name: str, route: RouteConfig | None) -> None:
         try:

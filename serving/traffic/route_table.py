@@ -4,16 +4,24 @@ It is the inference service's ``RoutePolicy``: requests read a route whole (a
 change replaces it at once), and a routed answer is mirrored to the shadow.
 Route changes by hand (the admin API) are checked against the served versions,
 written back to the config file, and refused while a rollout drives the route.
+
+With a shared control store the table there is the truth: a change is written to
+the store (which refuses it while a rollout holds the route) and every gateway
+applies the store's versioned table whole, at once, when it sees a new version.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from pydantic import ValidationError
 
-from serving.config import RouteConfig
+from serving.config import ConfigError, RouteConfig
+from serving.control.store import ControlStore, RouteSnapshot
 from serving.errors import FermionError, InvalidInput
 from serving.inference.repository import ModelRepository, ServedVersion
 from serving.traffic.route_file import RouteFile
@@ -22,6 +30,8 @@ from serving.traffic.split import ModelRoute
 from serving.traffic.windows import VersionWindow
 
 __all__ = ["RolloutConflict", "RouteTable"]
+
+log = logging.getLogger("fermion.routes")
 
 
 class RolloutConflict(FermionError):
@@ -40,6 +50,7 @@ class RouteTable:
         *,
         route_file: RouteFile | None = None,
         shadow: ShadowMirror | None = None,
+        store: ControlStore | None = None,
     ) -> None:
         self._routes: dict[str, ModelRoute] = {
             name: ModelRoute(name, rc) for name, rc in routes.items()
@@ -51,6 +62,10 @@ class RouteTable:
         self._windows: dict[tuple[str, int], VersionWindow] = {}
         self._locked: dict[str, str] = {}
         self.shadow = shadow if shadow is not None else ShadowMirror(repository)
+        self._store = store
+        self._pull_lock = asyncio.Lock()
+        #: The version of the store's table applied here (0: none yet, or no store).
+        self.applied_version = 0
 
     # ----------------------------------------------------------------- reading
 
@@ -105,8 +120,19 @@ class RouteTable:
             except FermionError as e:
                 raise InvalidInput(f"route {name}: {e.message}") from None
 
-    async def save(self, name: str, config: RouteConfig | None) -> None:
-        """Apply (None: remove) a route and write it to the config file, unchecked."""
+    async def save(
+        self, name: str, config: RouteConfig | None, *, fence: str | None = None
+    ) -> None:
+        """Apply (None: remove) a route and write it to the config file, unchecked.
+
+        With a store: written there (as the rollout driver holding ``fence``, if given),
+        then the store's table is applied here at once.
+        """
+        if self._store is not None:
+            text = config.model_dump_json() if config is not None else None
+            await self._store.set_route(name, text, fence=fence)
+            await self.pull()
+            return
         if config is not None:
             self.set(name, config)
         else:
@@ -123,6 +149,44 @@ class RouteTable:
         elif name not in self._routes:
             raise InvalidInput(f"no route {name!r}")
         await self.save(name, config)
+
+    # ----------------------------------------------------------------- the store
+
+    def snapshot(self) -> RouteSnapshot:
+        """The table applied here, as the store keeps it (to seed an empty store)."""
+        routes = {name: r.config.model_dump_json() for name, r in self._routes.items()}
+        return RouteSnapshot(max(1, self.applied_version), routes)
+
+    def apply(self, snapshot: RouteSnapshot) -> None:
+        """Replace every route at once by the store's table (a route that does not parse
+        keeps its last applied form, and is logged)."""
+        routes: dict[str, ModelRoute] = {}
+        for name, text in snapshot.routes.items():
+            try:
+                routes[name] = ModelRoute(name, RouteConfig.model_validate_json(text))
+            except (ValidationError, ValueError) as e:
+                log.error("route %s in the control store is not valid, kept as it was: %s", name, e)
+                if name in self._routes:
+                    routes[name] = self._routes[name]
+        self._routes = routes
+        self._ever_routed.update(routes)
+        self.applied_version = snapshot.version
+
+    async def pull(self) -> bool:
+        """Apply the store's table if it changed; True if it did. False with no table."""
+        if self._store is None:
+            return False
+        async with self._pull_lock:
+            snapshot = await self._store.routes()
+            if snapshot is None or snapshot.version == self.applied_version:
+                return False
+            self.apply(snapshot)
+        try:
+            await self._file.save_all({n: r.config for n, r in self._routes.items()})
+        except (ConfigError, OSError) as e:
+            log.warning("route table version %d applied, not written back: %s", snapshot.version, e)
+        log.info("applied route table version %d", snapshot.version)
+        return True
 
     def lock(self, name: str, reason: str) -> None:
         """Refuse changes by hand to ``name`` (409 with ``reason``) until ``unlock``."""

@@ -25,8 +25,7 @@ from prometheus_client.metrics_core import (
 
 from serving.config import ShadowConfig
 from serving.errors import FermionError
-from serving.inference.batcher import DynamicBatcher
-from serving.inference.repository import ModelRepository, ServedVersion
+from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
 from serving.observability.tracing import current_tracer
 from serving.traffic.windows import ShadowFigures, ShadowWindow
 
@@ -136,7 +135,7 @@ class ShadowMirror:
         task.add_done_callback(self._tasks.discard)
         return True
 
-    def _shadow_batcher(self, model: str, version: int) -> DynamicBatcher | None:
+    def _shadow_batcher(self, model: str, version: int) -> VersionBatcher | None:
         try:
             _, batcher = self._repository.resolve(model, str(version))
         except FermionError:
@@ -145,7 +144,7 @@ class ShadowMirror:
 
     async def _run(
         self,
-        batcher: DynamicBatcher,
+        batcher: VersionBatcher,
         window: ShadowWindow,
         pair: tuple[str, int, int],
         inputs: dict[str, np.ndarray],

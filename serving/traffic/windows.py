@@ -13,7 +13,32 @@ from dataclasses import dataclass
 
 from serving.observability.counters import Histogram, VersionCounter
 
-__all__ = ["LatencyFigures", "ShadowFigures", "ShadowWindow", "VersionWindow"]
+__all__ = [
+    "LatencyFigures",
+    "ShadowFigures",
+    "ShadowWindow",
+    "VersionWindow",
+    "latency_bucket",
+    "latency_bucket_ms",
+]
+
+#: Fine latency buckets for figures merged across gateways: bucket ``i`` holds latencies
+#: up to ``_LAT_BASE_MS * _LAT_FACTOR ** i`` (5% apart, 10 µs to hours in 300 buckets).
+_LAT_BASE_MS = 0.01
+_LAT_FACTOR = 1.05
+_LAT_BUCKETS = 300
+
+
+def latency_bucket(ms: float) -> int:
+    """The fine bucket of a latency in milliseconds."""
+    if ms <= _LAT_BASE_MS:
+        return 0
+    return min(_LAT_BUCKETS, math.ceil(math.log(ms / _LAT_BASE_MS, _LAT_FACTOR) - 1e-9))
+
+
+def latency_bucket_ms(index: int) -> float:
+    """The upper bound of a fine latency bucket, in milliseconds."""
+    return _LAT_BASE_MS * _LAT_FACTOR**index
 
 
 @dataclass(frozen=True)
@@ -23,6 +48,8 @@ class LatencyFigures:
     requests: int = 0
     errors: int = 0
     latencies_ms: tuple[float, ...] = ()
+    #: Latencies binned by ``latency_bucket`` (figures merged from several gateways).
+    histogram: tuple[tuple[int, int], ...] = ()
 
     @property
     def error_rate(self) -> float:
@@ -31,7 +58,23 @@ class LatencyFigures:
 
     @property
     def p99_ms(self) -> float | None:
-        """The 99th percentile latency of successful requests (None with none)."""
+        """The 99th percentile latency of successful requests (None with none).
+
+        Exact from samples; from a histogram, the upper bound of the bucket holding it.
+        """
+        if self.histogram:
+            counts: dict[int, int] = {}
+            for index, n in self.histogram:
+                counts[index] = counts.get(index, 0) + n
+            for ms in self.latencies_ms:
+                index = latency_bucket(ms)
+                counts[index] = counts.get(index, 0) + 1
+            total = sum(counts.values())
+            rank, seen = math.ceil(0.99 * total), 0
+            for index in sorted(counts):
+                seen += counts[index]
+                if seen >= rank:
+                    return latency_bucket_ms(index)
         if not self.latencies_ms:
             return None
         ordered = sorted(self.latencies_ms)
@@ -43,6 +86,7 @@ class LatencyFigures:
             self.requests + other.requests,
             self.errors + other.errors,
             self.latencies_ms + other.latencies_ms,
+            self.histogram + other.histogram,
         )
 
     def summary(self) -> dict[str, float | int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +50,19 @@ def test_build_from_a_module_spec_publishes_and_summarises(
     assert code == 0
     manifest = ModelStore(tmp_path).manifest("mlp")
     assert manifest.outputs[0].name == "scores"
-    out = capsys.readouterr().out
-    assert "mlp version 1" in out
-    assert "parity vs torch on 8 samples" in out
+    captured = capsys.readouterr()
+    assert "mlp version 1" in captured.out
+    assert "parity vs torch on 8 samples" in captured.out
+    # One progress line per phase, in order, each with its time, on stderr.
+    phases = [line.strip() for line in captured.err.splitlines()]
+    assert [re.sub(r" \([0-9.]+ s\)$", "", p).split(":")[1].strip() for p in phases] == [
+        "export to ONNX (opset 18)",
+        "compile onnxruntime",
+        "parity of onnxruntime on 8 samples",
+        "publish",
+    ]
+    assert all(re.search(r"\([0-9]+\.[0-9]{2} s\)$", p) for p in phases)
+    assert phases[-1].startswith(f"mlp: publish: version 1 in {tmp_path}")
 
 
 def test_build_from_an_onnx_file_with_samples(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -69,7 +71,13 @@ def test_demo_builds_in_well_under_a_minute_a_version(demo: PublishedDemo) -> No
 
 def test_training_is_deterministic_for_a_seed() -> None:
     data = load_digits_28()
-    first, again, other = (train_digits(s, epochs=1, data=data) for s in (3, 3, 4))
+    lines: list[str] = []
+    first = train_digits(3, epochs=2, data=data, progress=lines.append)
+    again, other = (train_digits(s, epochs=2, data=data) for s in (3, 4))
+    # One progress line per epoch, with its loss and time; reporting changes no weight.
+    assert [line.split(":")[0] for line in lines] == ["train seed 3"] * 2
+    assert [line.split(": ")[1] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.search(r": loss [0-9.]+ \([0-9.]+ s\)$", line) for line in lines)
 
     weights = [m.module.state_dict() for m in (first, again, other)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -374,7 +374,7 @@ def test_a_trace_crosses_the_ray_hop_into_the_replica_process(
 ) -> None:
     """The replica's span, exported by its own process, descends from the request's span."""
     traced = _traced_request(ray_server, collector, ray_store)
-    assert traced.request.name == "POST /v2/models/digits/versions/2/infer"
+    assert traced.request.name == "POST /v2/models/{model}/versions/{version}/infer"
     assert traced.request.pid == ray_server.process.pid, "the request span is the gateway's"
     assert traced.replica.pid is not None
     assert traced.replica.pid not in (ray_server.process.pid, os.getpid()), (
@@ -532,3 +532,35 @@ def test_a_stopping_gateway_leaves_a_shared_deployment_to_the_others(
         stop_server(first)
         stop_server(second)
     assert app not in serve.status().applications, "the last gateway out deletes it"
+
+
+def test_a_push_load_remove_cycle_fails_no_unversioned_request(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    """A new newest version deploys and is removed under unversioned load: nothing fails."""
+    x = _samples(ray_store)[:1]
+    load = _Load(f"{ray_server.url}/v2/models/digits/infer", _body(x), 8)
+    answered_by: dict[str, int] = {}
+
+    async def push_load_remove() -> int:
+        async with httpx.AsyncClient(base_url=ray_server.url, timeout=120) as http:
+            pushed = ray_store.push(ray_store.version_dir("digits", 1))
+            assert (await http.post("/v2/repository/models/digits/load")).status_code == 200
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the new version answers unversioned requests
+                r = await http.post("/v2/models/digits/infer", json=_body(x))
+                version = r.headers.get("fermion-model-version", "")
+                answered_by[version] = answered_by.get(version, 0) + 1
+                if version == str(pushed.version) and answered_by[version] >= 20:
+                    break
+            ray_store.remove("digits", pushed.version)
+            assert (await http.post("/v2/repository/models/digits/load")).status_code == 200
+            await asyncio.sleep(1.0)
+            return pushed.version
+
+    pushed = asyncio.run(load.run(push_load_remove()))
+    assert load.errors == []
+    assert set(load.statuses()) == {200}, load.statuses()
+    assert answered_by.get(str(pushed), 0) >= 20, answered_by
+    assert _replicas("digits", pushed) == []
+    assert httpx.get(f"{ray_server.url}/v2/health/ready").status_code == 200

@@ -1,5 +1,9 @@
 """``fermion serve --port 0`` (and ``--grpc-port 0``): the OS picks the port, and the server
-says which once it listens."""
+says which once it listens.
+
+And what it prints at start is true: nothing to serve is an error, a gateway that is not
+ready says so and why.
+"""
 
 from __future__ import annotations
 
@@ -163,7 +167,7 @@ def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Pat
     port = served.wait_for(_LISTENING).group(2)
     serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
     done = subprocess.run(
-        [*serve, "--host", "127.0.0.1", "--port", port, "--grpc-port", "off"],
+        [*serve, "--host", "127.0.0.1", "--port", port, "--grpc-port", "off", "--allow-empty"],
         capture_output=True,
         text=True,
         cwd=_REPO_ROOT,
@@ -177,7 +181,7 @@ def test_a_grpc_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path
     port = served.wait_for(_GRPC_LISTENING).group(2)
     serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
     done = subprocess.run(
-        [*serve, "--host", "127.0.0.1", "--port", "0", "--grpc-port", port],
+        [*serve, "--host", "127.0.0.1", "--port", "0", "--grpc-port", port, "--allow-empty"],
         capture_output=True,
         text=True,
         cwd=_REPO_ROOT,
@@ -185,3 +189,51 @@ def test_a_grpc_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path
     )
     assert done.returncode == 3
     assert f"fermion: cannot listen for gRPC on 127.0.0.1:{port}" in done.stderr
+
+
+def test_nothing_to_serve_exits_2_unless_allowed(tmp_path: Path) -> None:
+    serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "typo")]
+    done = subprocess.run(
+        [*serve, "--host", "127.0.0.1", "--port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=_REPO_ROOT,
+        timeout=_WAIT_S,
+    )
+    assert done.returncode == 2
+    assert "nothing to serve" in done.stderr and "typo" in done.stderr
+    allowed = _serve(
+        ModelStore(tmp_path / "typo"), "--port", "0", "--grpc-port", "off", "--allow-empty"
+    )
+    served = next(allowed)
+    try:
+        url = served.wait_for(_LISTENING).group(1)
+        banner = served.wait_for(re.compile(r"^Fermion is up at \S+ but NOT ready: (.*)$"))
+        assert "does not exist" in banner.group(1)
+        ready = httpx.get(f"{url}/v2/health/ready", timeout=10.0)
+        assert ready.status_code == 503 and "does not exist" in ready.json()["reason"]
+    finally:
+        allowed.close()
+
+
+def test_the_banner_says_not_ready_and_why(tmp_path: Path) -> None:
+    store = _store(tmp_path / "store")
+    v2 = store.push(store.version_dir("matmul", 1))
+    artifact = store.version_dir("matmul", v2.version) / v2.artifacts[0].file
+    os.chmod(artifact, 0o644)
+    artifact.write_bytes(artifact.read_bytes() + b"tampered")
+    gen = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "off")
+    served = next(gen)
+    try:
+        url = served.wait_for(_LISTENING).group(1)
+        banner = served.wait_for(re.compile(r"^Fermion is up at (\S+) but NOT ready: (.*)$"))
+        assert banner.group(1) == url
+        assert banner.group(2).startswith("matmul version 2 unavailable")
+        # The examples that follow use the version that serves, and work.
+        served.wait_for(re.compile(r"curl -s -X POST (\S+) \\$"))
+        body = json.loads(Path(served.wait_for(re.compile(r"-d @(\S+)$")).group(1)).read_text())
+        answer = httpx.post(f"{url}/v2/models/matmul/infer", json=body, timeout=10.0)
+        assert answer.status_code == 200 and answer.headers["fermion-model-version"] == "1"
+        assert not any(line.startswith("Fermion is ready") for line in served.seen)
+    finally:
+        gen.close()

@@ -34,7 +34,7 @@ async def serve_grpc_in_process(
             repository=s.repository,
             backend=config.backend,
             access=s.access,
-            limiter=s.rate_limiter,
+            limiter=s.limiter,
             metrics=s.metrics,
             on_listening=addresses.append,
             grace_s=1.0,

@@ -59,12 +59,13 @@ def start_server(
     config_path: Path | None = None,
     ready_path: str = "/v2/health/ready",
     grpc: bool = False,
+    port: int | None = None,
 ) -> RunningServer:
-    """Start ``fermion serve`` on a free port and wait until ``ready_path`` answers 200.
+    """Start ``fermion serve`` on ``port`` (None: a free one); wait until ``ready_path`` is 200.
 
     ``grpc``: also serve gRPC on a free port (``RunningServer.grpc_address``); else off.
     """
-    port = free_port()
+    port = free_port() if port is None else port
     if config_path is None:  # else: a file the caller keeps across restarts
         config_path = tmp / f"fermion-{port}.yaml"
         config_path.write_text(config_yaml)

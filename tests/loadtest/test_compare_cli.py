@@ -34,7 +34,43 @@ def test_compare_shows_deltas_and_verdicts(tmp_path: Path) -> None:
     assert deltas["v2 share"].better is None
     text = format_comparison(before, after, ("before", "after"))
     line = next(x for x in text.splitlines() if x.startswith("p99 latency"))
-    assert line.split() == ["p99", "latency", "99ms", "198ms", "+99ms", "(+100.0%)", "WORSE"]
+    assert line.split() == [
+        *("p99", "latency", "99ms", "198ms", "+99ms", "(+100.0%)", "±4.95ms", "WORSE")
+    ]
+    assert "better/WORSE only beyond the noise column: ±5% of A" in text
+    assert "settings differ" not in text
+
+
+def test_a_change_within_the_noise_is_not_called_better_or_worse() -> None:
+    before = summarize(raw_run(slow=1.0, failures=10))
+    after = summarize(raw_run(slow=1.03, failures=12))
+    deltas = {d.metric: d for d in compare(before, after)}
+    assert deltas["p99 latency"].change == pytest.approx(3, abs=0.1)
+    assert deltas["p99 latency"].better is None  # 3% < 5%
+    assert deltas["error rate"].better is None  # 10 vs 12 failures in 1000: chance
+    assert deltas["p99 latency"].threshold >= 0.05 * 99
+    strict = {d.metric: d for d in compare(before, after, noise=0.01)}
+    assert strict["mean latency"].better is False  # beyond a 1% threshold
+    text = format_comparison(before, after)
+    line = next(x for x in text.splitlines() if x.startswith("p99 latency"))
+    assert line.endswith("~ (noise)")
+
+
+def test_the_runs_own_spread_raises_the_threshold() -> None:
+    steady = summarize(raw_run())
+    noisy = summarize(raw_run())
+    for i, point in enumerate(noisy["timeline"]):
+        point["rps"] = 50 if i % 2 else 150  # same mean, large second-to-second swings
+    rps = next(d for d in compare(steady, noisy) if d.metric == "requests/s")
+    assert rps.a is not None and rps.threshold > 0.2 * rps.a  # well above the 5% floor
+
+
+def test_runs_with_different_settings_are_compared_with_a_warning() -> None:
+    a = summarize(raw_run(), {"mode": "open loop", "rate": "100/s for 10s", "workers": 0})
+    b = summarize(raw_run(), {"mode": "open loop", "rate": "200/s for 10s", "workers": 2})
+    text = format_comparison(a, b)
+    assert "WARNING: the runs' settings differ" in text
+    assert "rate: 100/s for 10s vs 200/s for 10s" in text and "workers: 0 vs 2" in text
 
 
 def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

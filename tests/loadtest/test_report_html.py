@@ -96,3 +96,53 @@ def test_an_empty_run_still_renders(tmp_path: Path) -> None:
     assert re.search(r'<body[^>]*data-charts="5"', dom)
     assert points(figure(dom, "chart-latency")) == 0
     assert "no data" in figure(dom, "chart-histogram")
+
+
+def test_server_side_and_generator_panels_draw_beside_the_client(
+    raw: dict[str, Any], tmp_path: Path
+) -> None:
+    from loadtest.report_sections import server_verdicts
+    from loadtest.server_metrics import Snapshot, breakdown, parse_samples
+    from tests.loadtest.test_server_metrics import exposition
+
+    config = {"mode": "open loop", "model": "digits", "rate": "100/s for 10s", "workers": 2}
+    summary = summarize(raw, config)
+    summary["server"] = breakdown(
+        [Snapshot("g1", parse_samples(exposition(0, 0, 0, 0, 0)))],
+        [Snapshot("g1", parse_samples(exposition(600, 30, 150, 4, 2)))],
+    )
+    summary["generator"] = {
+        **dict.fromkeys(("scheduled", "sent"), 1000),
+        **{"late": 40, "late_ms": 10, "target_rate": 100.0, "achieved_rate": 100.0},
+        "lag_ms": {"p50": 0.2, "p99": 35.0, "max": 60.0},
+    }
+    page = tmp_path / "report.html"
+    page.write_text(render_html(summary))
+    html = page.read_text()
+    assert "rate</td><td>100/s for 10s" in html and "workers</td><td>2" in html
+    assert "near its limit" in html  # 40 of 1000 requests left late
+    assert server_verdicts(summary["server"])[0] in html.replace("&#x27;", "'")
+    assert "queue_full" in html and "shed" in html
+    dom = rendered_dom(page, tmp_path)
+    assert re.search(r'<body[^>]*data-charts="7"', dom), "the page script did not finish"
+    # v1: the client's p50 and p99 only (the gateway reported no v1); v2: all six bars
+    assert points(figure(dom, "chart-server")) == 2 + 6
+    assert points(figure(dom, "chart-batch")) == 1  # every batch had 4 rows
+
+
+def test_the_capacity_page_draws_latency_by_rate(tmp_path: Path) -> None:
+    from loadtest.capacity_report import render_capacity_html
+
+    probes = [
+        {"rate": r, "ok": ok, "requests": 100, "latency_ms": {"p50": p50, "p99": p99}}
+        for r, ok, p50, p99 in ((100, True, 3, 8), (200, True, 4, 12), (400, False, 90, 300))
+    ]
+    doc = {"slo": "p99<50ms,errors<0.1%", "capacity": 200, "ceiling": 400, "precision": 0.05}
+    page = tmp_path / "capacity.html"
+    page.write_text(render_capacity_html({**doc, "reason": "found", "probes": probes}))
+    dom = rendered_dom(page, tmp_path)
+    assert re.search(r'<body[^>]*data-charts="1"', dom)
+    chart = figure(dom, "chart-capacity")
+    assert points(chart) == 3 + 3 + 2  # p50 and p99 at each rate, the objective's line
+    assert 'data-series="p99&lt;50ms"' in chart or 'data-series="p99<50ms"' in chart
+    assert "200/s meets p99&lt;50ms,errors&lt;0.1%; 400/s misses it" in dom

@@ -100,16 +100,21 @@ def test_stored_file_digest_and_size_are_checked(sha256: str, size: int) -> None
     [
         {"inputs": []},
         {"outputs": []},
-        {"artifacts": []},
         {"version": 0},
         {"max_batch_size": -1},
     ],
 )
-def test_manifest_requires_a_signature_an_artifact_and_a_positive_version(
+def test_manifest_requires_a_signature_and_a_positive_version(
     override: dict[str, Any],
 ) -> None:
     with pytest.raises(ValidationError):
         ModelManifest.model_validate(_manifest(**override))
+
+
+def test_a_manifest_without_artifacts_describes_a_version_served_from_upstream() -> None:
+    m = ModelManifest.model_validate(_manifest(artifacts=[]))
+    assert m.artifacts == []
+    assert m.artifact("onnxruntime") is None
 
 
 def test_manifest_round_trips_through_json_and_is_frozen() -> None:

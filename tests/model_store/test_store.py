@@ -441,6 +441,10 @@ def test_a_file_of_another_version_is_refused(tmp_path: Path) -> None:
             lambda text: text.replace('"file": "model.onnx"', '"file": "manifest.json"'),
             "is corrupt",
         ),
+        (
+            lambda text: json.dumps(dict(json.loads(text), artifacts=[])),
+            "lists no artifact",
+        ),
     ],
 )
 def test_a_corrupt_manifest_is_refused(tmp_path: Path, corrupt: Any, message: str) -> None:

@@ -32,7 +32,7 @@ class RateLimitMiddleware:
         model = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if model is not None:
             try:
-                self._limiter.check(_caller(scope), model)
+                await self._limiter.check(_caller(scope), model)
             except RateLimited as e:
                 if self._on_reject is not None:
                     self._on_reject(model, "rate_limited")

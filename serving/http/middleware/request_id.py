@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.observability.counters import REQUEST_STARTED_NS
 
 __all__ = ["RequestIdMiddleware"]
 
@@ -20,7 +23,11 @@ def _new_request_id() -> bytes:
 
 
 class RequestIdMiddleware:
-    """Echo the client's ``x-request-id`` (or a new one) on every response."""
+    """Echo the client's ``x-request-id`` (or a new one) on every response.
+
+    Outermost, it also notes when the request arrived (``REQUEST_STARTED_NS``), so that
+    a request refused at the door is timed like any other.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -29,6 +36,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        REQUEST_STARTED_NS.set(time.perf_counter_ns())
         request_id = b""
         for key, value in scope["headers"]:
             if key == _REQUEST_ID:

@@ -1,17 +1,67 @@
-"""Tracing: one server span per HTTP request, continuing an incoming W3C ``traceparent``."""
+"""Tracing: one server span per HTTP request, continuing an incoming W3C ``traceparent``.
+
+Spans follow OpenTelemetry's HTTP semantic conventions: named ``{method} {http.route}``
+(the route template, never the raw path, so names stay bounded), with the request's
+method, route, path, scheme, server and client addresses, user agent and status; an
+error answer (>= 400) gets ``error.type`` (its status code) and no stack trace, and a
+server error (>= 500) the span status ERROR. Only an exception that escapes the app
+(a bug) is recorded with its trace.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.http.response_status import ResponseStatus
 from serving.observability.tracing import PROPAGATOR
 
-__all__ = ["TracingMiddleware"]
+__all__ = ["TracingMiddleware", "route_template"]
 
 _CARRIER_HEADERS = (b"traceparent", b"tracestate")
+_USER_AGENT = b"user-agent"
+_MAX_USER_AGENT = 256
+
+
+def route_template(routes: Iterable[BaseRoute], scope: Scope) -> str | None:
+    """The template of the route that serves ``scope`` (``/v2/models/{model}/infer``)."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is not Match.FULL:
+            continue
+        if isinstance(route, Mount):
+            inner = route_template(route.routes, {**scope, **child})
+            return None if inner is None else route.path + inner
+        path: str | None = getattr(route, "path", None)
+        return path
+    return None
+
+
+def _attributes(scope: Scope, method: str, path: str) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "url.path": path,
+        "url.scheme": scope.get("scheme", "http"),
+        "network.protocol.version": scope.get("http_version", "1.1"),
+    }
+    server = scope.get("server")
+    if server:
+        attributes["server.address"] = server[0]
+        if server[1] is not None:
+            attributes["server.port"] = server[1]
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+    for key, value in scope["headers"]:
+        if key == _USER_AGENT:
+            attributes["user_agent.original"] = value[:_MAX_USER_AGENT].decode("latin-1")
+            break
+    return attributes
 
 
 class TracingMiddleware:
@@ -35,11 +85,16 @@ class TracingMiddleware:
         parent = PROPAGATOR.extract(carrier) if carrier else None
         method, path = scope["method"], scope["path"]
         state = scope.setdefault("state", {})
+        app = scope.get("app")
+        route = route_template(app.router.routes, scope) if app is not None else None
+        attributes = _attributes(scope, method, path)
+        if route is not None:
+            attributes["http.route"] = route
         span = self._tracer.start_span(
-            f"{method} {path}",
+            f"{method} {route}" if route is not None else method,
             context=parent,
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.path": path},
+            attributes=attributes,
         )
         ctx = span.get_span_context()
         if ctx.is_valid:
@@ -48,14 +103,19 @@ class TracingMiddleware:
             span.set_attribute("fermion.request_id", state["request_id"])
         token = context.attach(trace.set_span_in_context(span, parent))
         response = ResponseStatus(send)
+        escaped: str | None = None
         try:
             await self.app(scope, receive, response)
         except BaseException as e:
             span.record_exception(e)
+            escaped = type(e).__qualname__
             raise
         finally:
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
+            status = response.status
+            span.set_attribute("http.response.status_code", status)
+            if escaped is not None or status >= 400:
+                span.set_attribute("error.type", escaped or str(status))
+            if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             context.detach(token)
             span.end()

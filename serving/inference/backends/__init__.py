@@ -22,6 +22,7 @@ __all__ = ["BACKENDS", "Backend", "create_backend"]
 BACKENDS: dict[str, str] = {
     "local": "serving.inference.backends.local:LocalBackend",
     "ray": "serving.inference.backends.ray:RayBackend",
+    "remote": "serving.inference.backends.remote:RemoteBackend",
 }
 
 
@@ -53,15 +54,23 @@ class Backend(ABC):
     ) -> dict[str, np.ndarray]:
         """Compute one batch on a replica of this version."""
 
+    def replica_counts(self) -> dict[tuple[str, int], int]:
+        """Running replicas per loaded (model, version), as last seen; never blocks.
 
-def create_backend(config: FermionConfig, store: ModelStore) -> Backend:
-    """Build the backend named in ``config``."""
-    spec = BACKENDS.get(config.backend)
+        Empty when the backend cannot tell.
+        """
+        return {}
+
+
+def create_backend(config: FermionConfig, store: ModelStore, name: str | None = None) -> Backend:
+    """Build the backend ``name`` (None: the one named in ``config``)."""
+    name = config.backend if name is None else name
+    spec = BACKENDS.get(name)
     if spec is None:
-        raise ValueError(f"unknown backend {config.backend!r}; known: {sorted(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; known: {sorted(BACKENDS)}")
     try:
         cls = import_from_string(spec)
     except ImportError as e:
-        raise RuntimeError(f"backend {config.backend!r} is not available: {e}") from e
+        raise RuntimeError(f"backend {name!r} is not available: {e}") from e
     backend: Backend = cls(config, store)
     return backend

@@ -53,6 +53,10 @@ class LocalBackend(Backend):
             old.close()
         return {"backend": "local", "replicas": 1, **replica.describe()}
 
+    def replica_counts(self) -> dict[tuple[str, int], int]:
+        """One replica per loaded version."""
+        return dict.fromkeys(self._replicas, 1)
+
     async def unload(self, name: str, version: int) -> None:
         replica = self._replicas.pop((name, version), None)
         if replica is not None:
@@ -64,4 +68,7 @@ class LocalBackend(Backend):
         replica = self._replicas.get((name, version))
         if replica is None or self._pool is None:
             raise ModelNotReady(f"model {name} version {version} has no replica")
-        return await asyncio.get_running_loop().run_in_executor(self._pool, replica.run, inputs)
+        # The executor itself runs in the pool: no frame of the replica in between.
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, replica.executor.run, inputs
+        )

@@ -15,6 +15,7 @@ rolling update) never takes a deployment away from the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -47,6 +48,8 @@ log = logging.getLogger("fermion.backends.ray")
 _MIN_RETRY_S = 0.05
 #: How often a load polls Ray Serve for the state of its deployment.
 _POLL_S = 0.2
+#: How often the running replicas of every deployment are counted (for /metrics).
+_REPLICA_COUNT_S = 5.0
 
 
 class ReplicaDeployment:
@@ -71,7 +74,7 @@ class ReplicaDeployment:
             tracing.configure(TracingConfig.model_validate_json(tracing_json))
         self._attributes: dict[str, str | int] = {
             "fermion.model": manifest.name,
-            "fermion.version": manifest.version,
+            "fermion.version": str(manifest.version),
         }
         self._replica = ModelReplica(
             ModelStore(store_root), manifest, prefer=prefer, options=options
@@ -94,6 +97,12 @@ class ReplicaDeployment:
     def describe(self) -> dict[str, Any]:
         """The artifact this replica chose, and its load and warm-up times."""
         return self._replica.describe()
+
+
+def _replica_tracing(config: TracingConfig) -> str | None:
+    """The gateway's tracing, resolved from its file and environment, for its replicas."""
+    resolved = tracing.resolve(config)
+    return resolved.model_dump_json() if resolved.exporter != "none" else None
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:
@@ -170,6 +179,8 @@ class RayBackend(Backend):
         #: This gateway, as a holder of application leases.
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._leases: Any = None
+        self._replica_counts: dict[tuple[str, int], int] = {}
+        self._counting: asyncio.Task[None] | None = None
 
     # -- cluster ---------------------------------------------------------------------------
 
@@ -179,6 +190,40 @@ class RayBackend(Backend):
         self._connecting = asyncio.create_task(
             asyncio.wait_for(asyncio.to_thread(self._connect), timeout)
         )
+        self._counting = asyncio.create_task(self._count_replicas_forever())
+
+    async def _count_replicas_forever(self) -> None:
+        """Count each deployment's RUNNING replicas every few seconds, off the event loop."""
+        if self._connecting is not None:
+            with contextlib.suppress(Exception):  # the loads report a cluster that failed
+                await asyncio.shield(self._connecting)
+        while self._connected:
+            try:
+                self._replica_counts = await asyncio.to_thread(self._count_replicas)
+            except Exception as e:  # a busy controller: keep the last counts
+                log.debug("ray: cannot count replicas: %s", e)
+            await asyncio.sleep(_REPLICA_COUNT_S)
+
+    def _count_replicas(self) -> dict[tuple[str, int], int]:
+        from ray import serve
+
+        applications = serve.status().applications
+        counts: dict[tuple[str, int], int] = {}
+        for key, deployment in list(self._deployments.items()):
+            status = applications.get(deployment.app)
+            if status is None:
+                continue
+            counts[key] = sum(
+                n
+                for d in status.deployments.values()
+                for state, n in d.replica_states.items()
+                if str(getattr(state, "value", state)) == "RUNNING"
+            )
+        return counts
+
+    def replica_counts(self) -> dict[tuple[str, int], int]:
+        """RUNNING replicas per deployment of this gateway, as counted a few seconds ago."""
+        return {k: n for k, n in self._replica_counts.items() if k in self._deployments}
 
     def _connect(self) -> None:
         rc = self._ray_config
@@ -243,6 +288,10 @@ class RayBackend(Backend):
                 await self._connecting
             except Exception as e:  # nothing to release if the cluster never came up
                 log.warning("ray: cluster was not up: %s", e)
+        if self._counting is not None:
+            self._counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counting
         for name, version in list(self._deployments):
             await self.unload(name, version)
         if self._connected:
@@ -349,9 +398,7 @@ class RayBackend(Backend):
                 manifest.model_dump_json(),
                 list(executor.prefer),
                 executor.intra_op_threads,
-                self._config.tracing.model_dump_json()
-                if self._config.tracing.exporter != "none"
-                else None,
+                _replica_tracing(self._config.tracing),
             )
             # Not serve.run: it waits for RUNNING with no deadline; this load has one.
             target = serve.RunTarget(bound, name=app, route_prefix=None)

@@ -202,6 +202,7 @@ async def test_outputs_go_back_raw_with_id_and_version() -> None:
         model_name="m",
         model_version="3",
         manifest=manifest,
+        location="local",
     )
     assert (response.model_name, response.model_version, response.id) == ("m", "3", "abc")
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
@@ -210,7 +211,9 @@ async def test_outputs_go_back_raw_with_id_and_version() -> None:
     ]
     assert response.raw_output_contents[0] == y.astype(np.float32).tobytes()
     with pytest.raises(InferenceFailed, match="the model produced no output 'z'"):
-        body.encode(req, {"y": y}, model_name="m", model_version="3", manifest=manifest)
+        body.encode(
+            req, {"y": y}, model_name="m", model_version="3", manifest=manifest, location="local"
+        )
 
 
 async def test_bytes_outputs_are_length_prefixed() -> None:
@@ -224,7 +227,9 @@ async def test_bytes_outputs_are_length_prefixed() -> None:
     )
     req = await body.decode(manifest, 8)
     y = np.array([["hé", b"\x00"]], dtype=np.object_)
-    response = body.encode(req, {"y": y}, model_name="m", model_version="3", manifest=manifest)
+    response = body.encode(
+        req, {"y": y}, model_name="m", model_version="3", manifest=manifest, location="local"
+    )
     assert response.raw_output_contents[0] == (
         struct.pack("<I", 3) + "hé".encode() + struct.pack("<I", 1) + b"\x00"
     )

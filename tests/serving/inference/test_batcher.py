@@ -97,6 +97,35 @@ async def test_failing_batch_fails_only_its_requests() -> None:
     assert out["y"][0, 0] == 18.0
 
 
+class _RefusingModel(_DoubleModel):
+    """Refuses any batch holding a negative value, as an upstream's input check does."""
+
+    async def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if np.any(inputs["x"] < 0):
+            self.batches.append(inputs["x"].shape[0])
+            raise InvalidInput("x must not be negative")
+        return await super().__call__(inputs)
+
+
+async def test_a_batch_refused_for_one_request_answers_the_others() -> None:
+    model = _RefusingModel(delay_s=0.01)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    values = [0.0, 1.0, -1.0, 2.0, 3.0]
+    results = await asyncio.gather(
+        *(batcher.submit(_req(v), 1) for v in values), return_exceptions=True
+    )
+    refused = [v for v, r in zip(values, results, strict=True) if isinstance(r, InvalidInput)]
+    assert refused == [-1.0]
+    for v, r in zip(values, results, strict=True):
+        if v >= 0:
+            assert isinstance(r, dict)
+            np.testing.assert_array_equal(r["y"], np.full((1, 3), 2 * v, dtype=np.float32))
+    # The first ran alone, the next four together (refused), then each of them alone.
+    assert model.batches == [1, 4, 1, 1, 1, 1]
+    assert batcher.stats.inference_count == 4
+    assert batcher.stats.failed_batches == 1
+
+
 class _HeldModel:
     """Returns its input once ``release`` is set; counts the batches it started."""
 

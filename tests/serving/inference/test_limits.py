@@ -71,6 +71,28 @@ async def gateway(demo_store: ModelStore) -> AsyncIterator[InProcessGateway]:
         yield gw
 
 
+def test_unknown_model_names_neither_grow_state_nor_readmit_a_limited_caller() -> None:
+    """Issue 14 item 8: flooding distinct unknown names once cleared every bucket."""
+    limiter = RateLimiter([RateLimitRule(rate=0.001, burst=1)], serves=lambda m: m == "digits")
+    assert limiter.acquire("ci", "digits", 0.0) == 0.0
+    for i in range(120_000):
+        assert limiter.acquire("ci", f"no-such-model-{i}", 1.0) == 0.0
+    assert limiter.tracked == 1
+    assert limiter.acquire("ci", "digits", 2.0) == pytest.approx(998.0)
+
+
+def test_idle_buckets_are_swept_and_live_ones_kept() -> None:
+    limiter = RateLimiter(
+        [RateLimitRule(keys="ci", rate=0.001, burst=1), RateLimitRule(keys="*", rate=100, burst=1)]
+    )
+    assert limiter.acquire("ci", "m", 0.0) == 0.0
+    # 30,000 other callers, one request each, 1 ms apart: each bucket is full again 10 ms on.
+    for i in range(30_000):
+        assert limiter.acquire(f"ip:10.0.{i // 256}.{i % 256}", "m", 1.0 + i / 1000) == 0.0
+    assert limiter.tracked < 10_100  # swept as they piled up, not kept for ever
+    assert limiter.acquire("ci", "m", 40.0) == pytest.approx(960.0)  # never reset
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_rate_limit_answers_429_with_retry_after(gateway: InProcessGateway) -> None:
     statuses = []
@@ -183,12 +205,12 @@ async def test_one_level_ignores_priority() -> None:
     assert model.rows == [0.0, 1.0, 2.0]
 
 
-def test_check_raises_rate_limited_with_the_wait() -> None:
+async def test_check_raises_rate_limited_with_the_wait() -> None:
     limiter = RateLimiter([RateLimitRule(rate=0.5, burst=1)])
     caller = caller_key(None, "10.0.0.7")
     assert caller == "ip:10.0.0.7" and caller_key("ops", "10.0.0.7") == "ops"
-    limiter.check(caller, "m")
+    await limiter.check(caller, "m")
     with pytest.raises(RateLimited, match="rate limit exceeded for m") as raised:
-        limiter.check(caller, "m")
+        await limiter.check(caller, "m")
     assert 0.0 < raised.value.retry_after_s <= 2.0
     assert raised.value.headers() == {"Retry-After": "2"}

@@ -4,15 +4,23 @@ a batch links every request in it; OTLP/HTTP export reaches a receiver on loopba
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 from collections.abc import Iterator
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import ClassVar
 
+import grpc
 import numpy as np
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -55,7 +63,7 @@ async def test_traceparent_flows_through_gateway_batch_and_executor(
     spans = _by_name(
         [s for s in exporter.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)]
     )
-    server = spans["POST /v2/models/digits/infer"]
+    server = spans["POST /v2/models/{model}/infer"]
     assert server.kind is trace.SpanKind.SERVER
     assert _parent_id(server) == int(PARENT_ID, 16)
     assert server.context.trace_state.get("vendor") == "1"
@@ -66,7 +74,7 @@ async def test_traceparent_flows_through_gateway_batch_and_executor(
         spans[n] for n in ("fermion.route", "fermion.queue", "fermion.batch", "fermion.execute")
     )
     assert route.attributes is not None and route.attributes["fermion.model"] == "digits"
-    assert route.attributes["fermion.version"] == 2
+    assert route.attributes["fermion.version"] == "2"  # a string on every span, as in V2
     assert _parent_id(route) == server.context.span_id
     assert _parent_id(queue) == server.context.span_id
     assert _parent_id(batch) == server.context.span_id
@@ -112,7 +120,7 @@ async def test_sampling_ratio_zero_keeps_only_sampled_parents(demo_store: ModelS
         await gw.client.get("/v2/models/digits")
         assert exporter.get_finished_spans() == ()
         await gw.client.get("/v2/models/digits", headers={"traceparent": TRACEPARENT})
-        assert [s.name for s in exporter.get_finished_spans()] == ["GET /v2/models/digits"]
+        assert [s.name for s in exporter.get_finished_spans()] == ["GET /v2/models/{model}"]
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -165,7 +173,7 @@ async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -
         for span in scope_spans.spans
     ]
     ours = {s.name for s in spans if s.trace_id.hex() == TRACE_ID}
-    assert {"POST /v2/models/digits/infer", "fermion.route", "fermion.queue"} <= ours
+    assert {"POST /v2/models/{model}/infer", "fermion.route", "fermion.queue"} <= ours
     assert {"fermion.batch", "fermion.execute"} <= ours
     services = {
         attr.value.string_value
@@ -194,7 +202,7 @@ async def test_shadow_call_is_a_span_of_its_request(demo_store: ModelStore) -> N
                 break
             await asyncio.sleep(0.01)
     spans = [s for s in exporter.get_finished_spans() if s.context.trace_id == int(TRACE_ID, 16)]
-    server = _by_name(spans)["POST /v2/models/digits/infer"]
+    server = _by_name(spans)["POST /v2/models/{model}/infer"]
     shadow = _by_name(spans)["fermion.shadow"]
     assert _parent_id(shadow) == server.context.span_id
     assert shadow.attributes is not None
@@ -203,3 +211,151 @@ async def test_shadow_call_is_a_span_of_its_request(demo_store: ModelStore) -> N
     # The shadow's own batch runs inside the shadow span.
     batches = [s for s in spans if s.name == "fermion.batch"]
     assert any(_parent_id(b) == shadow.context.span_id for b in batches)
+
+
+async def test_spans_follow_the_http_conventions_and_errors_look_alike(
+    demo_store: ModelStore,
+) -> None:
+    """Bounded names, semantic-convention attributes, one way to record every error."""
+    exporter = InMemorySpanExporter()
+    async with serve_in_process(FermionConfig(), demo_store, span_exporter=exporter) as gw:
+        bad = digits_body()
+        bad["inputs"][0]["datatype"] = "INT8"
+        sent = {
+            "/v2/models/nosuch/infer": (digits_body(), 404),
+            "/v2/models/digits/infer": (bad, 400),
+            "/v2/models/digits/versions/1/infer": (digits_body(), 200),
+        }
+        for path, (body, status) in sent.items():
+            r = await gw.client.post(path, json=body, headers={"user-agent": "probe/1.0"})
+            assert r.status_code == status
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind is trace.SpanKind.SERVER and "health" not in s.name]
+    assert [s.name for s in servers] == [
+        "POST /v2/models/{model}/infer",
+        "POST /v2/models/{model}/infer",
+        "POST /v2/models/{model}/versions/{version}/infer",
+    ]
+    for span, (path, (_, status)) in zip(servers, sent.items(), strict=True):
+        a = span.attributes
+        assert a is not None
+        assert a["url.path"] == path and a["http.request.method"] == "POST"
+        assert a["http.route"] == span.name.removeprefix("POST ")
+        assert a["url.scheme"] == "http" and a["server.address"] == "gateway"
+        assert a["client.address"] == "127.0.0.1"
+        assert a["user_agent.original"] == "probe/1.0"
+        assert a["http.response.status_code"] == status
+        assert a.get("error.type") == (str(status) if status >= 400 else None)
+        assert span.status.status_code is trace.StatusCode.UNSET  # 4xx: the client's error
+    # No stack trace for an answer: not on the 404's route span, nor anywhere else.
+    assert all(not s.events for s in spans)
+    versions = {
+        type(s.attributes["fermion.version"])
+        for s in spans
+        if s.attributes is not None and "fermion.version" in s.attributes
+    }
+    assert versions == {str}
+
+
+def test_otel_environment_variables_fill_what_the_file_leaves_out() -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=blue,authorization=Bearer%20t",
+        "OTEL_SERVICE_NAME": "gateway-eu",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.25",
+    }
+    r = tracing.resolve(TracingConfig(), env)
+    assert (r.exporter, r.endpoint) == ("otlp-http", "http://collector:4318/v1/traces")
+    assert r.headers == {"x-tenant": "blue", "authorization": "Bearer t"}
+    assert (r.service_name, r.sampler, r.sample_ratio) == (
+        "gateway-eu",
+        env["OTEL_TRACES_SAMPLER"],
+        0.25,
+    )
+    grpc = tracing.resolve(TracingConfig(), {**env, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert (grpc.exporter, grpc.endpoint) == ("otlp-grpc", "http://collector:4318/")
+    traces_only = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom"}
+    assert tracing.resolve(TracingConfig(), traces_only).endpoint == "http://c:4318/custom"
+    # What the file says wins; an explicit "none" (or OTEL_SDK_DISABLED) keeps tracing off.
+    filed = TracingConfig(exporter="console", service_name="from-file", sample_ratio=1.0)
+    r = tracing.resolve(filed, env)
+    assert (r.exporter, r.service_name, r.sample_ratio) == ("console", "from-file", 1.0)
+    assert tracing.resolve(TracingConfig(exporter="none"), env).exporter == "none"
+    assert tracing.resolve(TracingConfig(), {**env, "OTEL_SDK_DISABLED": "true"}).exporter == "none"
+    assert (
+        tracing.resolve(TracingConfig(), {"OTEL_TRACES_EXPORTER": "console"}).exporter == "console"
+    )
+    assert tracing.resolve(TracingConfig(), {}).exporter == "none"
+    off = tracing.resolve(TracingConfig(), {"OTEL_TRACES_SAMPLER": "always_off"})
+    assert off.sampler == "always_off"
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.received: list[ExportTraceServiceRequest] = []
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: object
+    ) -> ExportTraceServiceResponse:
+        self.received.append(request)
+        return ExportTraceServiceResponse()
+
+
+async def test_otlp_grpc_export_configured_by_the_environment(
+    demo_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collector = _Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "fermion-grpc-test")
+        async with serve_in_process(FermionConfig(), demo_store) as gw:
+            r = await gw.client.post(
+                "/v2/models/digits/infer", json=digits_body(), headers={"traceparent": TRACEPARENT}
+            )
+            assert r.status_code == 200
+    finally:
+        server.stop(grace=None)
+    names = {
+        span.name
+        for message in collector.received
+        for rs in message.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+        if span.trace_id.hex() == TRACE_ID
+    }
+    assert {"POST /v2/models/{model}/infer", "fermion.batch", "fermion.execute"} <= names
+    services = {
+        attr.value.string_value
+        for message in collector.received
+        for rs in message.resource_spans
+        for attr in rs.resource.attributes
+        if attr.key == "service.name"
+    }
+    assert services == {"fermion-grpc-test"}
+
+
+def test_a_collector_that_never_answers_holds_shutdown_up_at_most_a_second() -> None:
+    # A listening socket that never accepts: every export waits for its timeout (10 s).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(1)
+        port = blackhole.getsockname()[1]
+        endpoint = f"http://127.0.0.1:{port}/v1/traces"
+        provider = tracing.configure(TracingConfig(exporter="otlp-http", endpoint=endpoint))
+        assert provider is not None
+        tracer = tracing.current_tracer()
+        assert tracer is not None
+        for i in range(10):
+            tracer.start_span(f"span-{i}").end()
+        started = time.perf_counter()
+        tracing.shutdown()
+        waited = time.perf_counter() - started
+    assert tracing.current_tracer() is None
+    # Bounded by SHUTDOWN_WAIT_S (1 s), far below the exporter's own 10 s timeout.
+    assert waited < tracing.SHUTDOWN_WAIT_S + 2.0, waited
