@@ -26,6 +26,7 @@ from loadtest.payloads import Tensors, raw_tensor
 
 __all__ = [
     "HTTP_STATUS",
+    "MODEL_INFER",
     "AsyncGrpcInfer",
     "GrpcAnswer",
     "GrpcInfer",
@@ -35,7 +36,11 @@ __all__ = [
     "model_metadata",
 ]
 
-_MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
+#: The V2 gRPC method every load-test call invokes.
+MODEL_INFER: Final = "/inference.GRPCInferenceService/ModelInfer"
+#: No retries (every call is measured as sent) and no cap on an answer's size (gRPC's
+#: default refuses answers over 4 MiB: a large output is the server's result, not an error).
+_CHANNEL_OPTIONS: Final = [("grpc.enable_retries", 0), ("grpc.max_receive_message_length", -1)]
 
 #: The HTTP status a gRPC status stands for (Fermion's README table, read backwards).
 HTTP_STATUS: Final = {
@@ -52,8 +57,12 @@ HTTP_STATUS: Final = {
 
 
 def grpc_address(url: str) -> str:
-    """``host:port`` of ``grpc://host:port`` (or of ``host:port`` itself)."""
-    return url.removeprefix("grpc://").rstrip("/")
+    """``host:port`` of ``grpc://host:port`` (or of ``host:port`` itself); ValueError for
+    another scheme or a path (an HTTP URL given with ``--protocol grpc``)."""
+    address = url.removeprefix("grpc://").rstrip("/")
+    if not address or "://" in address or "/" in address:
+        raise ValueError(f"invalid gRPC address {url!r} (e.g. grpc://127.0.0.1:8001)")
+    return address
 
 
 def _pb() -> Any:
@@ -128,6 +137,8 @@ class GrpcAnswer:
     size: int
     #: Seconds from send to answer.
     seconds: float
+    #: The HTTP status the answer stands for (200; 0 for a gRPC code without one).
+    status: int = 200
 
 
 def _version(response: bytes) -> str | None:
@@ -138,17 +149,20 @@ def _version(response: bytes) -> str | None:
 def _failure(error: grpc.RpcError, started: float) -> GrpcAnswer:
     code: grpc.StatusCode = error.code()
     details = " ".join(str(error.details() or "").split())
+    if len(details) > 160:  # as long as an HTTP error's message may be in a report
+        details = details[:157] + "..."
     status = HTTP_STATUS.get(code, 0)
-    return GrpcAnswer(None, f"{status} {code.name}: {details}", 0, time.perf_counter() - started)
+    error_text = f"{status} {code.name}: {details}"
+    return GrpcAnswer(None, error_text, 0, time.perf_counter() - started, status)
 
 
 class GrpcInfer:
     """A blocking V2 gRPC client for pre-serialized ``ModelInferRequest`` messages."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._infer: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
-            _MODEL_INFER
+            MODEL_INFER
         )
 
     def __call__(
@@ -171,9 +185,9 @@ class AsyncGrpcInfer:
     """The asyncio twin of ``GrpcInfer`` (one channel, any number of calls in flight)."""
 
     def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=[("grpc.enable_retries", 0)])
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._infer: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
-            _MODEL_INFER
+            MODEL_INFER
         )
 
     async def __call__(

@@ -10,7 +10,7 @@ same inputs as arrays, for another transport to encode (``loadtest.grpc_client``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,10 +51,12 @@ Tensors = list[tuple[Mapping[str, Any], np.ndarray]]
 
 @dataclass(frozen=True)
 class Payload:
-    """One encoded inference request: its body and the headers that describe it."""
+    """One encoded inference request: its body and the headers that describe it, and the
+    inputs it encodes (for a transport that encodes them its own way, as gRPC's does)."""
 
     body: bytes
     headers: dict[str, str]
+    tensors: Tensors = field(default_factory=list, compare=False, repr=False)
 
 
 def infer_path(model: str, version: str | None = None) -> str:
@@ -197,7 +199,7 @@ def build_payloads(
         else:
             body = _json_body(tensors)
             headers = {"content-type": "application/json"}
-        payloads.append(Payload(body, headers))
+        payloads.append(Payload(body, headers, tensors))
     return payloads
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import numpy as np
+import pytest
 from tritonclient.grpc import service_pb2 as pb
 
-from loadtest.grpc_client import encode_requests, grpc_address
-from loadtest.payloads import build_tensors
+from loadtest.grpc_client import MODEL_INFER, encode_requests, grpc_address
+from loadtest.grpc_transport import GrpcTransport
+from loadtest.payloads import HEADER_LENGTH, build_payloads, build_tensors
+from loadtest.transport import Call, TransportOptions
 
 METADATA = {
     "name": "m",
@@ -46,3 +50,29 @@ def test_an_unpinned_request_names_no_version() -> None:
 def test_grpc_address_takes_either_spelling() -> None:
     assert grpc_address("grpc://127.0.0.1:8001") == "127.0.0.1:8001"
     assert grpc_address("127.0.0.1:8001") == "127.0.0.1:8001"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "grpc://", "127.0.0.1:8001/v2"])
+def test_an_address_that_is_not_grpc_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="invalid gRPC address"):
+        grpc_address(url)
+
+
+def test_open_loop_grpc_calls_carry_the_inputs_of_the_http_bodies() -> None:
+    payloads = build_payloads(METADATA, binary=True, batch_size=2, count=3)
+
+    async def calls() -> list[Call]:
+        transport = GrpcTransport(TransportOptions(["grpc://127.0.0.1:8001"]))
+        try:
+            return transport.calls("m", "2", payloads)
+        finally:
+            await transport.aclose()
+
+    built = asyncio.run(calls())
+    assert len(built) == 3
+    for call, payload in zip(built, payloads, strict=True):
+        assert call.path == MODEL_INFER
+        request = pb.ModelInferRequest.FromString(call.body)
+        assert (request.model_name, request.model_version) == ("m", "2")
+        raw = payload.body[int(payload.headers[HEADER_LENGTH]) :]
+        assert b"".join(request.raw_input_contents) == raw
