@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.errors import FermionError
 from serving.http.responses import send_error
+from serving.inference.codec import HttpInferBody
 from serving.inference.service import InferCall, InferenceService
 from serving.protocol import parse_infer_path
 
@@ -44,16 +45,17 @@ class InferenceFastPath:
             return
         model, version = parsed
         service: InferenceService[Any] = scope["app"].state.service
+        headers = Headers(scope=scope)
         call = InferCall(
             model=model,
             version=version,
-            headers=Headers(scope=scope),
-            read_body=_body_reader(receive),
+            headers=headers,
+            body=HttpInferBody(_body_reader(receive), headers, service.max_body_bytes),
             started_ns=time.perf_counter_ns(),
             state=scope.setdefault("state", {}),
         )
         try:
-            content, headers = await service.infer(call)
+            content, answer_headers = await service.infer(call)
         except FermionError as e:
             await send_error(send, e)
             return
@@ -61,7 +63,7 @@ class InferenceFastPath:
             log.exception("unhandled error on %s", path)
             await send_error(send, FermionError("internal server error"))
             return
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer_headers.items()]
         raw.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": content})
