@@ -5,8 +5,8 @@
 #   docker build --target gpu -t fermion:0.1.0-gpu .   # CUDA runtime + torch (cu128) + TensorRT
 #   docker build --target cpu -t fermion:0.1.0-cpu .   # python:3.11-slim + torch (CPU build)
 #
-# Run:    docker run --gpus all -p 8000:8000 -v "$PWD/model_store:/models:ro" fermion:0.1.0-gpu
-#         (FERMION_PORT=9000 moves the port; the HEALTHCHECK follows it)
+# Run:    docker run --gpus all -p 8000:8000 -p 8001:8001 -v "$PWD/model_store:/models:ro" fermion:0.1.0-gpu
+#         (FERMION_PORT=9000 moves the HTTP port; the HEALTHCHECK follows it; 8001 is gRPC)
 # Ray:    the same image runs `ray start` for the KubeRay head and workers (deploy/kubernetes).
 #
 # Dependencies are installed from pyproject.toml alone, before the sources are copied: a
@@ -72,7 +72,7 @@ COPY --from=cpu-build /opt/fermion /opt/fermion
 ENV PATH=/opt/fermion/bin:$PATH PYTHONUNBUFFERED=1
 USER 10001
 WORKDIR /srv
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import os,sys,urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('FERMION_PORT', '8000'), timeout=2).status != 200)"]
@@ -92,7 +92,7 @@ COPY --from=gpu-build /opt/fermion /opt/fermion
 ENV PATH=/opt/fermion/bin:$PATH PYTHONUNBUFFERED=1
 USER 10001
 WORKDIR /srv
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import os,sys,urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('FERMION_PORT', '8000'), timeout=2).status != 200)"]

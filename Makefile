@@ -8,7 +8,7 @@ PORT ?= 8000
 # API keys of `make serve` (hashes only); a fresh demo key is printed at each start.
 KEYS ?= .fermion/keys.json
 
-.PHONY: serve test lint typecheck imports pytest mutation bench demo clean system-deps
+.PHONY: serve test lint typecheck imports pytest mutation bench demo clean system-deps protos
 
 $(BIN)/.fermion-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,17 @@ mutation: $(BIN)/.fermion-installed
 	$(BIN)/pip install --quiet 'mutmut==3.8.1'
 	$(BIN)/mutmut run --max-children 2
 	$(BIN)/mutmut results
+
+# The V2 gRPC messages and service stubs in serving/grpc/_proto/ (see its README.md),
+# generated from Triton's protos by the grpcio-tools pinned in the test extra: 1.80.0
+# writes protobuf 6.31 code, which runs on protobuf 6 (tritonclient[grpc]) and 7.
+PROTO := serving/grpc/_proto
+protos: $(BIN)/.fermion-installed
+	cd $(PROTO) && ../../../$(BIN)/python -m grpc_tools.protoc -I . --python_out=. \
+		--pyi_out=. --grpc_python_out=. grpc_service.proto model_config.proto
+	sed -i 's/^import \(model_config_pb2\|grpc_service_pb2\) as/from serving.grpc._proto import \1 as/' \
+		$(PROTO)/grpc_service_pb2.py $(PROTO)/grpc_service_pb2.pyi $(PROTO)/grpc_service_pb2_grpc.py
+	rm -f $(PROTO)/model_config_pb2_grpc.py
 
 bench: demo
 	bash bench/run.sh

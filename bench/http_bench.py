@@ -215,7 +215,7 @@ def _servers(args: argparse.Namespace, model: ModelVersion, logs: Path) -> list[
     if "fermion" in args.servers:
         port = free_port()
         argv = [args.fermion, "serve", "--store", str(args.store), "--host", _HOST]
-        argv += ["--port", str(port)]
+        argv += ["--port", str(port), "--grpc-port", "off"]
         if args.config is not None:
             argv += ["--config", str(args.config)]
         servers.append(

@@ -91,6 +91,7 @@ def _server(name: str, args: argparse.Namespace, version: int, work: Path) -> Se
         config = work / f"{name}.yaml"
         config.write_text(_fermion_config(args, version, name.removeprefix("fermion-")))
         argv = [args.fermion, "serve", "--store", str(args.store), "--config", str(config)]
+        argv += ["--grpc-port", "off"]
         argv += ["--host", _HOST, "--port", str(port)]
     return ServerProcess(name, argv, url, work / f"{name}.log")
 

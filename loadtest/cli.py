@@ -36,7 +36,8 @@ from serving.durations import parse_duration
 
 __all__ = ["add_loadtest_parser", "format_result"]
 
-_DEFAULT_URL = "http://127.0.0.1:8000"
+#: ``--url`` when none is given, by ``--protocol``.
+_DEFAULT_URLS = {"http": "http://127.0.0.1:8000", "grpc": "grpc://127.0.0.1:8001"}
 
 
 def format_result(result: LoadTestResult) -> str:
@@ -112,9 +113,9 @@ def _options(args: argparse.Namespace, name: str) -> LoadTestOptions:
     for flag, value in (("--workers", args.workers), ("--max-connections", args.max_connections)):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1")
-    urls = [u.rstrip("/") for u in (args.url or [_DEFAULT_URL])]
     if args.protocol not in TRANSPORTS:
         raise ValueError(f"unknown --protocol {args.protocol!r}")
+    urls = [u.rstrip("/") for u in (args.url or [_DEFAULT_URLS[args.protocol]])]
     out = args.out or Path("loadtest-reports") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return LoadTestOptions(
         url=urls[0],
@@ -256,7 +257,8 @@ def _target_options(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument(
         "--url",
         action="append",
-        help=f"a gateway's base URL (default {_DEFAULT_URL}); repeat for a fleet: open-loop "
+        help=f"a gateway's base URL (default {_DEFAULT_URLS['http']}) or, with --protocol grpc, "
+        f"its gRPC address (default {_DEFAULT_URLS['grpc']}); repeat for a fleet: open-loop "
         "requests go round-robin and every gateway's /metrics is read",
     )
     if model:
@@ -270,7 +272,10 @@ def _target_options(p: argparse.ArgumentParser, model: bool = True) -> None:
             "--arrival", choices=ARRIVALS, default="uniform", help="open loop: request spacing"
         )
     p.add_argument(
-        "--protocol", choices=sorted(TRANSPORTS), default="http", help="open loop: transport"
+        "--protocol",
+        choices=sorted(TRANSPORTS),
+        default="http",
+        help="V2 over HTTP (JSON, or --binary) or over gRPC (raw tensors)",
     )
     p.add_argument(
         "--workers",
@@ -282,13 +287,15 @@ def _target_options(p: argparse.ArgumentParser, model: bool = True) -> None:
         "--max-connections",
         type=int,
         default=1000,
-        help="open loop: connections per gateway at most (requests beyond wait, timed)",
+        help="open loop: connections per gateway at most, gRPC: calls in flight (requests "
+        "beyond wait, timed)",
     )
     p.add_argument("--timeout", default="30s", help="open loop: a request's answer timeout")
     p.add_argument(
         "--metrics-url",
         action="append",
-        help="a /metrics URL to read around the run (default: each --url's); repeat for a fleet",
+        help="a /metrics URL to read around the run (default: each HTTP --url's; none for "
+        "gRPC addresses); repeat for a fleet",
     )
     p.add_argument(
         "--api-key-env",

@@ -4,6 +4,7 @@ Run by ``fermion loadtest`` (headless, with a load shape and a report), or on it
 for locust's web UI::
 
     locust -f loadtest/locustfile.py -H http://127.0.0.1:8000 --model digits
+    locust -f loadtest/locustfile.py -H grpc://127.0.0.1:8001 --model digits --protocol grpc
 
 Each user sends inference requests back to back (``--user-rps`` caps each user's rate)
 with a sticky ``x-user-id`` header and, when ``$FERMION_API_KEY`` is set (the variable's
@@ -11,7 +12,9 @@ name is ``--api-key-env``), ``Authorization: Bearer <key>``. Bodies are built fr
 model's metadata and ``--samples FILE.npz`` (random inputs without one). Each response's
 served version (its ``fermion-model-version`` header or ``model_version`` field) names
 its locust stats row (``infer v2``) so that A/B shares show under load. With
-``--record FILE`` the master (or the only process) prints a progress line's figures each
+``--protocol grpc`` the users are ``GrpcInferenceUser`` instead: the same requests as V2
+gRPC ``ModelInfer`` calls (``loadtest.grpc_client``), the same metadata, rows and report.
+With ``--record FILE`` the master (or the only process) prints a progress line's figures each
 second and writes per-second histograms there when it quits; ``fermion loadtest`` turns
 those into its progress line and its report.
 """
@@ -33,7 +36,7 @@ from typing import Any
 
 import gevent  # type: ignore[import-untyped]
 from gevent.lock import Semaphore  # type: ignore[import-untyped]
-from locust import FastHttpUser, constant, constant_throughput, events, task
+from locust import FastHttpUser, User, constant, constant_throughput, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
@@ -51,7 +54,7 @@ from loadtest.payloads import (
 from loadtest.progress import PROGRESS_PREFIX, Progress
 from loadtest.recorder import Recorder
 
-__all__ = ["InferenceUser"]
+__all__ = ["GrpcInferenceUser", "InferenceUser"]
 
 _log = logging.getLogger("fermion.loadtest")
 _STOP = "fermion_stop"
@@ -69,6 +72,9 @@ def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("fermion")
     group.add_argument("--model", default="digits", help="model to load-test")
     group.add_argument("--model-version", default="", help="pin one version (default: routed)")
+    group.add_argument(
+        "--protocol", choices=["http", "grpc"], default="http", help="V2 over HTTP or gRPC"
+    )
     group.add_argument("--binary", action="store_true", default=False, help="binary tensors")
     group.add_argument("--batch-size", type=int, default=1, help="rows per request")
     group.add_argument("--samples", default="", help=".npz of real inputs (default: random)")
@@ -126,6 +132,7 @@ def _payloads(env: Environment) -> list[Payload]:
 class InferenceUser(FastHttpUser):
     """A client sending V2 inference requests to one model, back to back."""
 
+    protocol = "http"
     wait_time = constant(0)
 
     def on_start(self) -> None:
@@ -168,6 +175,83 @@ class InferenceUser(FastHttpUser):
                 resp.failure(error_message(status, resp.content or b""))
 
 
+_grpc_requests: dict[tuple[Any, ...], list[bytes]] = {}
+_grpc_gevent: list[bool] = []
+
+
+def _grpc_requests_for(env: Environment) -> list[bytes]:
+    """This process's serialized ``ModelInferRequest`` messages, built once."""
+    from loadtest.grpc_client import encode_requests, grpc_address, model_metadata
+    from loadtest.payloads import build_tensors
+
+    opts = _opts(env)
+    key = (env.host, opts.model, opts.model_version, opts.batch_size, opts.samples)
+    with _payload_lock:
+        cached = _grpc_requests.get(key)
+        if cached is not None:
+            return cached
+        address = grpc_address(env.host or "")
+        headers = _auth_headers(env)
+        metadata = model_metadata(address, opts.model, opts.model_version or None, headers, 30.0)
+        samples = None
+        if opts.samples:
+            if Path(opts.samples).is_file():
+                samples = load_samples(Path(opts.samples))
+            else:
+                _log.warning("samples file %s not found here: random inputs", opts.samples)
+        tensors = build_tensors(metadata, samples, batch_size=opts.batch_size)
+        requests = encode_requests(tensors, opts.model, opts.model_version or None)
+        _grpc_requests[key] = requests
+        return requests
+
+
+class GrpcInferenceUser(User):
+    """A client sending V2 gRPC ``ModelInfer`` calls to one model, back to back.
+
+    ``-H`` is the gRPC address (``grpc://host:port``); the sticky ``x-user-id`` and the
+    API key travel as metadata. Its rows and errors are recorded as ``InferenceUser``'s.
+    """
+
+    protocol = "grpc"
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        from loadtest.grpc_client import GrpcInfer, grpc_address, init_gevent
+
+        with _payload_lock:
+            if not _grpc_gevent:  # before this process's first channel
+                init_gevent()
+                _grpc_gevent.append(True)
+        opts = _opts(self.environment)
+        self._requests = _grpc_requests_for(self.environment)
+        self._client = GrpcInfer(grpc_address(self.environment.host or ""))
+        headers = {"x-user-id": uuid.uuid4().hex[:16], **_auth_headers(self.environment)}
+        self._metadata = tuple(headers.items())
+        self._next = int.from_bytes(os.urandom(2), "little")
+        if opts.user_rps > 0:
+            pace = constant_throughput(opts.user_rps)
+            self.wait_time = types.MethodType(pace, self)  # type: ignore[method-assign]
+
+    def on_stop(self) -> None:
+        self._client.close()
+
+    @task
+    def infer(self) -> None:
+        """One ``ModelInfer`` call; its stats row is named after the version that served it."""
+        request = self._requests[self._next % len(self._requests)]
+        self._next += 1
+        answer = self._client(request, self._metadata)
+        version = answer.version
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=f"infer v{version}" if version is not None else "infer",
+            response_time=answer.seconds * 1000.0,
+            response_length=answer.size,
+            exception=None if answer.error is None else RuntimeError(answer.error),
+            context={"version": version},
+        )
+
+
 def _on_request(
     name: str,
     response_time: float,
@@ -188,6 +272,11 @@ def _on_request(
 def _on_init(environment: Environment, **_: Any) -> None:
     _env[:] = [environment]
     runner = environment.runner
+    protocol = getattr(environment.parsed_options, "protocol", "http")
+    if not isinstance(runner, WorkerRunner):  # a worker spawns what its master names
+        chosen = [c for c in environment.user_classes if getattr(c, "protocol", "") == protocol]
+        if chosen:
+            environment.user_classes[:] = chosen
     if isinstance(runner, WorkerRunner):
         runner.register_message(_STOP, _worker_stop, concurrent=True)
     elif isinstance(runner, MasterRunner):

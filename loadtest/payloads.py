@@ -3,13 +3,14 @@
 Inputs come from a samples file (``.npz``, one array per input name, rows along the
 batch axis; the demo model publishes one with each version) or, without one, are drawn
 at random within the signature. Bodies are encoded once, up front, as V2 JSON or with
-the binary tensor extension; the hot loop only picks one.
+the binary tensor extension; the hot loop only picks one. ``build_tensors`` gives the
+same inputs as arrays, for another transport to encode (``loadtest.grpc_client``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,11 +23,14 @@ __all__ = [
     "HEADER_LENGTH",
     "VERSION_HEADER",
     "Payload",
+    "Tensors",
     "build_payloads",
+    "build_tensors",
     "error_message",
     "find_samples",
     "infer_path",
     "load_samples",
+    "raw_tensor",
     "served_version",
 ]
 
@@ -41,12 +45,18 @@ _DTYPES: Final[dict[str, np.dtype[Any]]] = {
 }
 
 
+#: One request's inputs: each input's metadata entry (name, datatype, shape) and its array.
+Tensors = list[tuple[Mapping[str, Any], np.ndarray]]
+
+
 @dataclass(frozen=True)
 class Payload:
-    """One encoded inference request: its body and the headers that describe it."""
+    """One encoded inference request: its body and the headers that describe it, and the
+    inputs it encodes (for a transport that encodes them its own way, as gRPC's does)."""
 
     body: bytes
     headers: dict[str, str]
+    tensors: Tensors = field(default_factory=list, compare=False, repr=False)
 
 
 def infer_path(model: str, version: str | None = None) -> str:
@@ -117,7 +127,7 @@ def _rows(
     return batches
 
 
-def _json_body(tensors: list[tuple[Mapping[str, Any], np.ndarray]]) -> bytes:
+def _json_body(tensors: Tensors) -> bytes:
     inputs = []
     for spec, arr in tensors:
         if spec["datatype"] == "BYTES":
@@ -137,16 +147,20 @@ def _json_body(tensors: list[tuple[Mapping[str, Any], np.ndarray]]) -> bytes:
     return orjson.dumps({"inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def _binary_body(tensors: list[tuple[Mapping[str, Any], np.ndarray]]) -> tuple[bytes, int]:
+def raw_tensor(datatype: str, arr: np.ndarray) -> bytes:
+    """``arr`` as V2 raw bytes: little-endian elements, or length-prefixed BYTES elements."""
+    if datatype == "BYTES":
+        return b"".join(
+            len(b).to_bytes(4, "little") + b
+            for b in (x if isinstance(x, bytes) else str(x).encode() for x in arr.reshape(-1))
+        )
+    return arr.tobytes()
+
+
+def _binary_body(tensors: Tensors) -> tuple[bytes, int]:
     inputs, chunks = [], []
     for spec, arr in tensors:
-        if spec["datatype"] == "BYTES":
-            raw = b"".join(
-                len(b).to_bytes(4, "little") + b
-                for b in (x if isinstance(x, bytes) else str(x).encode() for x in arr.reshape(-1))
-            )
-        else:
-            raw = arr.tobytes()
+        raw = raw_tensor(spec["datatype"], arr)
         chunks.append(raw)
         inputs.append(
             {
@@ -174,6 +188,30 @@ def build_payloads(
     With ``samples``, every input is taken from the array of its name (rows cycled,
     ``batch_size`` rows a request); without, inputs are random within the signature.
     """
+    payloads = []
+    for tensors in build_tensors(metadata, samples, batch_size=batch_size, count=count, seed=seed):
+        if binary:
+            body, length = _binary_body(tensors)
+            headers = {
+                "content-type": "application/octet-stream",
+                HEADER_LENGTH: str(length),
+            }
+        else:
+            body = _json_body(tensors)
+            headers = {"content-type": "application/json"}
+        payloads.append(Payload(body, headers, tensors))
+    return payloads
+
+
+def build_tensors(
+    metadata: Mapping[str, Any],
+    samples: Mapping[str, np.ndarray] | None = None,
+    *,
+    batch_size: int = 1,
+    count: int = 64,
+    seed: int = 0,
+) -> list[Tensors]:
+    """The inputs of ``count`` distinct requests, as ``build_payloads`` would encode them."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
     specs = list(metadata.get("inputs") or [])
@@ -196,20 +234,9 @@ def build_payloads(
         else:
             shape = _shape(spec, batch_size)
             columns.append([_random(spec["datatype"], shape, rng) for _ in range(count)])
-    payloads = []
-    for i in range(count):
-        tensors = [(spec, col[i]) for spec, col in zip(specs, columns, strict=True)]
-        if binary:
-            body, length = _binary_body(tensors)
-            headers = {
-                "content-type": "application/octet-stream",
-                HEADER_LENGTH: str(length),
-            }
-        else:
-            body = _json_body(tensors)
-            headers = {"content-type": "application/json"}
-        payloads.append(Payload(body, headers))
-    return payloads
+    return [
+        [(spec, col[i]) for spec, col in zip(specs, columns, strict=True)] for i in range(count)
+    ]
 
 
 def served_version(header: str | None, body: bytes, header_length: str | None) -> str | None:

@@ -106,7 +106,7 @@ def settings(opts: LoadTestOptions, samples: Path | None) -> dict[str, Any]:
         model=opts.model,
         model_version=opts.model_version,
         route=f"version {opts.model_version}" if opts.model_version else "routed by the gateway",
-        encoding="binary" if opts.binary else "json",
+        encoding="raw" if opts.protocol == "grpc" else "binary" if opts.binary else "json",
         binary=opts.binary,
         batch_size=opts.batch_size,
         samples=str(samples) if samples else None,
@@ -144,9 +144,12 @@ def settings_line(config: Mapping[str, Any]) -> str:
 
 
 def metrics_urls(opts: LoadTestOptions) -> list[str]:
-    """The ``/metrics`` URLs to scrape around the run."""
+    """The ``/metrics`` URLs to scrape around the run (by default each gateway's; none
+    for gRPC addresses, whose HTTP port only ``--metrics-url`` can name)."""
     if opts.metrics_urls is not None:
         return opts.metrics_urls
+    if opts.protocol != "http":
+        return []
     return [f"{u}/metrics" for u in opts.targets]
 
 

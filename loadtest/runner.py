@@ -108,6 +108,8 @@ def locust_command(opts: LoadTestOptions, samples: Path | None, master: bool) ->
         str(opts.user_rps),
         "--api-key-env",
         opts.api_key_env,
+        "--protocol",
+        opts.protocol,
         "--record",
         str(out / RAW_FILE),
     ]

@@ -8,7 +8,7 @@ answer came) and the message the report shows. The engine owns concurrency, paci
 timing.
 
 ``TRANSPORTS`` maps a ``--protocol`` name to ``"module:factory"``; a transport module is
-imported only when chosen (a gRPC one adds its line here).
+imported only when chosen (an HTTP run never imports grpc).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from loadtest.payloads import Payload
 __all__ = ["TRANSPORTS", "Call", "Outcome", "Transport", "TransportOptions", "load_transport"]
 
 #: ``--protocol`` name -> ``"module:factory"`` (factory(TransportOptions) -> Transport).
-TRANSPORTS: Final = {"http": "loadtest.http_client:HttpTransport"}
+TRANSPORTS: Final = {
+    "http": "loadtest.http_client:HttpTransport",
+    "grpc": "loadtest.grpc_transport:GrpcTransport",
+}
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ class Outcome:
 
 @dataclass(frozen=True)
 class TransportOptions:
-    """How to reach the gateways: base URLs (requests go round-robin), the most
-    connections open at once, headers sent with every request, and the answer timeout."""
+    """How to reach the gateways: base URLs or gRPC addresses (requests go round-robin),
+    the most connections open at once (gRPC: calls in flight) per gateway, headers sent
+    with every request, and the answer timeout."""
 
     targets: Sequence[str]
     max_connections: int = 1000

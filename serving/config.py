@@ -58,6 +58,9 @@ class ServerConfig(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    #: The V2 gRPC port (Triton's 8001) on the same host; 0: a free one, printed once
+    #: listening (``Fermion gRPC listening on HOST:PORT``); null: no gRPC.
+    grpc_port: int | None = Field(default=8001, ge=0, le=65535)
     #: Largest request body, after gzip decompression (413 above it).
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

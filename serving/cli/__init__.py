@@ -38,7 +38,9 @@ class Command(NamedTuple):
 
 #: Command name -> its module; ``fermion --help`` lists them in this order.
 COMMANDS: dict[str, Command] = {
-    "serve": Command("serving.cli.serve:add_serve_parser", "run the gateway (KServe V2 over HTTP)"),
+    "serve": Command(
+        "serving.cli.serve:add_serve_parser", "run the gateway (KServe V2 over HTTP and gRPC)"
+    ),
     "models": Command(
         "serving.cli.models:add_models_parser", "list, show, push and remove published models"
     ),

@@ -1,13 +1,16 @@
-"""``fermion serve``: run the gateway (KServe V2 over HTTP) with uvicorn.
+"""``fermion serve``: run the gateway (KServe V2 over HTTP, and gRPC) with uvicorn.
 
 The listening socket is bound here, before uvicorn starts, so that ``--port 0`` works:
 the OS picks a free port, and once the server listens it prints
-``Fermion listening on http://HOST:PORT`` (the real port) on stdout.
+``Fermion listening on http://HOST:PORT`` (the real port) on stdout. The gRPC server
+(``server.grpc_port``, ``--grpc-port``) runs on the same event loop, started with the
+app, and prints ``Fermion gRPC listening on HOST:PORT`` the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -18,6 +21,10 @@ from typing import TYPE_CHECKING, Any
 from serving.config import ConfigError, load_config
 
 if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from serving.config import FermionConfig
+    from serving.http.app import Companion
     from serving.inference.repository import ModelRepository
 
 __all__ = ["add_serve_parser"]
@@ -27,6 +34,8 @@ __all__ = ["add_serve_parser"]
 PORT_ENV = "FERMION_PORT"
 #: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
 _STARTUP_FAILURE = 3
+#: ``--grpc-port`` not given (None means ``off``).
+_UNSET: Any = object()
 
 
 def _demo_key(name: str, keys_file: Path | None) -> str:
@@ -51,6 +60,45 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _grpc_port(value: str) -> int | None:
+    """``--grpc-port``: a port number, or ``off``."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port or 'off': {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range 0-65535")
+    return port
+
+
+def _grpc_companion(config: FermionConfig, port: int, *, share: bool) -> Companion:
+    """The gRPC server as a companion of the app: same loop, same inference service.
+
+    ``share``: the port is shared with the other workers of the host (SO_REUSEPORT).
+    """
+
+    def companion(app: Starlette) -> contextlib.AbstractAsyncContextManager[int]:
+        from serving.grpc.server import serve_grpc
+
+        state = app.state
+        return serve_grpc(
+            host=config.server.host,
+            port=port,
+            service=state.service,
+            repository=state.repository,
+            backend=config.backend,
+            access=state.access,
+            limiter=state.limiter,
+            metrics=state.metrics,
+            on_listening=lambda address: print(f"Fermion gRPC listening on {address}", flush=True),
+            share_port=share,
+        )
+
+    return companion
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
@@ -69,6 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else os.environ.get(PORT_ENV)
     if port is not None:
         overrides["server.port"] = port
+    if args.grpc_port is not _UNSET:
+        overrides["server.grpc_port"] = args.grpc_port
     if args.backend is not None:
         overrides["backend"] = args.backend
     if args.keys_file is not None:
@@ -98,6 +148,13 @@ def _serve(args: argparse.Namespace) -> int:
     host = config.server.host
     # --workers N: this process supervises N workers, each a `fermion serve --worker ...`.
     slot = WorkerSlot.parse(args.worker) if args.worker else None
+    grpc_port = config.server.grpc_port
+    if grpc_port and slot is None:  # a fixed port: refuse one in use now, as for HTTP
+        try:
+            _bind(host, grpc_port).close()
+        except OSError as e:
+            print(f"fermion: cannot listen for gRPC on {host}:{grpc_port}: {e}", file=sys.stderr)
+            return _STARTUP_FAILURE
     try:
         if config.server.workers > 1 and slot is None:
             if demo_key:
@@ -115,7 +172,10 @@ def _serve(args: argparse.Namespace) -> int:
             return  # the first worker speaks for all
         print(start_banner(repo, base_url, api_key=demo_key), flush=True)
 
-    app = create_app(config, on_ready=on_ready, config_path=args.config)
+    companions = (
+        [] if grpc_port is None else [_grpc_companion(config, grpc_port, share=slot is not None)]
+    )
+    app = create_app(config, on_ready=on_ready, config_path=args.config, companions=companions)
     server = GatewayServer(
         with_siblings(app, slot) if slot else app,
         config.server,
@@ -130,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` to the ``fermion`` command line."""
-    serve = sub.add_parser("serve", help="run the gateway (KServe V2 over HTTP)")
+    serve = sub.add_parser("serve", help="run the gateway (KServe V2 over HTTP and gRPC)")
     serve.add_argument("--config", type=Path, help="YAML configuration file")
     serve.add_argument("--store", type=Path, help="model store root (store.root)")
     serve.add_argument("--host", help="listen address (server.host)")
@@ -141,6 +201,14 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     serve.add_argument(
         "--backend", choices=["local", "ray", "remote"], help="replica backend (backend)"
+    )
+    serve.add_argument(
+        "--grpc-port",
+        type=_grpc_port,
+        default=_UNSET,
+        metavar="PORT|off",
+        help="V2 gRPC port (server.grpc_port, default 8001); 0: a free one, printed once "
+        "listening; off: no gRPC",
     )
     serve.add_argument("--keys-file", type=Path, help="API keys file (auth.keys_file)")
     serve.add_argument(

@@ -110,8 +110,14 @@ def with_siblings(app: Any, slot: WorkerSlot) -> ASGIApp:
     return wrapped
 
 
-def _worker_command(args: argparse.Namespace, port: int, slot: str) -> list[str]:
+def _worker_command(
+    config: FermionConfig, args: argparse.Namespace, port: int, slot: str
+) -> list[str]:
+    # The supervisor already checked that there is something to serve; every worker
+    # shares the gRPC port of the configuration (SO_REUSEPORT), as it shares the HTTP one.
+    grpc_port = config.server.grpc_port
     command = [sys.executable, "-m", "serving.cli", "serve", "--port", str(port), "--worker", slot]
+    command += ["--allow-empty", "--grpc-port", "off" if grpc_port is None else str(grpc_port)]
     for flag, value in (
         ("--config", args.config),
         ("--store", args.store),
@@ -139,7 +145,7 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
         slot = f"{i},{count},{sock.fileno()},{run_dir}"
         with sock:
             procs[i] = subprocess.Popen(
-                _worker_command(args, port, slot), pass_fds=(sock.fileno(),)
+                _worker_command(config, args, port, slot), pass_fds=(sock.fileno(),)
             )
         started[i] = time.monotonic()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from model_store.store import ModelStore
-from serving.auth import ApiKeys, JwtVerifier
+from serving.auth import AccessControl, ApiKeys, JwtVerifier
 from serving.config import ConfigError, FermionConfig
 from serving.control.store import create_store
 from serving.errors import FermionError
@@ -53,7 +53,11 @@ from serving.traffic.route_table import RouteTable
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["create_app"]
+__all__ = ["Companion", "create_app"]
+
+#: Something served beside the HTTP app on its event loop (the gRPC server): entered at
+#: start, once the backend has started, and left first at shutdown.
+Companion = Callable[[Starlette], contextlib.AbstractAsyncContextManager[object]]
 
 log = logging.getLogger("fermion.gateway")
 
@@ -115,6 +119,18 @@ def check_routes(config: FermionConfig, repository: ModelRepository) -> None:
             )
 
 
+def _access(config: FermionConfig, metrics: GatewayMetrics | None) -> AccessControl | None:
+    """Who may do what, shared by every transport (None: auth is off)."""
+    auth = config.auth
+    if not auth.enabled:
+        return None
+    return AccessControl(
+        keys=ApiKeys(auth.keys_file) if auth.keys_file is not None else None,
+        jwt=JwtVerifier(auth.jwt) if auth.jwt is not None else None,
+        on_reject=metrics.reject if metrics is not None else None,
+    )
+
+
 def _capture_writer(config: FermionConfig) -> CaptureWriter | None:
     c = config.capture
     if not c.enabled:
@@ -141,14 +157,12 @@ def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware 
 def _middleware(
     config: FermionConfig,
     metrics: GatewayMetrics | None,
+    access: AccessControl | None,
     limiter: RateLimiter | None,
     capture: CaptureWriter | None = None,
 ) -> list[Middleware]:
     """The request path, outermost first; a feature that is off adds nothing to it."""
     reject = metrics.reject if metrics is not None else None
-    auth = config.auth
-    keys = ApiKeys(auth.keys_file) if auth.keys_file is not None else None
-    jwt = JwtVerifier(auth.jwt) if auth.jwt is not None else None
     public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
     tracer = tracing.current_tracer()
     layers = [
@@ -156,10 +170,8 @@ def _middleware(
         _capture(config, capture),
         Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
         Middleware(AccessLogMiddleware) if config.server.access_log else None,
-        Middleware(
-            AuthMiddleware, keys=keys, jwt=jwt, public_paths=frozenset(public), on_reject=reject
-        )
-        if auth.enabled
+        Middleware(AuthMiddleware, access=access, public_paths=frozenset(public))
+        if access is not None
         else None,
         Middleware(RateLimitMiddleware, limiter=limiter, on_reject=reject)
         if limiter is not None
@@ -181,9 +193,12 @@ def create_app(
     on_ready: Callable[[ModelRepository], None] | None = None,
     config_path: Path | None = None,
     span_exporter: SpanExporter | None = None,
+    companions: Sequence[Companion] = (),
 ) -> Starlette:
     """The gateway app: loads models in the background at start, drains them at shutdown.
 
+    ``companions`` run beside it on its event loop, over the same app state (service,
+    repository, ``access``, ``limiter``): the gRPC server.
     ``on_ready`` is called once every configured model has been loaded (or failed).
     ``config_path`` is the file that route changes are written back to; rollout state
     is kept next to it (``<name>.rollouts.json``). Without it both live in memory.
@@ -278,7 +293,10 @@ def create_app(
 
         loading = asyncio.create_task(load_all())
         try:
-            yield
+            async with contextlib.AsyncExitStack() as beside:
+                for companion in companions:
+                    await beside.enter_async_context(companion(app))
+                yield
         finally:
             if not loading.done():
                 loading.cancel()
@@ -295,6 +313,7 @@ def create_app(
                 await asyncio.to_thread(capture.close)
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
+    access = _access(config, metrics)
     app = Starlette(
         routes=[
             *routes,
@@ -302,7 +321,7 @@ def create_app(
             admin_mount(loopback_only=not config.auth.enabled),
             *extra_routes,
         ],
-        middleware=_middleware(config, metrics, limiter, capture),
+        middleware=_middleware(config, metrics, access, limiter, capture),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -316,6 +335,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.routes = route_table
     app.state.rollouts = rollouts
+    app.state.access = access
     app.state.gateway = gateway
     app.state.fleet = fleet
     app.state.limiter = limiter

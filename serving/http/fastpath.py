@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.errors import FermionError
 from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED
 from serving.http.responses import send_error
+from serving.inference.codec import HttpInferBody
 from serving.inference.service import InferCall, InferenceService
 from serving.protocol import parse_infer_path
 
@@ -50,16 +51,17 @@ class InferenceFastPath:
         # The connection cancels this task if its client goes: a request still queued
         # then leaves its queue and is never computed.
         state[CANCEL_ON_DISCONNECT] = True
+        headers = Headers(scope=scope)
         call = InferCall(
             model=model,
             version=version,
-            headers=Headers(scope=scope),
-            read_body=_body_reader(receive),
+            headers=headers,
+            body=HttpInferBody(_body_reader(receive), headers, service.max_body_bytes),
             started_ns=time.perf_counter_ns(),
             state=state,
         )
         try:
-            content, headers = await service.infer(call)
+            content, answer_headers = await service.infer(call)
         except (ClientDisconnect, asyncio.CancelledError) as e:
             if isinstance(e, asyncio.CancelledError):
                 task = asyncio.current_task()
@@ -74,7 +76,7 @@ class InferenceFastPath:
             log.exception("unhandled error on %s", path)
             await send_error(send, FermionError("internal server error"))
             return
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer_headers.items()]
         raw.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": content})

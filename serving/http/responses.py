@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 from starlette.types import Send
 
+from serving.auth.access import RejectHook
 from serving.errors import FermionError
 from serving.inference.codec import encode_error
-
-#: Counts a refused request: ``(model, reason)``, model ``""`` when none is named.
-RejectHook = Callable[[str, str], None]
 
 __all__ = ["RejectHook", "json_response", "send_error"]
 

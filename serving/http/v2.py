@@ -15,6 +15,7 @@ from model_store.manifest import V2_DATATYPES
 from serving.errors import ModelNotFound
 from serving.http.admin import LoopbackOnlyMiddleware
 from serving.http.responses import json_response as _json
+from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
 from serving.inference.service import InferCall, InferenceService
 from serving.observability.host import HostSiblings, merge_stats
@@ -198,7 +199,7 @@ async def infer(request: Request) -> Response:
         model=request.path_params["model"],
         version=request.path_params.get("version"),
         headers=request.headers,
-        read_body=request.body,
+        body=HttpInferBody(request.body, request.headers, service.max_body_bytes),
         started_ns=time.perf_counter_ns(),
         state=request.scope.setdefault("state", {}),
     )

@@ -1,35 +1,55 @@
 """The KServe V2 wire codec: HTTP bodies to numpy and back, checked against the model's signature.
 
 JSON tensors and Triton's binary tensor extension (``inference-header-content-length``,
-``binary_data_size``, ``binary_data`` outputs) are both supported. Binary input tensors
-are numpy views of the request body (read-only, possibly unaligned): their bytes are
-never copied. JSON numbers are converted by the stdlib ``array`` module, which rejects
-strings, nulls and out-of-range integers in C, so no Python loop runs per element
-except for BYTES tensors.
+``binary_data_size``, ``binary_data`` outputs) are both supported; ``HttpInferBody`` is
+such a body as the inference service reads it (gzip inflated, decoded, answered). Each
+named tensor is checked by ``serving.inference.tensors``, as over gRPC. Binary input
+tensors are numpy views of the request body (read-only, possibly unaligned): their bytes
+are never copied. JSON numbers are converted by the stdlib ``array`` module, which
+rejects strings, nulls and out-of-range integers in C, so no Python loop runs per
+element except for BYTES tensors.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-import sys
+import asyncio
+import zlib
 from array import array
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 import orjson
 
-from model_store.manifest import V2_DATATYPES, ModelManifest, TensorSpec
-from serving.errors import InferenceFailed, InvalidInput
+from model_store.manifest import ModelManifest
+from serving.errors import InferenceFailed, InvalidInput, PayloadTooLarge
 from serving.inference.json_slices import SLICE_BYTES, cut_arrays, parse_numbers, placeholder_index
+from serving.inference.tensors import (
+    DATATYPE_TO_NUMPY,
+    NUMPY_TO_DATATYPE,
+    InferRequest,
+    InputSet,
+    Signature,
+    check_output,
+    check_output_parameters,
+    check_shape,
+    elements,
+    from_raw,
+    from_values,
+    serialize_bytes,
+    signature,
+    wire_array,
+)
 
 __all__ = [
     "DATATYPE_TO_NUMPY",
     "HEADER_LENGTH",
+    "LOCATION_HEADER",
     "NUMPY_TO_DATATYPE",
     "SLICE_BYTES",
+    "VERSION_HEADER",
+    "HttpInferBody",
     "InferRequest",
     "decode_request",
     "decode_request_async",
@@ -37,117 +57,19 @@ __all__ = [
     "encode_response",
 ]
 
-#: The numpy dtype of each V2 datatype (little-endian, as on the wire): a view of
-#: ``model_store.manifest.V2_DATATYPES``.
-DATATYPE_TO_NUMPY: Final[dict[str, np.dtype[Any]]] = {
-    name: t.numpy for name, t in V2_DATATYPES.items()
-}
-
-#: The V2 datatype of each numpy dtype (object arrays are BYTES).
-NUMPY_TO_DATATYPE: Final[dict[np.dtype[Any], str]] = {
-    dtype: name for name, dtype in DATATYPE_TO_NUMPY.items()
-}
-
 #: The HTTP header giving the length of the JSON part of a binary-extension body.
 HEADER_LENGTH: Final = "inference-header-content-length"
+#: The response header naming the version that answered.
+VERSION_HEADER: Final = "fermion-model-version"
+#: The response header naming where the answer was computed: local, ray or remote.
+LOCATION_HEADER: Final = "fermion-location"
 
 _JSON_HEADERS: Final = {"content-type": "application/json"}
 _BINARY_CONTENT_TYPE: Final = "application/octet-stream"
 _OPT_NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
-_U32: Final = struct.Struct("<I")
 _NO_BINARY: Final = memoryview(b"")
-
-# The stdlib array type code that converts (and range-checks) JSON numbers of each
-# datatype. FP16 goes through doubles; BOOL through bytes checked to be 0 or 1.
-_ARRAY_CODES: Final = {
-    "BOOL": "B",
-    "UINT8": "B",
-    "UINT16": "H",
-    "UINT32": "I",
-    "UINT64": "Q",
-    "INT8": "b",
-    "INT16": "h",
-    "INT32": "i",
-    "INT64": "q",
-    "FP16": "d",
-    "FP32": "f",
-    "FP64": "d",
-}
-assert all(array(code).itemsize == np.dtype(code).itemsize for code in _ARRAY_CODES.values())
-_NATIVE_IS_LITTLE: Final = sys.byteorder == "little"
-
-
-@dataclass(slots=True)
-class InferRequest:
-    """A decoded, validated inference request."""
-
-    id: str | None
-    #: Every manifest input, shaped and of the manifest's dtype.
-    inputs: dict[str, np.ndarray]
-    #: Rows in dim 0 (1 when the model does not batch).
-    batch_size: int
-    #: Requested output names in order; all manifest outputs when none were requested.
-    outputs: list[str]
-    #: The outputs to send back as binary tensors.
-    binary_outputs: frozenset[str]
-    #: Request-level parameters, less ``binary_data_output``.
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Tensor:
-    name: str
-    datatype: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    code: str  # stdlib array type code for JSON numbers ("" for BYTES)
-    code_dtype: np.dtype[Any]  # the native numpy dtype of that code
-
-
-@dataclass(frozen=True, slots=True)
-class _Signature:
-    inputs: dict[str, _Tensor]
-    outputs: dict[str, _Tensor]
-    output_names: tuple[str, ...]
-    all_outputs: frozenset[str]
-    batched: bool
-    max_batch_size: int
-
-
-def _tensor(spec: TensorSpec) -> _Tensor:
-    return _Tensor(
-        name=spec.name,
-        datatype=spec.datatype,
-        dtype=DATATYPE_TO_NUMPY[spec.datatype],
-        shape=tuple(spec.shape),
-        code=_ARRAY_CODES.get(spec.datatype, ""),
-        code_dtype=np.dtype(_ARRAY_CODES.get(spec.datatype, "O")),
-    )
-
-
-# Compiled signatures by manifest identity; the entry keeps its manifest alive so an
-# id is never reused while cached.
-_SIGNATURES: dict[int, tuple[ModelManifest, _Signature]] = {}
-_MAX_SIGNATURES: Final = 256
-
-
-def _signature(manifest: ModelManifest) -> _Signature:
-    cached = _SIGNATURES.get(id(manifest))
-    if cached is not None and cached[0] is manifest:
-        return cached[1]
-    names = tuple(o.name for o in manifest.outputs)
-    sig = _Signature(
-        inputs={i.name: _tensor(i) for i in manifest.inputs},
-        outputs={o.name: _tensor(o) for o in manifest.outputs},
-        output_names=names,
-        all_outputs=frozenset(names),
-        batched=manifest.max_batch_size > 0,
-        max_batch_size=manifest.max_batch_size,
-    )
-    if len(_SIGNATURES) >= _MAX_SIGNATURES:
-        _SIGNATURES.clear()
-    _SIGNATURES[id(manifest)] = (manifest, sig)
-    return sig
+_BINARY_FIELD: Final = "binary_data_size"
+_JSON_FIELD: Final = "'data'"
 
 
 # --------------------------------------------------------------------------- decode
@@ -168,7 +90,7 @@ def decode_request(
     Raises ``InvalidInput`` for anything malformed or not matching the signature.
     """
     header, binary = _split(body, header_length)
-    return _decode(_loads(header), header, binary, _signature(manifest), max_batch_size)
+    return _decode(_loads(header), header, binary, signature(manifest), max_batch_size)
 
 
 async def decode_request_async(
@@ -185,7 +107,7 @@ async def decode_request_async(
     ``data`` is refused.
     """
     header, binary = _split(body, header_length)
-    sig = _signature(manifest)
+    sig = signature(manifest)
     if len(header) <= SLICE_BYTES:
         return _decode(_loads(header), header, binary, sig, max_batch_size)
     skeleton, sliced = await cut_arrays(header)
@@ -199,7 +121,7 @@ async def decode_request_async(
         spec = sig.inputs.get(entry.get("name"))
         if spec is None or entry.get("datatype") != spec.datatype or spec.datatype == "BYTES":
             continue  # _decode names what is wrong
-        shape = _check_shape(entry.get("shape"), spec)
+        shape = check_shape(entry.get("shape"), spec)
         values = await parse_numbers(sliced[index], shape, spec.code, spec.name, spec.datatype)
         entry["data"] = _Decoded(values)
         used.add(index)
@@ -234,7 +156,7 @@ def _split(
     return view[:header_length], view[header_length:]
 
 
-def _loads(header: bytes | memoryview) -> Any:
+def _loads(header: bytes | bytearray | memoryview) -> Any:
     try:
         return orjson.loads(header)
     except orjson.JSONDecodeError as e:
@@ -243,9 +165,9 @@ def _loads(header: bytes | memoryview) -> Any:
 
 def _decode(
     req: Any,
-    text: bytes | memoryview,
+    text: bytes | bytearray | memoryview,
     binary: memoryview,
-    sig: _Signature,
+    sig: Signature,
     max_batch_size: int | None,
 ) -> InferRequest:
     """The request parsed as ``req`` from JSON ``text``, checked against ``sig``."""
@@ -274,10 +196,7 @@ def _decode(
     if not isinstance(entries, list) or not entries:
         raise InvalidInput("request 'inputs' must be a non-empty list")
 
-    limit = sig.max_batch_size if max_batch_size is None else max_batch_size
-    arrays: dict[str, np.ndarray] = {}
-    batch_size = 1
-    batch_from = ""
+    inputs = InputSet(sig, max_batch_size)
     offset = 0
     last_binary = ""
     for entry in entries:
@@ -286,33 +205,7 @@ def _decode(
         name = entry.get("name")
         if not isinstance(name, str):
             raise InvalidInput("each of request 'inputs' needs a string 'name'")
-        spec = sig.inputs.get(name)
-        if spec is None:
-            raise InvalidInput(
-                f"unknown input {_brief(name)}: the model's inputs are "
-                f"{', '.join(map(repr, sig.inputs))}"
-            )
-        if name in arrays:
-            raise InvalidInput(f"input {name!r} is given more than once")
-        datatype = entry.get("datatype")
-        if datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {name!r}: datatype {_brief(datatype)} does not match the model's "
-                f"{spec.datatype}"
-            )
-        shape = _check_shape(entry.get("shape"), spec)
-        if sig.batched:
-            rows = shape[0]
-            if rows > limit:
-                raise InvalidInput(
-                    f"input {name!r}: batch of {rows} is over the max batch size of {limit}"
-                )
-            if batch_from and rows != batch_size:
-                raise InvalidInput(
-                    f"input {name!r} has batch size {rows} but input {batch_from!r} has "
-                    f"{batch_size}: all inputs must agree on dim 0"
-                )
-            batch_size, batch_from = rows, name
+        spec, shape = inputs.check(name, entry.get("datatype"), entry.get("shape"))
 
         params = entry.get("parameters")
         size: Any = None
@@ -341,12 +234,20 @@ def _decode(
                     f"input {name!r}: binary_data_size is {size} but only "
                     f"{len(binary) - offset} bytes of binary data are left"
                 )
-            arrays[name] = _from_binary(binary[offset:end], shape, spec)
+            inputs.add(name, from_raw(binary[offset:end], shape, spec, _BINARY_FIELD))
             offset, last_binary = end, name
         elif data is None:
             raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
+        elif isinstance(data, _Decoded):
+            inputs.add(name, from_values(data.values, shape, spec, _JSON_FIELD))
         else:
-            arrays[name] = _from_json(data, shape, spec, has_booleans)
+            if not isinstance(data, list):
+                raise InvalidInput(f"input {name!r}: 'data' must be a list")
+            if data and isinstance(data[0], list):
+                data = _flatten(data, shape, name)
+            inputs.add(
+                name, from_values(data, shape, spec, _JSON_FIELD, refuse_booleans=has_booleans)
+            )
 
     if offset != len(binary):
         where = f"after binary input {last_binary!r}" if last_binary else "after the JSON header"
@@ -354,151 +255,21 @@ def _decode(
             f"{len(binary) - offset} bytes of binary data {where} are not accounted for by "
             "any input's binary_data_size"
         )
-    if len(arrays) != len(sig.inputs):
-        missing = [n for n in sig.inputs if n not in arrays]
-        raise InvalidInput(f"missing input(s) {', '.join(map(repr, missing))}")
-
+    arrays = inputs.finish()
     outputs, binary_outputs = _requested_outputs(req.get("outputs"), sig, binary_default)
     return InferRequest(
         id=request_id,
         inputs=arrays,
-        batch_size=batch_size,
+        batch_size=inputs.batch_size,
         outputs=outputs,
         binary_outputs=binary_outputs,
         parameters=parameters,
     )
 
 
-def _brief(value: Any) -> str:
-    """``repr(value)``, cut short: client-sent values end up in error messages."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_shape(shape: Any, spec: _Tensor) -> tuple[int, ...]:
-    want = spec.shape
-    if not isinstance(shape, list) or len(shape) != len(want):
-        raise InvalidInput(
-            f"input {spec.name!r}: shape {_brief(shape)} does not match the model's {list(want)}"
-        )
-    for got, dim in zip(shape, want, strict=True):
-        if type(got) is not int or (got != dim and (dim != -1 or got < 1)):
-            raise InvalidInput(
-                f"input {spec.name!r}: shape {_brief(shape)} does not match the model's "
-                f"{list(want)} (-1 is any positive size)"
-            )
-    return tuple(shape)
-
-
-def _from_binary(raw: memoryview, shape: tuple[int, ...], spec: _Tensor) -> np.ndarray:
-    count = math.prod(shape)
-    if spec.datatype == "BYTES":
-        if count * 4 > len(raw):  # every element has a 4-byte length
-            raise InvalidInput(
-                f"input {spec.name!r}: binary_data_size {len(raw)} is too small for "
-                f"{count} BYTES elements"
-            )
-        return _bytes_elements(raw, count, spec.name).reshape(shape)
-    need = count * spec.dtype.itemsize
-    if len(raw) != need:
-        raise InvalidInput(
-            f"input {spec.name!r}: binary_data_size is {len(raw)} but shape {list(shape)} "
-            f"of {spec.datatype} needs {need} bytes"
-        )
-    if spec.datatype == "BOOL" and need and np.frombuffer(raw, np.uint8).max() > 1:
-        raise InvalidInput(f"input {spec.name!r}: BOOL bytes must be 0 or 1")
-    return np.frombuffer(raw, spec.dtype).reshape(shape)
-
-
-def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
-    out = np.empty(count, dtype=np.object_)
-    end = len(raw)
-    pos = 0
-    unpack = _U32.unpack_from
-    for i in range(count):
-        if pos + 4 > end:
-            raise InvalidInput(
-                f"input {name!r}: binary BYTES data ends after {i} of {count} elements"
-            )
-        (length,) = unpack(raw, pos)
-        pos += 4
-        if pos + length > end:
-            raise InvalidInput(
-                f"input {name!r}: binary BYTES element {i} of {length} bytes runs past the data"
-            )
-        out[i] = bytes(raw[pos : pos + length])
-        pos += length
-    if pos != end:
-        raise InvalidInput(
-            f"input {name!r}: {end - pos} bytes left over after {count} binary BYTES elements"
-        )
-    return out
-
-
-def _has_booleans(text: bytes | memoryview) -> bool:
+def _has_booleans(text: bytes | bytearray | memoryview) -> bool:
     raw = text if isinstance(text, bytes) else bytes(text)
     return b"true" in raw or b"false" in raw
-
-
-def _from_json(data: Any, shape: tuple[int, ...], spec: _Tensor, has_booleans: bool) -> np.ndarray:
-    name = spec.name
-    count = math.prod(shape)
-    values: array[Any]
-    if isinstance(data, _Decoded):
-        values = data.values
-        if len(values) != count:
-            raise InvalidInput(
-                f"input {name!r}: 'data' has {len(values)} elements but shape {list(shape)} "
-                f"needs {count}"
-            )
-    else:
-        if not isinstance(data, list):
-            raise InvalidInput(f"input {name!r}: 'data' must be a list")
-        if data and isinstance(data[0], list):
-            data = _flatten(data, shape, name)
-        if len(data) != count:
-            raise InvalidInput(
-                f"input {name!r}: 'data' has {len(data)} elements but shape {list(shape)} "
-                f"needs {count}"
-            )
-        if spec.datatype == "BYTES":
-            return _json_bytes(data, name).reshape(shape)
-        if has_booleans and spec.datatype != "BOOL" and bool in set(map(type, data)):
-            raise InvalidInput(
-                f"input {name!r}: 'data' holds true/false, not valid {spec.datatype}; "
-                + _JSON_EXPECTS[spec.datatype]
-            )
-        try:
-            values = array(spec.code, data)
-        except (TypeError, OverflowError, ValueError) as e:
-            raise InvalidInput(
-                f"input {name!r}: 'data' is not valid {spec.datatype} ({e}); "
-                + _JSON_EXPECTS[spec.datatype]
-            ) from None
-    arr = np.frombuffer(values, spec.code_dtype)
-    if spec.datatype == "FP16":
-        with np.errstate(over="ignore"):
-            arr = arr.astype(spec.dtype)
-    elif spec.datatype == "BOOL":
-        if count and arr.max() > 1:
-            raise InvalidInput(f"input {name!r}: BOOL data must be true/false (or 0/1)")
-        arr = arr.view(np.bool_)
-    elif not _NATIVE_IS_LITTLE:  # pragma: no cover - little-endian hosts only in CI
-        arr = arr.astype(spec.dtype)
-    if spec.datatype in _FLOATS and np.isinf(arr).any():
-        raise InvalidInput(f"input {name!r}: a value is out of range for {spec.datatype}")
-    return arr.reshape(shape)
-
-
-_FLOATS: Final = frozenset({"FP16", "FP32"})
-_JSON_EXPECTS: Final = {
-    **dict.fromkeys(("FP16", "FP32", "FP64"), "expected numbers"),
-    **{
-        t: f"expected integers in the {t} range"
-        for t in ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
-    },
-    "BOOL": "expected true/false",
-}
 
 
 def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:
@@ -516,17 +287,8 @@ def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:
     return rows
 
 
-def _json_bytes(data: list[Any], name: str) -> np.ndarray:
-    out = np.empty(len(data), dtype=np.object_)
-    try:
-        out[:] = [s.encode() for s in data]
-    except (AttributeError, UnicodeError):
-        raise InvalidInput(f"input {name!r}: BYTES 'data' must be strings") from None
-    return out
-
-
 def _requested_outputs(
-    requested: Any, sig: _Signature, binary_default: bool
+    requested: Any, sig: Signature, binary_default: bool
 ) -> tuple[list[str], frozenset[str]]:
     if requested is None or requested == []:
         names = list(sig.output_names)
@@ -538,22 +300,13 @@ def _requested_outputs(
     for entry in requested:
         if not isinstance(entry, dict) or not isinstance(name := entry.get("name"), str):
             raise InvalidInput("each of request 'outputs' must be an object with a string 'name'")
-        if name not in sig.outputs:
-            raise InvalidInput(
-                f"unknown output {_brief(name)}: the model's outputs are "
-                f"{', '.join(map(repr, sig.output_names))}"
-            )
-        if name in names:
-            raise InvalidInput(f"output {name!r} is requested more than once")
+        check_output(sig, name, names)
         params = entry.get("parameters")
         as_binary = binary_default
         if params is not None:
             if not isinstance(params, dict):
                 raise InvalidInput(f"output {name!r}: 'parameters' must be a JSON object")
-            if "shared_memory_region" in params:
-                raise InvalidInput(f"output {name!r}: shared memory outputs are not supported")
-            if params.get("classification"):
-                raise InvalidInput(f"output {name!r}: classification outputs are not supported")
+            check_output_parameters(name, params)
             flag = params.get("binary_data", binary_default)
             if not isinstance(flag, bool):
                 raise InvalidInput(f"output {name!r}: 'binary_data' must be a boolean")
@@ -583,7 +336,7 @@ def encode_response(
     did not produce a requested output, and ``InvalidInput`` when BYTES that are not
     UTF-8 were requested as JSON.
     """
-    sig = _signature(manifest)
+    sig = signature(manifest)
     tensors: list[dict[str, Any]] = []
     buffers: list[Any] = []
     binary_outputs = request.binary_outputs
@@ -595,7 +348,7 @@ def encode_response(
         if spec.datatype == "BYTES":
             arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.object_)
             if name in binary_outputs:
-                raw = _serialize_bytes(arr, name)
+                raw = serialize_bytes(arr, name)
                 buffers.append(raw)
                 tensors.append(_binary_entry(name, spec.datatype, arr.shape, len(raw)))
             else:
@@ -603,7 +356,7 @@ def encode_response(
                     _json_entry(name, spec.datatype, arr.shape, _json_strings(arr, name))
                 )
             continue
-        arr = _as_wire_array(value, spec)
+        arr = wire_array(value, spec)
         if name in binary_outputs:
             buffers.append(arr)
             tensors.append(_binary_entry(name, spec.datatype, arr.shape, arr.nbytes))
@@ -640,27 +393,9 @@ def _binary_entry(name: str, datatype: str, shape: tuple[int, ...], size: int) -
     }
 
 
-def _as_wire_array(value: Any, spec: _Tensor) -> np.ndarray:
-    """``value`` as a C-contiguous little-endian array of the spec's dtype."""
-    if type(value) is np.ndarray and value.dtype == spec.dtype and value.flags.c_contiguous:
-        return value
-    try:
-        with np.errstate(all="ignore"):
-            return np.asarray(value, dtype=spec.dtype, order="C")
-    except (TypeError, ValueError, OverflowError) as e:
-        raise InferenceFailed(
-            f"output {spec.name!r} cannot be converted to {spec.datatype}: {e}"
-        ) from None
-
-
-def _elements(arr: np.ndarray) -> list[Any]:
-    items: list[Any] = arr.reshape(-1).tolist()
-    return items
-
-
 def _json_strings(arr: np.ndarray, name: str) -> list[str]:
     out: list[str] = []
-    for v in _elements(arr):
+    for v in elements(arr):
         if isinstance(v, bytes):
             try:
                 v = v.decode()
@@ -674,14 +409,108 @@ def _json_strings(arr: np.ndarray, name: str) -> list[str]:
     return out
 
 
-def _serialize_bytes(arr: np.ndarray, name: str) -> bytes:
-    pack = _U32.pack
-    parts: list[bytes] = []
-    for v in _elements(arr):
-        if isinstance(v, str):
-            v = v.encode()
-        elif not isinstance(v, bytes):
-            raise InferenceFailed(f"output {name!r} holds a {type(v).__name__}, not bytes or str")
-        parts.append(pack(len(v)))
-        parts.append(v)
-    return b"".join(parts)
+# --------------------------------------------------------------------------- HTTP body
+
+
+class HttpInferBody:
+    """A V2 HTTP request body as the inference service reads it.
+
+    Read once, on the first ``decode``; inflated when ``content-encoding: gzip`` (413
+    over ``max_bytes`` inflated); split at ``inference-header-content-length`` when sent.
+    ``encode`` answers with the body and its headers, the served version among them.
+    """
+
+    __slots__ = ("_body", "_headers", "_max_bytes", "_read")
+
+    def __init__(
+        self, read: Callable[[], Awaitable[bytes]], headers: Mapping[str, str], max_bytes: int
+    ) -> None:
+        self._read = read
+        self._headers = headers
+        self._max_bytes = max_bytes
+        self._body: bytes | bytearray | None = None
+
+    async def decode(self, manifest: ModelManifest, max_batch_size: int) -> InferRequest:
+        """The body decoded against ``manifest`` (read on the first call)."""
+        body = self._body
+        if body is None:
+            body = self._body = await _inflate(await self._read(), self._headers, self._max_bytes)
+        return await decode_request_async(
+            body,
+            manifest,
+            header_length=_header_length(self._headers),
+            max_batch_size=max_batch_size,
+        )
+
+    def encode(
+        self,
+        request: InferRequest,
+        outputs: Mapping[str, np.ndarray],
+        *,
+        model_name: str,
+        model_version: str,
+        manifest: ModelManifest,
+        location: str,
+    ) -> tuple[bytes, dict[str, str]]:
+        """The response body and headers (``fermion-model-version`` and ``fermion-location``)."""
+        content, headers = encode_response(
+            request, outputs, model_name=model_name, model_version=model_version, manifest=manifest
+        )
+        headers[VERSION_HEADER] = model_version
+        headers[LOCATION_HEADER] = location
+        return content, headers
+
+
+def _header_length(headers: Mapping[str, str]) -> int | None:
+    raw = headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
+
+
+#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
+_WBITS = {"gzip": 31, "deflate": 15}
+
+
+async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes | bytearray:
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes).
+
+    Inflated a slice at a time into one buffer, the loop running in between; a body of
+    more than one member (or data after its end) is refused.
+    """
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
+        )
+    d = zlib.decompressobj(wbits=wbits)
+    # Grown a slice at a time: a large buffer grows in place (mremap), never copied whole.
+    out = bytearray()
+    data = body
+    try:
+        while True:
+            part = d.decompress(data, _INFLATE_SLICE)
+            if len(out) + len(part) > limit:
+                raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
+            out += part
+            data = d.unconsumed_tail
+            if d.eof or not data:
+                break
+            await asyncio.sleep(0)
+    except zlib.error as e:
+        raise InvalidInput(f"invalid {encoding} body: {e}") from None
+    if not d.eof:
+        raise InvalidInput(f"invalid {encoding} body: truncated")
+    if d.unused_data:
+        raise InvalidInput(f"invalid {encoding} body: data after the end of its {encoding} member")
+    return out
+
+
+#: Bytes inflated per step: about a millisecond of work.
+_INFLATE_SLICE = 1 << 20

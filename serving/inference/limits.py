@@ -1,8 +1,9 @@
 """Limits: token-bucket rate limits per caller and model glob, request size, deadlines.
 
-``RateLimiter`` is checked by the HTTP rate-limit middleware (429 with Retry-After
-before the body is read); ``RequestLimits`` is what the inference service checks once
-a request is decoded.
+``RateLimiter.check`` is called by every transport before the body is read (the HTTP
+rate-limit middleware: 429 with Retry-After; gRPC: RESOURCE_EXHAUSTED), with the caller
+named by ``caller_key``; ``RequestLimits`` is what the inference service checks once a
+request is decoded.
 """
 
 from __future__ import annotations
@@ -14,19 +15,27 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from serving.config import LimitsConfig, RateLimitRule
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, RateLimited
 
 __all__ = [
     "TIMEOUT_HEADER",
     "RateLimiter",
     "RequestLimits",
     "TokenBucket",
+    "caller_key",
 ]
 
 #: Request header carrying a deadline in milliseconds.
 TIMEOUT_HEADER = "fermion-timeout-ms"
 #: Buckets (and cached plans) kept before idle ones are swept; the bound grows with live ones.
 _SWEEP_AT = 10_000
+
+
+def caller_key(principal: str | None, host: str | None) -> str:
+    """Whose bucket a request takes from: its principal's name, else ``ip:<address>``."""
+    if principal is not None:
+        return principal
+    return f"ip:{host}" if host else "ip:?"
 
 
 class TokenBucket:
@@ -128,6 +137,12 @@ class RateLimiter:
     async def admit(self, caller: str, model: str) -> float:
         """``acquire`` for a transport: 0.0, or the seconds to wait (may ask a shared store)."""
         return self.acquire(caller, model)
+
+    async def check(self, caller: str, model: str) -> None:
+        """Take a token for (``caller``, ``model``) through ``admit``, or raise RateLimited."""
+        wait = await self.admit(caller, model)
+        if wait > 0.0:
+            raise RateLimited(f"rate limit exceeded for {model}", retry_after_s=wait)
 
 
 def _positive(value: Any, what: str) -> float:

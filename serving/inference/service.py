@@ -1,49 +1,40 @@
 """One inference request, from a resolved model name to an encoded answer.
 
-The transports (HTTP, gRPC) read their own framing and call ``InferenceService.infer``;
-everything between the model name and the encoded outputs happens here, in one pass:
-version, body, decode, limits, sticky version, one submit to the batcher, encode,
-the outcome recorded once, the shadow copy. Nothing here knows a web framework.
-Routing is reached through ``RoutePolicy``, which the traffic layer implements.
+The transports (HTTP, gRPC) read their own framing and call ``InferenceService.infer``
+with the request's body (``RequestBody``: the HTTP V2 body in ``codec.HttpInferBody``, a
+``ModelInferRequest`` in ``serving.grpc``); everything between the model name and the
+encoded outputs happens here, in one pass: version, decode, limits, sticky version, one
+submit to the batcher, encode, the outcome recorded once, the shadow copy. Nothing here
+knows a web framework. Routing is reached through ``RoutePolicy``, which the traffic
+layer implements.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-import zlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from model_store.manifest import ModelManifest
 from serving.config import ShadowConfig
-from serving.errors import FermionError, InvalidInput, ModelNotReady, Overloaded, PayloadTooLarge
+from serving.errors import FermionError, ModelNotReady, Overloaded
 from serving.inference.batcher import DynamicBatcher
-from serving.inference.codec import (
-    HEADER_LENGTH,
-    InferRequest,
-    decode_request_async,
-    encode_response,
-)
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
+from serving.inference.tensors import InferRequest
 from serving.observability.tracing import recording_tracer
 
 __all__ = [
-    "LOCATION_HEADER",
-    "VERSION_HEADER",
     "InferCall",
     "InferenceService",
     "ModelRoutePolicy",
+    "RequestBody",
     "RoutePolicy",
 ]
 
-#: The response header naming the version that answered.
-VERSION_HEADER = "fermion-model-version"
-#: The response header naming where the answer was computed: local, ray or remote.
-LOCATION_HEADER = "fermion-location"
 
 _NO_PARAMETERS: Mapping[str, object] = {}
 #: How long after a refusal connections keep asking before the body (``refusing``).
@@ -86,8 +77,39 @@ class RoutePolicy(Protocol[R]):
         """A routed request was answered by ``served`` (e.g. mirror it to the shadow)."""
 
 
+#: What a transport's answer is (HTTP: body and headers; gRPC: a response message).
+A = TypeVar("A")
+A_co = TypeVar("A_co", covariant=True)
+
+
+class RequestBody(Protocol[A_co]):
+    """A request's body in one transport's framing: its tensors, and its answer encoded."""
+
+    async def decode(self, manifest: ModelManifest, max_batch_size: int) -> InferRequest:
+        """The request checked against ``manifest`` (InvalidInput when it does not match).
+
+        Called once the model is known to be served (the body is read then), and again
+        when a sticky parameter moves the request to a version of another signature.
+        """
+
+    def encode(
+        self,
+        request: InferRequest,
+        outputs: Mapping[str, np.ndarray],
+        *,
+        model_name: str,
+        model_version: str,
+        manifest: ModelManifest,
+        location: str,
+    ) -> A_co:
+        """The answer carrying ``outputs`` (InferenceFailed when one cannot be encoded).
+
+        ``location`` is where the outputs were computed (local, ray or remote).
+        """
+
+
 @dataclass(frozen=True, slots=True)
-class InferCall:
+class InferCall(Generic[A]):
     """One inference request as a transport hands it over."""
 
     model: str
@@ -95,11 +117,12 @@ class InferCall:
     version: str | None
     #: Request headers (or gRPC metadata), lower-case names.
     headers: Mapping[str, str]
-    #: Reads the whole request body; called once the model is known to be served.
-    read_body: Callable[[], Awaitable[bytes]]
+    #: The request's body, decoded once the model is known to be served.
+    body: RequestBody[A]
     #: ``time.perf_counter_ns()`` when the transport took the request.
     started_ns: int
-    #: Per-request state shared with the transport; ``served`` is set to (model, version).
+    #: Per-request state shared with the transport; ``served`` is set to (model, version)
+    #: and ``location`` to where the answer was computed.
     state: dict[str, Any]
 
 
@@ -117,7 +140,8 @@ class InferenceService(Generic[R]):
         self._repository = repository
         self._limits = limits
         self._routes = routes
-        self._max_body_bytes = max_body_bytes
+        #: The largest request a transport accepts (after decompression).
+        self.max_body_bytes = max_body_bytes
         self._refusing_until_ns = 0
 
     def refusing(self) -> bool:
@@ -155,8 +179,8 @@ class InferenceService(Generic[R]):
             return None
         return None
 
-    async def infer(self, call: InferCall) -> tuple[bytes, dict[str, str]]:
-        """The encoded answer to ``call`` and its headers, or a FermionError.
+    async def infer(self, call: InferCall[A]) -> A:
+        """The encoded answer to ``call``, or a FermionError.
 
         Every call's outcome is counted once: on the version that answered or refused it,
         else (unknown model or version) on the model's door counter.
@@ -184,10 +208,9 @@ class InferenceService(Generic[R]):
                     self._refused()  # connections refuse from the head for a while
                     raise
                 holding = batcher
-            # 3. The body, inflated and decoded against the version's signature.
-            body = await _inflate(await call.read_body(), call.headers, self._max_body_bytes)
-            header_length = _header_length(call.headers)
-            req = await self._decode(body, served, batcher, header_length)
+            # 3. The body, read and decoded against the version's signature.
+            body = call.body
+            req = await body.decode(served.manifest, self._max_batch(batcher))
             limits.check_elements(req.inputs)
             # 4. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
@@ -197,7 +220,7 @@ class InferenceService(Generic[R]):
                 batcher = served.ready_batcher()
                 call.state["served"] = (name, served.version)
                 if not _same_signature(first, served):
-                    req = await self._decode(body, served, batcher, header_length)
+                    req = await body.decode(served.manifest, self._max_batch(batcher))
             # 5. One submit, with the request's deadline and priority; it takes over the
             #    queue place (a sticky version's batcher checks for one of its own). An
             #    unversioned request whose version began unloading meanwhile goes to the
@@ -219,17 +242,19 @@ class InferenceService(Generic[R]):
                 batcher = served.ready_batcher()
                 call.state["served"] = (name, served.version)
                 if not _same_signature(first, served):
-                    req = await self._decode(body, served, batcher, header_length)
+                    req = await body.decode(served.manifest, self._max_batch(batcher))
                 outputs, location = await _submit(
                     batcher, served, req, deadline_ns, priority, admitted=False
                 )
+            call.state["location"] = location
             # 6. The answer, encoded (a model output that cannot be encoded fails here).
-            content, headers = encode_response(
+            answer = body.encode(
                 req,
                 outputs,
                 model_name=name,
                 model_version=str(served.version),
                 manifest=served.manifest,
+                location=location,
             )
         except Exception as e:
             # 7. The outcome, recorded once: a failure here, a success below.
@@ -245,9 +270,7 @@ class InferenceService(Generic[R]):
         # 8. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
-        headers[VERSION_HEADER] = str(served.version)
-        headers[LOCATION_HEADER] = location
-        return content, headers
+        return answer
 
     def _find(self, name: str, version: str | None) -> ServedVersion:
         """The served version a request names (404 when none), within a route span."""
@@ -262,19 +285,10 @@ class InferenceService(Generic[R]):
             span.set_attributes({"fermion.model": name, "fermion.version": str(served.version)})
             return served
 
-    async def _decode(
-        self,
-        body: bytes | bytearray,
-        served: ServedVersion,
-        batcher: VersionBatcher,
-        header_length: int | None,
-    ) -> InferRequest:
-        max_batch = batcher.max_batch_size
-        if self._limits.max_batch is not None:
-            max_batch = min(max_batch, self._limits.max_batch)
-        return await decode_request_async(
-            body, served.manifest, header_length=header_length, max_batch_size=max_batch
-        )
+    def _max_batch(self, batcher: VersionBatcher) -> int:
+        """The most rows a request to ``batcher`` may have (``limits.max_batch`` caps it)."""
+        limit = self._limits.max_batch
+        return batcher.max_batch_size if limit is None else min(batcher.max_batch_size, limit)
 
 
 async def _submit(
@@ -309,58 +323,3 @@ def _same_signature(a: ServedVersion, b: ServedVersion) -> bool:
     """Whether a request decoded for ``a`` is also valid for ``b`` as it is."""
     ma, mb = a.manifest, b.manifest
     return (ma.inputs, ma.outputs, ma.max_batch_size) == (mb.inputs, mb.outputs, mb.max_batch_size)
-
-
-def _header_length(headers: Mapping[str, str]) -> int | None:
-    raw = headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput(f"invalid {HEADER_LENGTH} header {raw!r}") from None
-
-
-#: Content-Encoding -> zlib window bits: gzip, and deflate as HTTP means it (zlib format).
-_WBITS = {"gzip": 31, "deflate": 15}
-
-
-async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes | bytearray:
-    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes).
-
-    Inflated a slice at a time into one buffer, the loop running in between; a body of
-    more than one member (or data after its end) is refused.
-    """
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    wbits = _WBITS.get(encoding)
-    if wbits is None:
-        raise InvalidInput(
-            f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
-        )
-    d = zlib.decompressobj(wbits=wbits)
-    # Grown a slice at a time: a large buffer grows in place (mremap), never copied whole.
-    out = bytearray()
-    data = body
-    try:
-        while True:
-            part = d.decompress(data, _INFLATE_SLICE)
-            if len(out) + len(part) > limit:
-                raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
-            out += part
-            data = d.unconsumed_tail
-            if d.eof or not data:
-                break
-            await asyncio.sleep(0)
-    except zlib.error as e:
-        raise InvalidInput(f"invalid {encoding} body: {e}") from None
-    if not d.eof:
-        raise InvalidInput(f"invalid {encoding} body: truncated")
-    if d.unused_data:
-        raise InvalidInput(f"invalid {encoding} body: data after the end of its {encoding} member")
-    return out
-
-
-#: Bytes inflated per step: about a millisecond of work.
-_INFLATE_SLICE = 1 << 20

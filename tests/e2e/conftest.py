@@ -28,3 +28,13 @@ def server(
     running = start_server(demo_store.root, tmp_path_factory.mktemp("server"), CONFIG)
     yield running
     stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def grpc_server(
+    demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """A gateway serving gRPC too (``grpc_address``), with the same configuration."""
+    running = start_server(demo_store.root, tmp_path_factory.mktemp("grpc"), CONFIG, grpc=True)
+    yield running
+    stop_server(running)

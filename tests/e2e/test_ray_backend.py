@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
 from model_store.store import ModelStore
 from tests.helpers.servers import RunningServer, start_server, stop_server
@@ -196,7 +197,9 @@ def ray_server(
 ) -> Iterator[RunningServer]:
     config = CONFIG.format(address=ray_cluster, namespace=NAMESPACE, timeout=REQUEST_TIMEOUT_S)
     config += TRACING.format(port=collector.port)
-    running = start_server(ray_store.root, tmp_path_factory.mktemp("ray"), config, timeout_s=120)
+    running = start_server(
+        ray_store.root, tmp_path_factory.mktemp("ray"), config, timeout_s=120, grpc=True
+    )
     yield running
     stop_server(running)
 
@@ -303,6 +306,25 @@ def test_predictions_equal_backend_local(
             ray_out = _logits(httpx.post(ray_server.url + path, json=_body(batch), timeout=30))
             local_out = _logits(httpx.post(server.url + path, json=_body(batch), timeout=30))
             np.testing.assert_allclose(ray_out, local_out, rtol=1e-5, atol=1e-5)
+
+
+def test_grpc_over_backend_ray_answers_as_http(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    """The gRPC transport reaches Ray replicas through the same service as HTTP."""
+    assert ray_server.grpc_address is not None
+    x = _samples(ray_store)[:4]
+    tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    client = grpcclient.InferenceServerClient(ray_server.grpc_address)
+    try:
+        assert client.get_model_config("digits", as_json=True)["config"]["backend"] == "ray"
+        result = client.infer("digits", [tensor], model_version="2", client_timeout=30)
+    finally:
+        client.close()
+    path = f"{ray_server.url}/v2/models/digits/versions/2/infer"
+    expected = _logits(httpx.post(path, json=_body(x), timeout=30))
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-6, atol=1e-6)
 
 
 @dataclass(frozen=True)

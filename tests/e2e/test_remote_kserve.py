@@ -22,7 +22,9 @@ from bench.competitors import competitor_python
 from tests.helpers.remote_models import expected
 from tests.helpers.servers import REPO_ROOT, RunningServer, free_port, start_server, stop_server
 
-pytestmark = pytest.mark.e2e
+# The first test also waits for KServe's environment to be made (a minute or more on a
+# busy 2-core host, from the package registry).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""``fermion serve --port 0``: the OS picks the port, and the server says which once it listens.
+"""``fermion serve --port 0`` (and ``--grpc-port 0``): the OS picks the port, and the server
+says which once it listens.
 
 And what it prints at start is true: nothing to serve is an error, a gateway that is not
 ready says so and why.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import tritonclient.grpc as grpcclient
 
 from model_store.manifest import TensorSpec
 from model_store.store import ArtifactSource, ModelStore
@@ -28,6 +30,7 @@ from tests.helpers.tiny_models import write_matmul_onnx
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(r"^Fermion listening on (http://127\.0\.0\.1:(\d+))$")
+_GRPC_LISTENING = re.compile(r"^Fermion gRPC listening on (127\.0\.0\.1:(\d+))$")
 _WAIT_S = 60.0
 
 
@@ -105,7 +108,9 @@ def _serve(store: ModelStore, *args: str) -> Generator[_Served, None, None]:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[_Served]:
-    yield from _serve(_store(tmp_path / "store"), "--host", "127.0.0.1", "--port", "0")
+    yield from _serve(
+        _store(tmp_path / "store"), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0"
+    )
 
 
 def test_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
@@ -113,6 +118,16 @@ def test_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
     assert int(port) > 0
     live = httpx.get(f"{url}/v2/health/live", timeout=10.0)
     assert live.status_code == 200
+
+
+def test_grpc_port_0_listens_on_the_port_it_prints(served: _Served) -> None:
+    address, port = served.wait_for(_GRPC_LISTENING).groups()
+    assert int(port) > 0
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        assert client.is_server_live()
+    finally:
+        client.close()
 
 
 def test_the_start_banner_s_examples_use_the_real_port(served: _Served) -> None:
@@ -131,13 +146,16 @@ def test_the_start_banner_s_examples_use_the_real_port(served: _Served) -> None:
 
 def test_two_servers_on_port_0_get_ports_of_their_own(tmp_path: Path) -> None:
     store = _store(tmp_path / "store")
-    first = _serve(store, "--host", "127.0.0.1", "--port", "0")
-    second = _serve(store, "--host", "127.0.0.1", "--port", "0")
+    first = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0")
+    second = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0")
     a, b = next(first), next(second)
     try:
         port_a = a.wait_for(_LISTENING).group(2)
         port_b = b.wait_for(_LISTENING).group(2)
         assert port_a != port_b
+        grpc_a = a.wait_for(_GRPC_LISTENING).group(2)
+        assert grpc_a != b.wait_for(_GRPC_LISTENING).group(2)
+        assert grpc_a not in (port_a, port_b)
         for served in (a, b):
             url = served.wait_for(_LISTENING).group(1)
             assert httpx.get(f"{url}/v2/health/live", timeout=10.0).status_code == 200
@@ -150,7 +168,7 @@ def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Pat
     port = served.wait_for(_LISTENING).group(2)
     serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
     done = subprocess.run(
-        [*serve, "--host", "127.0.0.1", "--port", port, "--allow-empty"],
+        [*serve, "--host", "127.0.0.1", "--port", port, "--grpc-port", "off", "--allow-empty"],
         capture_output=True,
         text=True,
         cwd=_REPO_ROOT,
@@ -158,6 +176,20 @@ def test_a_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Pat
     )
     assert done.returncode == 3
     assert f"fermion: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_a_grpc_port_in_use_is_refused_with_the_reason(served: _Served, tmp_path: Path) -> None:
+    port = served.wait_for(_GRPC_LISTENING).group(2)
+    serve = [sys.executable, "-m", "serving.cli", "serve", "--store", str(tmp_path / "empty")]
+    done = subprocess.run(
+        [*serve, "--host", "127.0.0.1", "--port", "0", "--grpc-port", port, "--allow-empty"],
+        capture_output=True,
+        text=True,
+        cwd=_REPO_ROOT,
+        timeout=_WAIT_S,
+    )
+    assert done.returncode == 3
+    assert f"fermion: cannot listen for gRPC on 127.0.0.1:{port}" in done.stderr
 
 
 def test_nothing_to_serve_exits_2_unless_allowed(tmp_path: Path) -> None:
@@ -171,7 +203,9 @@ def test_nothing_to_serve_exits_2_unless_allowed(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "nothing to serve" in done.stderr and "typo" in done.stderr
-    allowed = _serve(ModelStore(tmp_path / "typo"), "--port", "0", "--allow-empty")
+    allowed = _serve(
+        ModelStore(tmp_path / "typo"), "--port", "0", "--grpc-port", "off", "--allow-empty"
+    )
     served = next(allowed)
     try:
         url = served.wait_for(_LISTENING).group(1)
@@ -189,7 +223,7 @@ def test_the_banner_says_not_ready_and_why(tmp_path: Path) -> None:
     artifact = store.version_dir("matmul", v2.version) / v2.artifacts[0].file
     os.chmod(artifact, 0o644)
     artifact.write_bytes(artifact.read_bytes() + b"tampered")
-    gen = _serve(store, "--host", "127.0.0.1", "--port", "0")
+    gen = _serve(store, "--host", "127.0.0.1", "--port", "0", "--grpc-port", "off")
     served = next(gen)
     try:
         url = served.wait_for(_LISTENING).group(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,9 @@ __all__ = ["REPO_ROOT", "RunningServer", "free_port", "start_server", "stop_serv
 
 #: The checkout's root: the working directory of every subprocess the tests start.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+_GRPC_LISTENING = re.compile(r"^Fermion gRPC listening on (\S+)$", re.M)
 
 
 def free_port() -> int:
@@ -39,6 +43,8 @@ class RunningServer:
     url: str
     port: int
     log_path: Path
+    #: ``host:port`` of its gRPC server (None: started without gRPC).
+    grpc_address: str | None = None
 
     def log(self) -> str:
         """Everything the server wrote to stdout and stderr so far."""
@@ -53,9 +59,13 @@ def start_server(
     *,
     config_path: Path | None = None,
     ready_path: str = "/v2/health/ready",
+    grpc: bool = False,
     port: int | None = None,
 ) -> RunningServer:
-    """Start ``fermion serve`` on ``port`` (None: a free one); wait until ``ready_path`` is 200."""
+    """Start ``fermion serve`` on ``port`` (None: a free one); wait until ``ready_path`` is 200.
+
+    ``grpc``: also serve gRPC on a free port (``RunningServer.grpc_address``); else off.
+    """
     port = free_port() if port is None else port
     if config_path is None:  # else: a file the caller keeps across restarts
         config_path = tmp / f"fermion-{port}.yaml"
@@ -77,6 +87,8 @@ def start_server(
                 "127.0.0.1",
                 "--port",
                 str(port),
+                "--grpc-port",
+                "0" if grpc else "off",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -90,6 +102,10 @@ def start_server(
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
         try:
             if httpx.get(server.url + ready_path, timeout=1.0).status_code == 200:
+                if grpc:
+                    found = _GRPC_LISTENING.search(server.log())
+                    assert found is not None, server.log()
+                    server.grpc_address = found.group(1)
                 return server
         except httpx.TransportError:
             pass

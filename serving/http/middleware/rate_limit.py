@@ -7,18 +7,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.auth.scopes import infer_model
 from serving.errors import RateLimited
 from serving.http.responses import RejectHook, send_error
-from serving.inference.limits import RateLimiter
+from serving.inference.limits import RateLimiter, caller_key
 
 __all__ = ["RateLimitMiddleware"]
 
 
 def _caller(scope: Scope) -> str:
     principal = scope.get("state", {}).get("principal")
-    if principal is not None:
-        name: str = principal.name
-        return name
     client = scope.get("client")
-    return f"ip:{client[0]}" if client else "ip:?"
+    return caller_key(principal.name if principal is not None else None, client and client[0])
 
 
 class RateLimitMiddleware:
@@ -34,12 +31,11 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = infer_model(scope["method"], scope["path"]) if scope["type"] == "http" else None
         if model is not None:
-            wait = await self._limiter.admit(_caller(scope), model)
-            if wait > 0.0:
+            try:
+                await self._limiter.check(_caller(scope), model)
+            except RateLimited as e:
                 if self._on_reject is not None:
                     self._on_reject(model, "rate_limited")
-                await send_error(
-                    send, RateLimited(f"rate limit exceeded for {model}", retry_after_s=wait)
-                )
+                await send_error(send, e)
                 return
         await self.app(scope, receive, send)

@@ -17,8 +17,7 @@ import pytest
 
 from model_store.manifest import Artifact, ModelManifest, TensorSpec
 from serving.errors import InvalidInput
-from serving.inference.codec import SLICE_BYTES, decode_request, decode_request_async
-from serving.inference.service import _inflate
+from serving.inference.codec import SLICE_BYTES, _inflate, decode_request, decode_request_async
 
 _FEATURES = 4096
 

@@ -12,9 +12,9 @@ import pytest_asyncio
 
 from model_store.store import ModelStore
 from serving.config import FermionConfig, LimitsConfig, RateLimitRule
-from serving.errors import DeadlineExceeded, InvalidInput
+from serving.errors import DeadlineExceeded, InvalidInput, RateLimited
 from serving.inference.batcher import DynamicBatcher
-from serving.inference.limits import RateLimiter, RequestLimits
+from serving.inference.limits import RateLimiter, RequestLimits, caller_key
 from tests.helpers.inprocess import InProcessGateway, digits_body, serve_in_process
 
 
@@ -212,3 +212,14 @@ async def test_one_level_ignores_priority() -> None:
     rest = [asyncio.create_task(batcher.submit(_x(v), 1, priority=p)) for v, p in [(1, 5), (2, 1)]]
     await asyncio.gather(first, *rest)
     assert model.rows == [0.0, 1.0, 2.0]
+
+
+async def test_check_raises_rate_limited_with_the_wait() -> None:
+    limiter = RateLimiter([RateLimitRule(rate=0.5, burst=1)])
+    caller = caller_key(None, "10.0.0.7")
+    assert caller == "ip:10.0.0.7" and caller_key("ops", "10.0.0.7") == "ops"
+    await limiter.check(caller, "m")
+    with pytest.raises(RateLimited, match="rate limit exceeded for m") as raised:
+        await limiter.check(caller, "m")
+    assert 0.0 < raised.value.retry_after_s <= 2.0
+    assert raised.value.headers() == {"Retry-After": "2"}

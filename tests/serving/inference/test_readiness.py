@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.http.app import create_app
+from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall
 from tests.helpers.ab_models import MODEL
@@ -212,7 +213,8 @@ async def test_an_unversioned_request_whose_version_unloads_meanwhile_goes_to_th
             return orjson.dumps(BODY)
 
         state: dict[str, Any] = {}
-        call = InferCall(MODEL, None, {}, read_body, time.perf_counter_ns(), state)
+        body = HttpInferBody(read_body, {}, 1 << 20)
+        call = InferCall(MODEL, None, {}, body, time.perf_counter_ns(), state)
         request = asyncio.create_task(service.infer(call))
         await body_wanted.wait()
         assert state["served"] == (MODEL, 2)

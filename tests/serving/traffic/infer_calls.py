@@ -9,6 +9,7 @@ import numpy as np
 import orjson
 
 from serving.config import LimitsConfig
+from serving.inference.codec import HttpInferBody
 from serving.inference.limits import RequestLimits
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall, InferenceService
@@ -44,7 +45,10 @@ async def infer(
     async def read_body() -> bytes:
         return body
 
-    call = InferCall(MODEL, None, headers or {}, read_body, time.perf_counter_ns(), {})
+    headers = headers or {}
+    call = InferCall(
+        MODEL, None, headers, HttpInferBody(read_body, headers, 1 << 20), time.perf_counter_ns(), {}
+    )
     content, _ = await svc.infer(call)
     answer = orjson.loads(content)
     return {

@@ -11,6 +11,7 @@ import pytest
 from serving.config import RouteConfig
 from serving.errors import ModelNotFound, Overloaded
 from serving.inference.batcher import DynamicBatcher
+from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall
 from serving.traffic.route_table import RouteTable
@@ -33,7 +34,8 @@ async def test_an_unknown_model_fails_before_its_body_is_read(
         read.append(True)
         return b"{}"
 
-    call = InferCall("ghost", None, {}, read_body, time.perf_counter_ns(), {})
+    body = HttpInferBody(read_body, {}, 1 << 20)
+    call = InferCall("ghost", None, {}, body, time.perf_counter_ns(), {})
     with pytest.raises(ModelNotFound, match="unknown model 'ghost'"):
         await svc.infer(call)
     assert read == []
@@ -57,7 +59,8 @@ async def test_a_sticky_parameter_moves_the_request_and_is_counted_once(
             return body
 
         state: dict[str, object] = {}
-        call = InferCall(MODEL, None, {}, read_body, time.perf_counter_ns(), state)
+        http_body = HttpInferBody(read_body, {}, 1 << 20)
+        call = InferCall(MODEL, None, {}, http_body, time.perf_counter_ns(), state)
         _, headers = await svc.infer(call)
         version = headers["fermion-model-version"]
         assert version == route.split.pick_sticky(user)  # whatever the first draw was
@@ -84,7 +87,9 @@ async def test_a_request_its_queue_would_shed_is_refused_before_its_body_is_read
         read.append(True)
         return _body(np.ones((1, 4), np.float32))
 
-    call = InferCall(MODEL, "1", {}, read_body, time.perf_counter_ns(), {})
+    call = InferCall(
+        MODEL, "1", {}, HttpInferBody(read_body, {}, 1 << 20), time.perf_counter_ns(), {}
+    )
     with pytest.raises(Overloaded, match="queue full") as refused:
         await svc.infer(call)
     assert read == [] and refused.value.headers()["Retry-After"] == "1"

@@ -1,0 +1,1 @@
+"""The V2 gRPC transport: Triton's ``inference.GRPCInferenceService``, same service beneath."""
