@@ -81,6 +81,8 @@ def _servers(store: str, work: Path) -> dict[str, ServerProcess]:
                 store,
                 "--port",
                 str(port),
+                "--grpc-port",
+                "off",
             ]
         else:
             argv = [

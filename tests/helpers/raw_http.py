@@ -48,7 +48,7 @@ def start_on_port_zero(
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
 
     command = [sys.executable, "-m", "serving.cli", "serve", "--config", str(config_path)]
-    command += ["--store", str(store), "--host", "127.0.0.1", "--port", "0"]
+    command += ["--store", str(store), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "off"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
