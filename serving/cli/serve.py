@@ -94,6 +94,7 @@ def _grpc_companion(config: FermionConfig, port: int, *, share: bool) -> Compani
             metrics=state.metrics,
             on_listening=lambda address: print(f"Fermion gRPC listening on {address}", flush=True),
             share_port=share,
+            draining=lambda: state.drain.draining,
         )
 
     return companion
