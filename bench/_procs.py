@@ -108,11 +108,12 @@ class ServerProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the server (graceful), then SIGKILL its process group if it lingers."""
+        """SIGINT the server (graceful, without a drain period), then SIGKILL its process
+        group if it lingers."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -60,7 +60,7 @@ def _fermion(name: str, args: argparse.Namespace, workdir: Path, config: str) ->
     path = workdir / f"{name}.yaml"
     path.write_text(config)
     argv = [sys.executable, "-m", "serving.cli", "serve", "--store", str(args.store)]
-    argv += ["--host", _HOST, "--port", str(port), "--config", str(path)]
+    argv += ["--host", _HOST, "--port", str(port), "--grpc-port", "off", "--config", str(path)]
     return ServerProcess(name, argv, f"http://{_HOST}:{port}", workdir / f"{name}.log")
 
 

@@ -79,7 +79,7 @@ def _server(
     path = work / f"{name}.yaml"
     path.write_text(config)
     argv = [args.fermion, "serve", "--store", str(store), "--config", str(path)]
-    argv += ["--host", _HOST, "--port", str(port)]
+    argv += ["--host", _HOST, "--port", str(port), "--grpc-port", "off"]
     return ServerProcess(name, argv, f"http://{_HOST}:{port}", work / f"{name}.log")
 
 

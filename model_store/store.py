@@ -12,6 +12,9 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import stat
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +48,11 @@ _MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 _MAX_ATTEMPTS = 32
 _REMOVED_PREFIX = ".removed-"
+_TMP_PREFIX = ".tmp-"
+#: This host, as it names its temporary directories (no dashes: they separate fields).
+_HOST = socket.gethostname().replace("-", "_")[:64] or "host"
+#: A temporary directory from another host is removed after this long.
+_STALE_S = 24 * 3600.0
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 # What rename(2) says when the target version directory already exists and is not empty.
 _TAKEN = frozenset({errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR})
@@ -233,6 +241,8 @@ class ModelStore:
         name = source.name if name is None else name
         draft = source.model_copy(update={"name": name, "version": 1})
         paths = [source_dir / f.file for f in (*source.artifacts, *source.files)]
+        for path in paths:
+            _check_regular(path)  # all of them before anything is copied
         return self._install(name, draft, paths, check_digests=True)
 
     def remove(self, name: str, version: int) -> None:
@@ -295,7 +305,8 @@ class ModelStore:
             except OSError as e:
                 raise StoreError(f"cannot create the directory of model {name!r}: {e}") from e
             _fsync_dir(model_dir.parent)
-        tmp = model_dir / f".tmp-{uuid.uuid4().hex}"
+        _remove_stale_drafts(model_dir)
+        tmp = model_dir / f"{_TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
         tmp.mkdir(mode=0o755)
         try:
             manifest = self._fill(draft, paths, tmp, check_digests=check_digests)
@@ -314,7 +325,10 @@ class ModelStore:
         filled: list[StoredFile] = []
         for entry, src in zip(entries, paths, strict=True):
             try:
-                sha256, size = _copy_file(src, tmp / entry.file)
+                if check_digests:  # a copy of a published version: never more than it says
+                    sha256, size = _copy_file(src, tmp / entry.file, at_most=entry.size)
+                else:
+                    sha256, size = _copy_file(src, tmp / entry.file)
             except OSError as e:
                 raise StoreError(
                     f"cannot publish model {draft.name!r}: copying {src} failed: {e}"
@@ -418,11 +432,18 @@ def _write_manifest(directory: Path, manifest: ModelManifest) -> None:
     _fsync_dir(directory)
 
 
-def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
+def _copy_file(src: Path, dst: Path, *, at_most: int | None = None) -> tuple[str, int]:
+    """Copy ``src`` to ``dst``: its sha256 and size. With ``at_most``, ``src`` must be a
+    regular file (not followed if a link) and the copy stops one byte past that size."""
     digest = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while chunk := fin.read(_CHUNK):
+    limit = None if at_most is None else at_most + 1
+    flags = os.O_RDONLY | (os.O_NOFOLLOW | os.O_NONBLOCK if at_most is not None else 0)
+    fd = os.open(src, flags)
+    with open(fd, "rb") as fin, open(dst, "xb") as fout:
+        if at_most is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StoreError(f"{src.name!r} is not a regular file")
+        while chunk := fin.read(_CHUNK if limit is None else min(_CHUNK, limit - size)):
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
@@ -430,6 +451,53 @@ def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
         os.fsync(fout.fileno())
     os.chmod(dst, 0o444)
     return digest.hexdigest(), size
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse a source that is a link, a device, a pipe or anything but a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as e:
+        raise StoreError(f"cannot read {path.name!r} of the source: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise StoreError(f"refusing to push {path.name!r}: it is {kind}")
+
+
+def _remove_stale_drafts(model_dir: Path) -> None:
+    """Remove the temporary directories of publishes that died (killed, power lost).
+
+    A draft is stale when the process that made it on this host is gone, or, made on
+    another host sharing the store, when it is older than a day.
+    """
+    try:
+        entries = list(os.scandir(model_dir))
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(_TMP_PREFIX):
+            continue
+        host, _, rest = entry.name[len(_TMP_PREFIX) :].rpartition("-")[0].rpartition("-")
+        pid = int(rest) if rest.isdigit() else 0
+        if host == _HOST and pid:
+            stale = not _alive(pid)
+        else:
+            try:
+                stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _hash_file(path: Path) -> tuple[str, int]:

@@ -66,6 +66,26 @@ class ServerConfig(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     #: Log one JSON line per request (request id, trace id, key name, model, status, latency).
     access_log: bool = False
+    # Connections (enforced by the HTTP server before any application work).
+    #: Largest request head, request line and headers together (431 above it).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    #: Most header fields in one request (431 above it).
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    #: Longest a client may take to send a whole request head, from its connection or
+    #: from the first byte of its next request (408 and closed; a silent one is closed).
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: Longest pause while a request body is read (408 and closed).
+    body_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    #: How long an idle keep-alive connection is kept open.
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0.0, le=600.0)
+    #: Connections the kernel may hold waiting to be accepted (capped by net.core.somaxconn).
+    backlog: int = Field(default=4096, ge=16, le=65535)
+    # Shutdown.
+    #: On SIGTERM: how long readiness answers 503 while the listener still accepts and
+    #: serves, so load balancers take the gateway out of rotation before it stops.
+    drain_s: float = Field(default=5.0, ge=0.0, le=3600.0)
+    #: Then: how long requests in flight may take to finish before they are cancelled.
+    shutdown_grace_s: float = Field(default=10.0, ge=0.0, le=3600.0)
     #: Gateway processes on this host, sharing the port (SO_REUSEPORT); above 1 needs
     #: a shared ``control.store``.
     workers: int = Field(default=1, ge=1, le=64)
@@ -348,6 +368,10 @@ class RolloutBounds(_Strict):
     min_requests: int = Field(default=20, ge=1)
 
 
+#: The largest split weight: shares are weight / sum, which must stay finite and exact.
+_MAX_WEIGHT = 1e9
+
+
 class RouteConfig(_Strict):
     """A public model name served by weighted versions of that model."""
 
@@ -362,8 +386,8 @@ class RouteConfig(_Strict):
     def _check_split(cls, split: dict[int, float]) -> dict[int, float]:
         if any(v < 1 for v in split):
             raise ValueError("versions are numbers from 1")
-        if any(w < 0 or w != w or w == float("inf") for w in split.values()):
-            raise ValueError("weights must be finite and non-negative")
+        if any(not 0 <= w <= _MAX_WEIGHT for w in split.values()):  # NaN fails too
+            raise ValueError(f"weights must be between 0 and {_MAX_WEIGHT:.0f}")
         if sum(split.values()) <= 0:
             raise ValueError("at least one version needs a positive weight")
         return split

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from serving.config import ConfigError, load_config
 
 if TYPE_CHECKING:
-    import uvicorn
     from starlette.applications import Starlette
 
     from serving.config import FermionConfig
@@ -95,6 +94,7 @@ def _grpc_companion(config: FermionConfig, port: int, *, share: bool) -> Compani
             metrics=state.metrics,
             on_listening=lambda address: print(f"Fermion gRPC listening on {address}", flush=True),
             share_port=share,
+            draining=lambda: state.drain.draining,
         )
 
     return companion
@@ -104,26 +104,11 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _server(config: uvicorn.Config, url: str) -> uvicorn.Server:
-    import uvicorn
-
-    class _AnnouncingServer(uvicorn.Server):
-        """A uvicorn server that says where it listens once it does."""
-
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started:
-                print(f"Fermion listening on {url}", flush=True)
-
-    return _AnnouncingServer(config)
-
-
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from serving.cli.banner import start_banner
     from serving.cli.workers import WorkerSlot, supervise, with_siblings
     from serving.http.app import create_app
+    from serving.http.server import GatewayServer
 
     overrides: dict[str, Any] = {}
     if args.store is not None:
@@ -192,18 +177,16 @@ def _serve(args: argparse.Namespace) -> int:
         [] if grpc_port is None else [_grpc_companion(config, grpc_port, share=slot is not None)]
     )
     app = create_app(config, on_ready=on_ready, config_path=args.config, companions=companions)
-    server_config = uvicorn.Config(
+    server = GatewayServer(
         with_siblings(app, slot) if slot else app,
-        log_level=config.server.log_level,
-        access_log=False,  # server.access_log writes Fermion's own JSON lines instead
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=10,
+        config.server,
+        app.state.drain,
+        refuser=app.state.service,
+        announce=f"Fermion listening on {base_url}",
     )
-    server = _server(server_config, base_url)
     with sock:
         server.run(sockets=[sock])
-    return 0 if server.started else _STARTUP_FAILURE
+    return server.exit_code if server.started else _STARTUP_FAILURE
 
 
 def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -37,8 +37,8 @@ log = logging.getLogger("fermion.workers")
 
 #: A worker that exits sooner than this after its start failed to start: the supervisor stops.
 _START_GRACE_S = 20.0
-#: Workers still running this long after SIGTERM are killed (uvicorn drains for 10 s).
-_STOP_WAIT_S = 12.0
+#: Workers still running this long after their drain and grace periods are killed.
+_STOP_MARGIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,12 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
         started[i] = time.monotonic()
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        # The workers get the signal the supervisor got: SIGTERM drains, SIGINT stops now.
         nonlocal stopping
         stopping = True
         for p in procs:
             if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+                p.send_signal(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -178,7 +179,8 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
                 spawn(i)
     finally:
         stop(signal.SIGTERM, None)
-        deadline = time.monotonic() + _STOP_WAIT_S
+        stop_wait_s = config.server.drain_s + config.server.shutdown_grace_s + _STOP_MARGIN_S
+        deadline = time.monotonic() + stop_wait_s
         for p in procs:
             if p is None:
                 continue
@@ -186,7 +188,7 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error(
-                    "worker pid %d still running %gs after SIGTERM: killed", p.pid, _STOP_WAIT_S
+                    "worker pid %d still running %gs after SIGTERM: killed", p.pid, stop_wait_s
                 )
                 p.kill()
                 p.wait()

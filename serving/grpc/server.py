@@ -46,6 +46,7 @@ async def serve_grpc(
     on_listening: Callable[[str], None] | None = None,
     grace_s: float = 10.0,
     share_port: bool = False,
+    draining: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[int]:
     """Serve ``inference.GRPCInferenceService`` on ``host:port`` (0: a free port) meanwhile.
 
@@ -60,7 +61,13 @@ async def serve_grpc(
         on_reject=metrics.reject if metrics is not None else None,
         tracer=tracing.current_tracer(),
     )
-    servicer = InferenceServicer(service=service, repository=repository, gate=gate, backend=backend)
+    servicer = InferenceServicer(
+        service=service,
+        repository=repository,
+        gate=gate,
+        backend=backend,
+        draining=draining,
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1 if share_port else 0),

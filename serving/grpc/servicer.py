@@ -10,7 +10,7 @@ and ``ModelStreamInfer`` answer UNIMPLEMENTED.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, NoReturn
 
 import grpc
@@ -95,11 +95,14 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         repository: ModelRepository,
         gate: CallGate,
         backend: str,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self._service = service
         self._repository = repository
         self._gate = gate
         self._backend = backend
+        #: True while the gateway drains before it stops (ServerReady answers false).
+        self._draining = draining
 
     # ------------------------------------------------------------------ health, metadata
 
@@ -113,7 +116,7 @@ class InferenceServicer(GRPCInferenceServiceServicer):
         return await self._gate.run("ServerReady", OPEN, "", self._ready, request, context)
 
     async def _ready(self, request: pb.ServerReadyRequest, call: Call) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._repository.ready)
+        return pb.ServerReadyResponse(ready=self._repository.ready and not self._draining())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         return await self._gate.run("ModelReady", READ, "", self._model_ready, request, context)

@@ -36,15 +36,16 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
 
 
 class LoopbackOnlyMiddleware:
-    """Refuse (403) every request whose client is not on loopback."""
+    """Refuse (403) every request whose client is not on loopback; ``what`` names the API."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, what: str = "the admin API") -> None:
         self.app = app
+        self._refusal = f"{what} answers loopback clients only"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
         if scope["type"] == "http" and (client is None or client[0] not in LOOPBACK_HOSTS):
-            await send_error(send, Forbidden("the admin API answers loopback clients only"))
+            await send_error(send, Forbidden(self._refusal))
             return
         await self.app(scope, receive, send)
 

@@ -23,6 +23,7 @@ from serving.config import ConfigError, FermionConfig
 from serving.control.store import create_store
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
+from serving.http.drain import DrainState
 from serving.http.fastpath import InferenceFastPath
 from serving.http.middleware.access_log import AccessLogMiddleware
 from serving.http.middleware.auth import AuthMiddleware
@@ -32,7 +33,7 @@ from serving.http.middleware.compression import GzipResponseMiddleware
 from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
-from serving.http.v2 import routes
+from serving.http.v2 import repository_mount, routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.fleet_limits import FleetRateLimiter
@@ -227,7 +228,7 @@ def create_app(
             ),
             replicas=backend.replica_counts,
             ready=lambda: (
-                repository.readiness().ready,
+                repository.readiness().ready and not drain.draining,
                 (
                     (sv.name, sv.version, sv.state is VersionState.READY)
                     for sv in repository.served()
@@ -235,6 +236,7 @@ def create_app(
             ),
         )
     repository = ModelRepository(config, store, backend, counters=counters)
+    drain = DrainState()
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
     # Control state: in this process (memory), or shared by a fleet through a store.
@@ -313,7 +315,12 @@ def create_app(
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     access = _access(config, metrics)
     app = Starlette(
-        routes=[*routes, admin_mount(loopback_only=not config.auth.enabled), *extra_routes],
+        routes=[
+            *routes,
+            repository_mount(loopback_only=not config.auth.enabled),
+            admin_mount(loopback_only=not config.auth.enabled),
+            *extra_routes,
+        ],
         middleware=_middleware(config, metrics, access, limiter, capture),
         exception_handlers={
             FermionError: _fermion_error,
@@ -323,6 +330,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.config = config
+    app.state.drain = drain  # set by the server on SIGTERM; readiness reads it
     app.state.repository = repository
     app.state.metrics = metrics
     app.state.routes = route_table

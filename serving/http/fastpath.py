@@ -8,6 +8,7 @@ rest of the gateway together. Every other path goes on to the Starlette app.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.errors import FermionError
+from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED
 from serving.http.responses import send_error
 from serving.inference.codec import HttpInferBody
 from serving.inference.service import InferCall, InferenceService
@@ -45,6 +47,10 @@ class InferenceFastPath:
             return
         model, version = parsed
         service: InferenceService[Any] = scope["app"].state.service
+        state = scope.setdefault("state", {})
+        # The connection cancels this task if its client goes: a request still queued
+        # then leaves its queue and is never computed.
+        state[CANCEL_ON_DISCONNECT] = True
         headers = Headers(scope=scope)
         call = InferCall(
             model=model,
@@ -52,10 +58,17 @@ class InferenceFastPath:
             headers=headers,
             body=HttpInferBody(_body_reader(receive), headers, service.max_body_bytes),
             started_ns=time.perf_counter_ns(),
-            state=scope.setdefault("state", {}),
+            state=state,
         )
         try:
             content, answer_headers = await service.infer(call)
+        except (ClientDisconnect, asyncio.CancelledError) as e:
+            if isinstance(e, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is None or task.cancelling() == 0 or not _gone(e):
+                    raise
+                task.uncancel()  # nobody is left to answer: end quietly
+            return
         except FermionError as e:
             await send_error(send, e)
             return
@@ -67,6 +80,11 @@ class InferenceFastPath:
         raw.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": raw})
         await send({"type": "http.response.body", "body": content})
+
+
+def _gone(error: asyncio.CancelledError) -> bool:
+    """True when ``error`` is the connection's cancel for a client that disconnected."""
+    return bool(error.args) and error.args[0] == DISCONNECTED
 
 
 def _body_reader(receive: Receive) -> Callable[[], Awaitable[bytes]]:

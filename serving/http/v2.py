@@ -6,12 +6,14 @@ import time
 from typing import Any
 
 import orjson
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from model_store.manifest import V2_DATATYPES
 from serving.errors import ModelNotFound
+from serving.http.admin import LoopbackOnlyMiddleware
 from serving.http.responses import json_response as _json
 from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
@@ -19,7 +21,7 @@ from serving.inference.service import InferCall, InferenceService
 from serving.observability.host import HostSiblings, merge_stats
 from serving.protocol import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "routes", "stats_document"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "repository_mount", "routes", "stats_document"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
@@ -40,6 +42,8 @@ async def live(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     """``{"ready": ...}``, with the reason and each model or version that is not ready."""
     readiness = _repo(request).readiness()
+    if request.app.state.drain.draining:
+        readiness = readiness.draining()
     body: dict[str, Any] = {"ready": readiness.ready}
     if readiness.problems:
         body["reason"] = readiness.reason()
@@ -237,7 +241,18 @@ routes = [
     Route(_MV + "/config", model_config, methods=["GET"]),
     Route(_M + "/stats", model_stats, methods=["GET"]),
     Route(_MV + "/stats", model_stats, methods=["GET"]),
-    Route("/v2/repository/index", repository_index, methods=["POST"]),
-    Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
-    Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
 ]
+
+
+def repository_mount(*, loopback_only: bool) -> Mount:
+    """The repository extension under ``/v2/repository``: it loads and unloads models, so
+    it follows the admin API's rule (loopback clients only with auth off, else ``admin``)."""
+    middleware = (
+        [Middleware(LoopbackOnlyMiddleware, what="the repository API")] if loopback_only else []
+    )
+    repository_routes = [
+        Route("/index", repository_index, methods=["POST"]),
+        Route("/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/models/{model}/unload", repository_unload, methods=["POST"]),
+    ]
+    return Mount("/v2/repository", routes=repository_routes, middleware=middleware)

@@ -6,6 +6,12 @@ batch dimension is > 1 stays whole; outputs are split back row-exactly. A failin
 batch fails only its own requests. Priority levels order the queue (Triton's
 queue policy: level 1 first); a request whose deadline passes while it waits is
 dropped, never computed, and fails with 504.
+
+Admission (``admit``) is checked before a request's body is read or decoded: a
+full queue, or one holding more work than the request's deadline leaves time for
+(estimated from recent batches), refuses it with 503 and Retry-After at the cost of
+a header. Before refusing, the heads of the queue that can no longer meet their own
+deadlines are dropped (504), and so are they when a batch is taken.
 """
 
 from __future__ import annotations
@@ -102,6 +108,11 @@ class DynamicBatcher:
         self._default_level = (default_priority_level or self.priority_levels) - 1
         self._queues: list[deque[_Pending]] = [deque() for _ in range(self.priority_levels)]
         self._queued = 0
+        self._queued_rows = 0
+        #: Requests admitted whose body is still being read or decoded (each holds a place).
+        self._admitted = 0
+        #: Recent batch compute time (ns, moving average; 0 until a batch ran).
+        self._batch_ns = 0
         self._attributes = {"fermion.model": model, "fermion.version": version}
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,6 +140,68 @@ class DynamicBatcher:
         """Batches being computed now."""
         return self._running
 
+    def _finish_ns(self, rows_ahead: int) -> int:
+        """Estimated ns until a request behind ``rows_ahead`` queued rows is computed."""
+        busy = self._running >= self.max_concurrent_batches
+        batches = rows_ahead // self.max_batch_size + 1 + busy
+        return batches * self._batch_ns // self.max_concurrent_batches
+
+    def _overloaded(self, reason: str) -> Overloaded:
+        self.stats.rejected += 1
+        drain_s = self._finish_ns(self._queued_rows + self._admitted) / 1e9
+        return Overloaded(f"{reason}; retry later", retry_after_s=max(1.0, drain_s))
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not yet queued (their bodies are being read or decoded)."""
+        return self._admitted
+
+    def admit(self, deadline_ns: int | None = None) -> None:
+        """Take a place in the queue for a request whose body is not read yet, or refuse it.
+
+        The place counts against ``max_queue_size`` from now on, so the requests being
+        read and decoded are bounded too; ``submit(..., admitted=True)`` takes it over,
+        ``release`` gives it back. Refused (503, Overloaded): a full queue (once the
+        requests at its head that can no longer meet their deadlines are dropped), or,
+        with ``deadline_ns``, a queue whose work would outlast the deadline.
+        """
+        self.check_admission(deadline_ns)
+        self._admitted += 1
+
+    def release(self) -> None:
+        """Give back the place of an admitted request that will not be submitted."""
+        self._admitted -= 1
+
+    def check_admission(self, deadline_ns: int | None = None) -> None:
+        """What ``admit`` checks, without taking a place."""
+        if self._closed:
+            raise ModelNotReady("model version is unloading")
+        now = time.perf_counter_ns()
+        if self._queued + self._admitted >= self.max_queue_size:
+            self._drop_hopeless(now)
+            if self._queued + self._admitted >= self.max_queue_size:
+                raise self._overloaded(f"queue full ({self.max_queue_size} waiting requests)")
+        if deadline_ns is not None and self._batch_ns:
+            finish = self._finish_ns(self._queued_rows + self._admitted)
+            if now + finish > deadline_ns:
+                raise self._overloaded(
+                    f"the queue holds about {finish / 1e6:.0f} ms of work, past this "
+                    f"request's deadline in {max(0, deadline_ns - now) / 1e6:.0f} ms"
+                )
+
+    def _drop_hopeless(self, now: int) -> None:
+        """Fail (504) the queue heads whose deadlines pass before a batch could compute them."""
+        soonest = now + self._batch_ns
+        for queue in self._queues:
+            while queue and 0 < queue[0].deadline_ns < soonest:
+                pending = queue[0]
+                self._unqueue(pending)
+                self.stats.expired += 1
+                if not pending.future.done():
+                    pending.future.set_exception(
+                        DeadlineExceeded("deadline would pass before the request was computed")
+                    )
+
     async def submit(
         self,
         inputs: dict[str, np.ndarray],
@@ -136,13 +209,16 @@ class DynamicBatcher:
         *,
         deadline_ns: int | None = None,
         priority: int = 0,
+        admitted: bool = False,
     ) -> dict[str, np.ndarray]:
         """Queue one request of ``rows`` rows and wait for its outputs.
 
         ``deadline_ns`` (``time.perf_counter_ns``): past it, a request still queued
         is dropped with DeadlineExceeded. ``priority``: 1 is the highest level, 0
-        the default level.
+        the default level. ``admitted``: the request holds a place taken by ``admit``.
         """
+        if admitted:
+            self._admitted -= 1  # the place becomes this request's queue slot (or is lost)
         if self._closed:
             raise ModelNotReady("model version is unloading")
         if rows > self.max_batch_size:
@@ -156,11 +232,12 @@ class DynamicBatcher:
                     f"priority {priority} is over this model's {self.priority_levels} levels"
                 )
             level = priority - 1 if priority else self._default_level
-        if self._queued >= self.max_queue_size:
-            self.stats.rejected += 1
-            raise Overloaded(f"queue full ({self.max_queue_size} waiting requests); retry later")
-        loop = asyncio.get_running_loop()
         now = time.perf_counter_ns()
+        if not admitted and self._queued + self._admitted >= self.max_queue_size:
+            self._drop_hopeless(now)
+            if self._queued + self._admitted >= self.max_queue_size:
+                raise self._overloaded(f"queue full ({self.max_queue_size} waiting requests)")
+        loop = asyncio.get_running_loop()
         if deadline_ns is not None and deadline_ns <= now:
             self.stats.expired += 1
             raise DeadlineExceeded("deadline passed before the request was queued")
@@ -175,6 +252,7 @@ class DynamicBatcher:
             timer = loop.call_later((deadline_ns - now) / 1e9, self._expire, pending)
         self._queues[level].append(pending)
         self._queued += 1
+        self._queued_rows += rows
         self._dispatch()
         try:
             return await pending.future
@@ -193,6 +271,7 @@ class DynamicBatcher:
         except ValueError:
             return False
         self._queued -= 1
+        self._queued_rows -= pending.rows
         if pending.queue_span is not None:
             pending.queue_span.end()
         return True
@@ -210,14 +289,15 @@ class DynamicBatcher:
             if self.max_queue_delay_s > 0 and not self._closed and self._should_wait():
                 return
             batch = self._take_batch()
+            if not batch:
+                return
             self._running += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _should_wait(self) -> bool:
-        queued = sum(p.rows for q in self._queues for p in q)
-        if queued >= self.max_batch_size:
+        if self._queued_rows >= self.max_batch_size:
             return False
         oldest = min(q[0].enqueued_ns for q in self._queues if q)
         waited = (time.perf_counter_ns() - oldest) / 1e9
@@ -235,6 +315,10 @@ class DynamicBatcher:
 
     def _take_batch(self) -> list[_Pending]:
         """The head of the first non-empty level, then what fits, level by level."""
+        if self._batch_ns:
+            self._drop_hopeless(time.perf_counter_ns())
+            if not self._queued:
+                return []
         first = next(i for i, q in enumerate(self._queues) if q)
         head = self._queues[first].popleft()
         batch = [head]
@@ -257,6 +341,7 @@ class DynamicBatcher:
                 keep.extend(queue)
                 self._queues[i] = keep
         self._queued -= len(batch)
+        self._queued_rows -= rows
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
@@ -366,6 +451,8 @@ class DynamicBatcher:
         return parts
 
     def _record(self, live: list[_Pending], rows: int, started: int, *, ok: bool) -> None:
+        took = time.perf_counter_ns() - started
+        self._batch_ns = took if not self._batch_ns else (3 * self._batch_ns + took) // 4
         self.stats.batch_done([p.enqueued_ns for p in live], started, rows, ok=ok)
 
     async def close(self) -> None:

@@ -12,8 +12,11 @@ element except for BYTES tensors.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
+from array import array
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -21,6 +24,7 @@ import orjson
 
 from model_store.manifest import ModelManifest
 from serving.errors import InferenceFailed, InvalidInput, PayloadTooLarge
+from serving.inference.json_slices import SLICE_BYTES, cut_arrays, parse_numbers, placeholder_index
 from serving.inference.tensors import (
     DATATYPE_TO_NUMPY,
     NUMPY_TO_DATATYPE,
@@ -29,6 +33,7 @@ from serving.inference.tensors import (
     Signature,
     check_output,
     check_output_parameters,
+    check_shape,
     elements,
     from_raw,
     from_values,
@@ -42,10 +47,12 @@ __all__ = [
     "HEADER_LENGTH",
     "LOCATION_HEADER",
     "NUMPY_TO_DATATYPE",
+    "SLICE_BYTES",
     "VERSION_HEADER",
     "HttpInferBody",
     "InferRequest",
     "decode_request",
+    "decode_request_async",
     "encode_error",
     "encode_response",
 ]
@@ -69,7 +76,7 @@ _JSON_FIELD: Final = "'data'"
 
 
 def decode_request(
-    body: bytes | memoryview,
+    body: bytes | bytearray | memoryview,
     manifest: ModelManifest,
     *,
     header_length: int | None = None,
@@ -82,27 +89,93 @@ def decode_request(
     ``max_batch_size`` overrides the manifest's limit on dim 0 for batching models.
     Raises ``InvalidInput`` for anything malformed or not matching the signature.
     """
+    header, binary = _split(body, header_length)
+    return _decode(_loads(header), header, binary, signature(manifest), max_batch_size)
+
+
+async def decode_request_async(
+    body: bytes | bytearray | memoryview,
+    manifest: ModelManifest,
+    *,
+    header_length: int | None = None,
+    max_batch_size: int | None = None,
+) -> InferRequest:
+    """``decode_request`` for a body of any size, never holding the event loop long.
+
+    A JSON part over ``SLICE_BYTES`` has its long numeric arrays cut out and converted
+    a slice at a time (``json_slices``); a long array anywhere but in an input's
+    ``data`` is refused.
+    """
+    header, binary = _split(body, header_length)
     sig = signature(manifest)
+    if len(header) <= SLICE_BYTES:
+        return _decode(_loads(header), header, binary, sig, max_batch_size)
+    skeleton, sliced = await cut_arrays(header)
+    req = _loads(skeleton)
+    used: set[int] = set()
+    entries = req.get("inputs") if isinstance(req, dict) else None
+    for entry in entries if isinstance(entries, list) else ():
+        index = placeholder_index(entry.get("data")) if isinstance(entry, dict) else None
+        if index is None or index >= len(sliced):
+            continue
+        spec = sig.inputs.get(entry.get("name"))
+        if spec is None or entry.get("datatype") != spec.datatype or spec.datatype == "BYTES":
+            continue  # _decode names what is wrong
+        shape = check_shape(entry.get("shape"), spec)
+        values = await parse_numbers(sliced[index], shape, spec.code, spec.name, spec.datatype)
+        entry["data"] = _Decoded(values)
+        used.add(index)
+    if len(used) != len(sliced):
+        raise InvalidInput(
+            "request body has a long array of numbers outside the inputs' 'data' "
+            "(unknown fields are not accepted in large bodies)"
+        )
+    return _decode(req, skeleton, binary, sig, max_batch_size)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """An input's numbers, already converted (``decode_request_async``)."""
+
+    values: array[Any]
+
+
+def _split(
+    body: bytes | bytearray | memoryview, header_length: int | None
+) -> tuple[Any, memoryview]:
+    """The JSON part and the binary part of a body."""
     if header_length is None:
-        header: bytes | memoryview = body
-        binary = _NO_BINARY
-    else:
-        view = memoryview(body)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if header_length < 0 or header_length > len(view):
-            raise InvalidInput(
-                f"truncated body: {HEADER_LENGTH} is {header_length} but the body has "
-                f"{len(view)} bytes"
-            )
-        header = view[:header_length]
-        binary = view[header_length:]
+        return body, _NO_BINARY
+    view = memoryview(body)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if header_length < 0 or header_length > len(view):
+        raise InvalidInput(
+            f"truncated body: {HEADER_LENGTH} is {header_length} but the body has {len(view)} bytes"
+        )
+    return view[:header_length], view[header_length:]
+
+
+def _loads(header: bytes | bytearray | memoryview) -> Any:
     try:
-        req = orjson.loads(header)
+        return orjson.loads(header)
     except orjson.JSONDecodeError as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
+
+
+def _decode(
+    req: Any,
+    text: bytes | bytearray | memoryview,
+    binary: memoryview,
+    sig: Signature,
+    max_batch_size: int | None,
+) -> InferRequest:
+    """The request parsed as ``req`` from JSON ``text``, checked against ``sig``."""
+    header_length = None if binary is _NO_BINARY else len(text)
     if not isinstance(req, dict):
         raise InvalidInput("request body must be a JSON object")
+    # JSON true/false can only be in the body where its text says so.
+    has_booleans = _has_booleans(text)
 
     request_id = req.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -165,12 +238,16 @@ def decode_request(
             offset, last_binary = end, name
         elif data is None:
             raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
+        elif isinstance(data, _Decoded):
+            inputs.add(name, from_values(data.values, shape, spec, _JSON_FIELD))
         else:
             if not isinstance(data, list):
                 raise InvalidInput(f"input {name!r}: 'data' must be a list")
             if data and isinstance(data[0], list):
                 data = _flatten(data, shape, name)
-            inputs.add(name, from_values(data, shape, spec, _JSON_FIELD))
+            inputs.add(
+                name, from_values(data, shape, spec, _JSON_FIELD, refuse_booleans=has_booleans)
+            )
 
     if offset != len(binary):
         where = f"after binary input {last_binary!r}" if last_binary else "after the JSON header"
@@ -188,6 +265,11 @@ def decode_request(
         binary_outputs=binary_outputs,
         parameters=parameters,
     )
+
+
+def _has_booleans(text: bytes | bytearray | memoryview) -> bool:
+    raw = text if isinstance(text, bytes) else bytes(text)
+    return b"true" in raw or b"false" in raw
 
 
 def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:
@@ -346,14 +428,14 @@ class HttpInferBody:
         self._read = read
         self._headers = headers
         self._max_bytes = max_bytes
-        self._body: bytes | None = None
+        self._body: bytes | bytearray | None = None
 
     async def decode(self, manifest: ModelManifest, max_batch_size: int) -> InferRequest:
         """The body decoded against ``manifest`` (read on the first call)."""
         body = self._body
         if body is None:
-            body = self._body = _inflate(await self._read(), self._headers, self._max_bytes)
-        return decode_request(
+            body = self._body = await _inflate(await self._read(), self._headers, self._max_bytes)
+        return await decode_request_async(
             body,
             manifest,
             header_length=_header_length(self._headers),
@@ -393,8 +475,12 @@ def _header_length(headers: Mapping[str, str]) -> int | None:
 _WBITS = {"gzip": 31, "deflate": 15}
 
 
-def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
-    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes)."""
+async def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes | bytearray:
+    """The body as sent, or inflated when gzip- or deflate-encoded (413 over ``limit`` bytes).
+
+    Inflated a slice at a time into one buffer, the loop running in between; a body of
+    more than one member (or data after its end) is refused.
+    """
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -404,12 +490,27 @@ def _inflate(body: bytes, headers: Mapping[str, str], limit: int) -> bytes:
             f"unsupported Content-Encoding {encoding!r} (use gzip, deflate or identity)"
         )
     d = zlib.decompressobj(wbits=wbits)
+    # Grown a slice at a time: a large buffer grows in place (mremap), never copied whole.
+    out = bytearray()
+    data = body
     try:
-        out = d.decompress(body, limit + 1)
+        while True:
+            part = d.decompress(data, _INFLATE_SLICE)
+            if len(out) + len(part) > limit:
+                raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
+            out += part
+            data = d.unconsumed_tail
+            if d.eof or not data:
+                break
+            await asyncio.sleep(0)
     except zlib.error as e:
         raise InvalidInput(f"invalid {encoding} body: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLarge(f"decompressed request body over the limit of {limit} bytes")
     if not d.eof:
         raise InvalidInput(f"invalid {encoding} body: truncated")
+    if d.unused_data:
+        raise InvalidInput(f"invalid {encoding} body: data after the end of its {encoding} member")
     return out
+
+
+#: Bytes inflated per step: about a millisecond of work.
+_INFLATE_SLICE = 1 << 20

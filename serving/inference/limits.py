@@ -185,16 +185,17 @@ class RequestLimits:
     ) -> int | None:
         """The ``perf_counter_ns`` deadline from the header (ms) or V2 ``timeout`` (µs), capped."""
         timeout_ns = self._default_ns
+        cap = self._cap_ns
         if header is not None:
             ms = _positive(header, TIMEOUT_HEADER)
             if ms == 0:
                 raise InvalidInput(f"{TIMEOUT_HEADER} must be above 0")
-            timeout_ns = int(ms * 1e6)
+            timeout_ns = int(min(ms * 1e6, cap))  # capped first: 1e308 ms is no overflow
         if parameters and "timeout" in parameters:
             # Triton's request parameter: microseconds, 0 meaning none.
             us = _positive(parameters["timeout"], "parameter 'timeout'")
             if us > 0:
-                ns = int(us * 1e3)
+                ns = int(min(us * 1e3, cap))
                 timeout_ns = ns if header is None else min(ns, timeout_ns or ns)
         if timeout_ns is None:
             return None

@@ -75,6 +75,11 @@ class Readiness:
         """Every problem, one after another."""
         return "; ".join(p.describe() for p in self.problems)
 
+    def draining(self) -> Readiness:
+        """Not ready: the gateway is draining before it stops (and whatever else is wrong)."""
+        drain = NotReady("", None, "DRAINING", "the gateway is shutting down")
+        return Readiness(False, (drain, *self.problems))
+
 
 @dataclass
 class ServedVersion:
@@ -206,6 +211,12 @@ class ModelRepository:
             return Readiness(not problems, tuple(problems))
         return Readiness(bool(self._models) and not unserved, tuple(problems))
 
+    def _served_versions(self, name: str) -> list[int]:
+        try:
+            return self.versions_to_serve(name)
+        except StoreError:
+            raise ModelNotFound(f"no model {name[:128]!r} in the store") from None
+
     def versions_to_serve(self, name: str) -> list[int]:
         """The versions of ``name`` this gateway serves: its version policy over the store
         and the versions only upstreams compute (a model not in the store: 1 by default)."""
@@ -236,11 +247,17 @@ class ModelRepository:
             return await self._remote.discover(name, version)
         return self._store.manifest(name, version)
 
+    def _public(self, message: str) -> str:
+        """``message`` as a client may read it: the store's place on disk left out."""
+        return message.replace(str(self._store.root), "<store>")
+
     async def load_model(self, name: str) -> list[ServedVersion]:
         """(Re)load ``name`` from the store; versions no longer wanted are drained and unloaded."""
+        # Checked before anything is kept for the name: unknown names cost nothing.
+        self._served_versions(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            wanted = self.versions_to_serve(name)
+            wanted = self._served_versions(name)
             current = self._models.get(name, {})
             ready = {
                 v: sv for v, sv in current.items() if v in wanted and sv.state is VersionState.READY
@@ -248,7 +265,7 @@ class ModelRepository:
             try:
                 manifests = [await self._manifest(name, v) for v in wanted if v not in ready]
             except StoreError as e:
-                raise ModelNotFound(str(e)) from e
+                raise ModelNotFound(self._public(str(e))) from e
             self._failed.pop(name, None)
             current = self._models.setdefault(name, {})
             loaded: list[ServedVersion] = []
@@ -278,7 +295,7 @@ class ModelRepository:
                 await self._load_placed(sv, settings)
         except Exception as e:
             sv.state = VersionState.UNAVAILABLE
-            sv.reason = str(e)
+            sv.reason = self._public(str(e))
             log.error("model %s version %s unavailable: %s", sv.name, sv.version, e)
             return
         sv.state = VersionState.READY
@@ -372,7 +389,7 @@ class ModelRepository:
         if name not in self._models:
             if self._failed.pop(name, None) is not None:
                 return  # it never loaded: forget that it failed
-            raise ModelNotFound(f"model {name} is not loaded")
+            raise ModelNotFound(f"model {name[:128]!r} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             versions = self._models.get(name, {})
             for version in list(versions):

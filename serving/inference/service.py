@@ -11,6 +11,7 @@ layer implements.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -19,7 +20,7 @@ import numpy as np
 
 from model_store.manifest import ModelManifest
 from serving.config import ShadowConfig
-from serving.errors import ModelNotReady
+from serving.errors import FermionError, ModelNotReady, Overloaded
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
@@ -33,6 +34,11 @@ __all__ = [
     "RequestBody",
     "RoutePolicy",
 ]
+
+
+_NO_PARAMETERS: Mapping[str, object] = {}
+#: How long after a refusal connections keep asking before the body (``refusing``).
+_REFUSING_NS = 1_000_000_000
 
 
 class ModelRoutePolicy(Protocol):
@@ -136,6 +142,42 @@ class InferenceService(Generic[R]):
         self._routes = routes
         #: The largest request a transport accepts (after decompression).
         self.max_body_bytes = max_body_bytes
+        self._refusing_until_ns = 0
+
+    def refusing(self) -> bool:
+        """True while requests are being refused for full queues (and a second after)."""
+        return time.monotonic_ns() < self._refusing_until_ns
+
+    def _refused(self) -> None:
+        self._refusing_until_ns = time.monotonic_ns() + _REFUSING_NS
+
+    def refusal(
+        self, model: str, version: str | None, headers: Mapping[str, str]
+    ) -> Overloaded | None:
+        """The 503 a request for ``model`` would get from its queue now, else None.
+
+        For a transport that can refuse at the cost of reading a request head, before
+        any other work on it, while ``refusing``; the refusal is counted like one from
+        ``infer``. Anything else wrong (unknown model, not ready) is left to ``infer``.
+        """
+        try:
+            route = None if version is not None else self._routes.get(model)
+            wanted = version if route is None else route.pick(headers)
+            served, batcher = self._repository.resolve(model, wanted)
+        except FermionError:
+            return None
+        try:
+            timeout = headers.get(TIMEOUT_HEADER)
+            now = time.perf_counter_ns()
+            if isinstance(batcher, DynamicBatcher):
+                batcher.check_admission(self._limits.deadline_ns(timeout, _NO_PARAMETERS, now))
+        except Overloaded as e:
+            self._refused()
+            served.counter.failed(e, now)
+            return e
+        except FermionError:
+            return None
+        return None
 
     async def infer(self, call: InferCall[A]) -> A:
         """The encoded answer to ``call``, or a FermionError.
@@ -147,6 +189,7 @@ class InferenceService(Generic[R]):
         route = None if call.version is not None else self._routes.get(name)
         served: ServedVersion | None = None
         entered = False
+        holding: DynamicBatcher | None = None  # the batcher whose queue place this holds
         try:
             # 1. Which version: the route's pick, the pinned one, or the newest READY one;
             #    404/503 before the body is read.
@@ -156,11 +199,20 @@ class InferenceService(Generic[R]):
             entered = True
             batcher = served.ready_batcher()
             call.state["served"] = (name, served.version)
-            # 2. The body, read and decoded against the version's signature.
+            # 2. Admission: a request the queue would shed is refused before its body is read.
+            timeout = call.headers.get(TIMEOUT_HEADER)
+            if isinstance(batcher, DynamicBatcher):
+                try:
+                    batcher.admit(limits.deadline_ns(timeout, _NO_PARAMETERS, call.started_ns))
+                except Overloaded:
+                    self._refused()  # connections refuse from the head for a while
+                    raise
+                holding = batcher
+            # 3. The body, read and decoded against the version's signature.
             body = call.body
             req = await body.decode(served.manifest, self._max_batch(batcher))
             limits.check_elements(req.inputs)
-            # 3. A key among the parameters may move the request to its sticky version.
+            # 4. A key among the parameters may move the request to its sticky version.
             sticky = route.pick_by_parameter(req.parameters) if route is not None else None
             if sticky is not None and sticky != str(served.version):
                 first = served
@@ -169,15 +221,19 @@ class InferenceService(Generic[R]):
                 call.state["served"] = (name, served.version)
                 if not _same_signature(first, served):
                     req = await body.decode(served.manifest, self._max_batch(batcher))
-            # 4. One submit, with the request's deadline and priority. An unversioned
-            #    request whose version began unloading meanwhile goes to the newest
-            #    READY one instead (once).
-            deadline_ns = limits.deadline_ns(
-                call.headers.get(TIMEOUT_HEADER), req.parameters, call.started_ns
-            )
+            # 5. One submit, with the request's deadline and priority; it takes over the
+            #    queue place (a sticky version's batcher checks for one of its own). An
+            #    unversioned request whose version began unloading meanwhile goes to the
+            #    newest READY one instead (once).
+            deadline_ns = limits.deadline_ns(timeout, req.parameters, call.started_ns)
             priority = limits.priority(req.parameters)
+            admitted = holding is batcher
+            if admitted:
+                holding = None
             try:
-                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
+                outputs, location = await _submit(
+                    batcher, served, req, deadline_ns, priority, admitted=admitted
+                )
             except ModelNotReady:
                 if wanted is not None or not batcher.closed:
                     raise
@@ -187,9 +243,11 @@ class InferenceService(Generic[R]):
                 call.state["served"] = (name, served.version)
                 if not _same_signature(first, served):
                     req = await body.decode(served.manifest, self._max_batch(batcher))
-                outputs, location = await _submit(batcher, served, req, deadline_ns, priority)
+                outputs, location = await _submit(
+                    batcher, served, req, deadline_ns, priority, admitted=False
+                )
             call.state["location"] = location
-            # 5. The answer, encoded (a model output that cannot be encoded fails here).
+            # 6. The answer, encoded (a model output that cannot be encoded fails here).
             answer = body.encode(
                 req,
                 outputs,
@@ -199,15 +257,17 @@ class InferenceService(Generic[R]):
                 location=location,
             )
         except Exception as e:
-            # 6. The outcome, recorded once: a failure here, a success below.
+            # 7. The outcome, recorded once: a failure here, a success below.
             counter = served.counter if served is not None else repo.counters.door(name)
             counter.failed(e, call.started_ns)
             raise
         finally:
+            if holding is not None:
+                holding.release()
             if entered:
                 repo.counters.leave(name)
         served.counter.answered(call.started_ns)
-        # 7. The shadow copy of a routed request (queued, never awaited).
+        # 8. The shadow copy of a routed request (queued, never awaited).
         if route is not None:
             self._routes.answered(name, route, served, req.inputs, req.batch_size, outputs)
         return answer
@@ -237,11 +297,20 @@ async def _submit(
     req: InferRequest,
     deadline_ns: int | None,
     priority: int,
+    *,
+    admitted: bool,
 ) -> tuple[dict[str, np.ndarray], str]:
-    """The outputs of one submit and the location that computed them."""
+    """The outputs of one submit and the location that computed them.
+
+    ``admitted``: the request already holds a place in ``batcher``'s queue.
+    """
     if isinstance(batcher, DynamicBatcher):
         outputs = await batcher.submit(
-            req.inputs, req.batch_size, deadline_ns=deadline_ns, priority=priority
+            req.inputs,
+            req.batch_size,
+            deadline_ns=deadline_ns,
+            priority=priority,
+            admitted=admitted,
         )
         return outputs, served.location
     # A local replica and upstreams: the placed batcher says which one computed it.

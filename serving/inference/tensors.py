@@ -33,6 +33,7 @@ __all__ = [
     "brief",
     "check_output",
     "check_output_parameters",
+    "check_shape",
     "elements",
     "from_raw",
     "from_values",
@@ -213,7 +214,7 @@ class InputSet:
                 f"input {name!r}: datatype {brief(datatype)} does not match the model's "
                 f"{spec.datatype}"
             )
-        dims = _check_shape(shape, spec)
+        dims = check_shape(shape, spec)
         if sig.batched:
             rows, limit = dims[0], self._limit
             if rows > limit:
@@ -240,7 +241,8 @@ class InputSet:
         return self.arrays
 
 
-def _check_shape(shape: Any, spec: SignatureTensor) -> tuple[int, ...]:
+def check_shape(shape: Any, spec: SignatureTensor) -> tuple[int, ...]:
+    """``shape`` as a tuple when it fits ``spec`` (-1: any positive size), else InvalidInput."""
     want = spec.shape
     if not isinstance(shape, list) or len(shape) != len(want):
         raise InvalidInput(
@@ -307,12 +309,18 @@ def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
 
 
 def from_values(
-    values: Sequence[Any], shape: tuple[int, ...], spec: SignatureTensor, field: str
+    values: Sequence[Any],
+    shape: tuple[int, ...],
+    spec: SignatureTensor,
+    field: str,
+    *,
+    refuse_booleans: bool = False,
 ) -> np.ndarray:
     """The tensor of a flat sequence of values, converted and range-checked.
 
     Numbers for numeric datatypes; str (sent as UTF-8) or bytes for BYTES. ``field``
-    names the sequence for messages (``'data'``, ``contents``).
+    names the sequence for messages (``'data'``, ``contents``). ``refuse_booleans``:
+    the values may hold bools (JSON true/false), which only BOOL accepts.
     """
     name = spec.name
     count = math.prod(shape)
@@ -320,6 +328,15 @@ def from_values(
         raise InvalidInput(
             f"input {name!r}: {field} has {len(values)} elements but shape {list(shape)} "
             f"needs {count}"
+        )
+    if (
+        refuse_booleans
+        and spec.datatype not in ("BOOL", "BYTES")
+        and bool in set(map(type, values))
+    ):
+        raise InvalidInput(
+            f"input {name!r}: {field} holds true/false, not valid {spec.datatype}; "
+            + _EXPECTS[spec.datatype]
         )
     if spec.datatype == "BYTES":
         out = np.empty(count, dtype=np.object_)

@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -94,7 +95,7 @@ def _serve(store: ModelStore, *args: str) -> Generator[_Served, None, None]:
     try:
         yield _Served(process, lines, [])
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # SIGTERM would wait out server.drain_s
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -38,6 +38,7 @@ async def serve_grpc_in_process(
             metrics=s.metrics,
             on_listening=addresses.append,
             grace_s=1.0,
+            draining=lambda: s.drain.draining,
         )
 
     async with (

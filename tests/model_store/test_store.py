@@ -639,3 +639,75 @@ def test_removed_version_numbers_are_never_reused(tmp_path: Path) -> None:
     third = _publish(store, "m", tmp_path / "s3")
     assert (first.version, second.version, third.version) == (1, 2, 3)
     assert store.versions("m") == [1, 3]
+
+
+# -- push from an untrusted directory ---------------------------------------------------------
+
+
+def _source_version(tmp_path: Path) -> tuple[Path, ModelManifest]:
+    a = ModelStore(tmp_path / "a")
+    manifest = _publish(a, "m", tmp_path / "s1")
+    copy = tmp_path / "incoming"
+    shutil.copytree(a.version_dir("m", 1), copy)
+    for p in copy.iterdir():
+        _make_writable(p)
+    return copy, manifest
+
+
+@pytest.mark.parametrize("kind", ["link to /dev/zero", "link to a good copy", "fifo"])
+def test_push_refuses_links_and_special_files_at_once(tmp_path: Path, kind: str) -> None:
+    source, manifest = _source_version(tmp_path)
+    artifact = source / manifest.artifacts[0].file
+    if kind == "fifo":
+        artifact.unlink()
+        os.mkfifo(artifact)
+    else:
+        # A link to a file with the right digest would pass the digest check: still refused.
+        good = tmp_path / "elsewhere.onnx"
+        shutil.copyfile(artifact, good)
+        artifact.unlink()
+        artifact.symlink_to("/dev/zero" if kind == "link to /dev/zero" else good)
+    store = ModelStore(tmp_path / "b")
+    expected = "is not a regular file" if kind == "fifo" else "is a symbolic link"
+    with pytest.raises(StoreError, match=expected):
+        store.push(source)
+    assert store.models() == [] and _hidden(store.root) == []
+
+
+def test_push_copies_no_more_than_the_manifest_says(tmp_path: Path) -> None:
+    source, manifest = _source_version(tmp_path)
+    artifact = source / manifest.artifacts[0].file
+    with artifact.open("r+b") as f:
+        f.truncate(1 << 30)  # a GiB (sparse) where the manifest says 2 kB
+    store = ModelStore(tmp_path / "b")
+    with pytest.raises(
+        IntegrityError,
+        match=f"expected sha256 .* \\({manifest.artifacts[0].size}"
+        f" bytes\\), found sha256 .* \\({manifest.artifacts[0].size + 1} bytes\\)",
+    ):
+        store.push(source)
+    assert store.models() == [] and _hidden(store.root) == []
+
+
+def test_a_killed_publish_leaves_a_draft_that_the_next_publish_removes(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    _publish(store, "m", tmp_path / "s1")
+    model_dir = store.root / "m"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host = model_store.store._HOST
+    stale = model_dir / f".tmp-{host}-{int(dead.stdout)}-{'a' * 32}"
+    alive = model_dir / f".tmp-{host}-{os.getpid()}-{'b' * 32}"  # a publish under way
+    old_elsewhere = model_dir / f".tmp-otherhost-123-{'c' * 32}"
+    for draft in (stale, alive, old_elsewhere):
+        draft.mkdir()
+        _blob(draft / "model.onnx")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_elsewhere, (day_ago, day_ago))
+    _publish(store, "m", tmp_path / "s2")
+    assert sorted(p.name for p in _hidden(model_dir)) == [alive.name]
+    assert store.versions("m") == [1, 2]

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.observability.counters import REQUEST_STARTED_NS
 
-__all__ = ["RequestIdMiddleware"]
+__all__ = ["RequestIdMiddleware", "request_id_of"]
 
 _REQUEST_ID = b"x-request-id"
 # Unique per process start (random prefix) and per request (counter): cheaper than uuid4.
@@ -20,6 +20,15 @@ _ID_COUNTER = itertools.count(1)
 
 def _new_request_id() -> bytes:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}".encode()
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's ``x-request-id`` (at most 128 ASCII characters), or a new one."""
+    for key, value in headers:
+        if key == _REQUEST_ID:
+            value = value[:128]
+            return value if value and value.isascii() else _new_request_id()
+    return _new_request_id()
 
 
 class RequestIdMiddleware:
@@ -37,13 +46,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         REQUEST_STARTED_NS.set(time.perf_counter_ns())
-        request_id = b""
-        for key, value in scope["headers"]:
-            if key == _REQUEST_ID:
-                request_id = value[:128]
-                break
-        if not request_id or not request_id.isascii():
-            request_id = _new_request_id()
+        request_id = request_id_of(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_id(message: Message) -> None:

@@ -232,3 +232,17 @@ async def test_a_sticky_parameter_and_a_shadow_copy_work_over_grpc(ab_store: Mod
             )
 
         await _until(lambda: mirrored() == 16, "every call mirrored to the shadow")
+
+
+async def test_server_ready_is_false_while_the_gateway_drains(ab_store: ModelStore) -> None:
+    config = FermionConfig.model_validate({"store": {"root": str(ab_store.root)}})
+    async with serve_grpc_in_process(config, ab_store) as (gw, stub):
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        gw.app.state.drain.begin()  # what SIGTERM does
+        assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        # Still serving meanwhile, as over HTTP.
+        x = np.ones((1, 4), np.float32)
+        response = await stub.ModelInfer(_request(x, "1"))
+        np.testing.assert_allclose(_logits(response), expected_logits(1, x), rtol=1e-5)
+        ready = await gw.client.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json()["not_ready"][0]["state"] == "DRAINING"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -77,3 +80,50 @@ def test_a_route_to_a_version_not_served_fails_the_start(
 def test_a_route_with_a_zero_weight_on_an_unserved_version_is_kept(ab_store: ModelStore) -> None:
     config = FermionConfig.model_validate({"routes": {"clf": {"split": {1: 1, 7: 0}}}})
     create_app(config, store=ab_store)
+
+
+@pytest.mark.parametrize(
+    ("client", "status"),
+    [(("203.0.113.7", 5000), 403), (("10.1.2.3", 5000), 403), (("127.0.0.1", 5000), 200)],
+)
+async def test_the_repository_api_follows_the_admin_rule(
+    ab_store: ModelStore, client: tuple[str, int], status: int
+) -> None:
+    app = create_app(FermionConfig(), store=ab_store)
+    transport = httpx.ASGITransport(app=app, client=client)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as http,
+    ):
+        while (await http.get("/v2/health/ready")).status_code != 200:
+            await asyncio.sleep(0.02)
+        for path in ("/v2/repository/index", "/v2/repository/models/clf/unload"):
+            r = await http.post(path)
+            assert r.status_code == status, r.text
+            if status == 403:
+                assert r.json() == {"error": "the repository API answers loopback clients only"}
+        # Nobody off loopback could unload it: it is still served (here, reloaded).
+        assert (await http.post("/v2/repository/models/clf/load")).status_code == status
+
+
+async def test_loading_unknown_names_keeps_nothing_and_echoes_no_path(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    app = create_app(FermionConfig(), store=store)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        r = await http.post("/v2/repository/models/ghost/load")
+        assert r.status_code == 404
+        assert str(store.root) not in r.text and "ghost" in r.json()["error"]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for i in range(500):
+                name = f"n{i}-" + "x" * 2000
+                assert (await http.post(f"/v2/repository/models/{name}/load")).status_code == 404
+            gc.collect()
+            grown = tracemalloc.take_snapshot().compare_to(before, "filename")
+        finally:
+            tracemalloc.stop()
+    # Before, each name kept a lock (and the name) for ever: about 2.5 kB each here.
+    repository_growth = sum(d.size_diff for d in grown if "repository.py" in str(d.traceback))
+    assert repository_growth < 50_000, grown[:5]

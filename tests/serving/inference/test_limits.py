@@ -155,6 +155,15 @@ def test_deadline_is_capped_by_config() -> None:
     assert RequestLimits(LimitsConfig()).deadline_ns(None, {"timeout": 0}, 0) is None
     with pytest.raises(InvalidInput):
         limits.deadline_ns("-1", {}, 0)
+    # Numbers far past the cap are capped, not overflowed (it was a 500).
+    assert limits.deadline_ns("1e308", {}, 0) == 100_000_000
+    assert limits.deadline_ns(None, {"timeout": 1e308}, 0) == 100_000_000
+    assert limits.deadline_ns("1e308", {"timeout": 1e308}, 0) == 100_000_000
+    for bad in ("inf", "nan", "1e400", "true"):
+        with pytest.raises(InvalidInput, match="fermion-timeout-ms must be"):
+            limits.deadline_ns(bad, {}, 0)
+    with pytest.raises(InvalidInput, match="parameter 'timeout' must be"):
+        limits.deadline_ns(None, {"timeout": True}, 0)
 
 
 # -- deadlines and priorities in the batcher ----------------------------------------------------

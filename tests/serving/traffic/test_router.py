@@ -133,7 +133,10 @@ def test_route_picks_by_parameter() -> None:
     ("text", "message"),
     [
         ("routes: {d: {split: {1: 50}, weights: 2}}", "routes.d.weights: unknown key"),
-        ("routes: {d: {split: {1: -1, 2: 5}}}", "weights must be finite and non-negative"),
+        ("routes: {d: {split: {1: -1, 2: 5}}}", "weights must be between 0 and 1000000000"),
+        # Each finite, but their sum is not: every share would be 0.
+        ("routes: {d: {split: {1: 1e308, 2: 1e308}}}", "weights must be between 0 and 1000000000"),
+        ("routes: {d: {split: {1: .nan, 2: 1}}}", "weights must be between 0 and 1000000000"),
         ("routes: {d: {split: {1: 0}}}", "at least one version needs a positive weight"),
         ("routes: {d: {split: {0: 1}}}", "versions are numbers from 1"),
         (

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from serving.config import RouteConfig
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, Overloaded
+from serving.inference.batcher import DynamicBatcher
 from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall
@@ -70,3 +71,34 @@ async def test_a_sticky_parameter_moves_the_request_and_is_counted_once(
         figures = table.window(MODEL, int(version)).take()
         assert (figures.requests, figures.errors) == (n, 0)
         assert repository.counters.version(MODEL, int(version)).ok == n
+
+
+async def test_a_request_its_queue_would_shed_is_refused_before_its_body_is_read(
+    repository: ModelRepository,
+) -> None:
+    svc = service(RouteTable({}, repository), repository)
+    _, batcher = repository.resolve(MODEL, "1")
+    assert isinstance(batcher, DynamicBatcher)
+    for _ in range(batcher.max_queue_size):  # every place taken by requests being read
+        batcher.admit()
+    read: list[bool] = []
+
+    async def read_body() -> bytes:
+        read.append(True)
+        return _body(np.ones((1, 4), np.float32))
+
+    call = InferCall(
+        MODEL, "1", {}, HttpInferBody(read_body, {}, 1 << 20), time.perf_counter_ns(), {}
+    )
+    with pytest.raises(Overloaded, match="queue full") as refused:
+        await svc.infer(call)
+    assert read == [] and refused.value.headers()["Retry-After"] == "1"
+    # The connection can ask the same from the head alone, and gets the same answer.
+    assert isinstance(svc.refusal(MODEL, "1", {}), Overloaded)
+    batcher.release()
+    assert svc.refusal(MODEL, "1", {}) is None
+    content, _ = await svc.infer(call)  # the freed place is taken, then handed to the queue
+    assert read == [True] and orjson.loads(content)["model_version"] == "1"
+    for _ in range(batcher.max_queue_size - 1):
+        batcher.release()
+    assert batcher.admitted == 0

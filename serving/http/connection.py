@@ -1,0 +1,347 @@
+"""HTTP/1.1 connections with limits a hostile client cannot get around.
+
+uvicorn's httptools protocol buffers a request head without bound (a 50 MB header
+costs 50 MB before any middleware runs), waits forever for the rest of a head or a
+body, answers protocol errors in plain text and computes requests whose client has
+gone. ``GuardedHttpProtocol`` is that protocol with, before any application work:
+
+- a limit on the bytes of a request head (request line and headers) and on its
+  header count: 431, counted as the bytes arrive, so at most one read past the limit
+  is ever buffered;
+- a header timeout: a connection must deliver a whole head within it, from its
+  opening or from the first byte of its next request (408, then closed; an idle
+  new connection is simply closed);
+- a body timeout: the longest pause while a body is read (408, then closed);
+- V2 error bodies (``{"error": ...}``) for its own refusals and for malformed requests;
+- draining (``DrainState``): every response closes its connection;
+- a response sent before its body was read whole closes the connection, so a client
+  cannot hold it by trickling the rest of a body nobody reads;
+- an inference request its model's queue would refuse now (``Refuser``: full, or
+  past the request's deadline) is answered 503 with Retry-After from its head alone,
+  without a task, the middleware or reading its body: under overload, refusing must
+  cost far less than serving, or refusals eat the capacity (this is before
+  authentication: an overloaded model answers 503 where it would answer 401);
+- a request whose handler marked it ``CANCEL_ON_DISCONNECT`` in ``scope["state"]``
+  has its task cancelled when the client disconnects, so a queued inference request
+  whose client left is never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import httptools
+from starlette.datastructures import Headers
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serving.errors import FermionError
+from serving.http.drain import DrainState
+from serving.http.middleware.request_id import request_id_of
+from serving.inference.codec import encode_error
+from serving.protocol import parse_infer_path
+
+__all__ = [
+    "CANCEL_ON_DISCONNECT",
+    "DISCONNECTED",
+    "ConnectionLimits",
+    "GuardedHttpProtocol",
+    "Refuser",
+    "guarded_protocol",
+]
+
+#: The ``scope["state"]`` key a handler sets to have its task cancelled on disconnect.
+CANCEL_ON_DISCONNECT = "fermion.cancel_on_disconnect"
+#: The message of that cancellation.
+DISCONNECTED = "the client disconnected"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one connection may send and how slowly (``server.*`` keys of the config)."""
+
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+
+
+class Refuser(Protocol):
+    """What refuses overloaded requests from their head (``InferenceService``)."""
+
+    def refusing(self) -> bool:
+        """Cheap: True while requests are being refused (only then is ``refusal`` asked)."""
+
+    def refusal(
+        self, model: str, version: str | None, headers: Mapping[str, str]
+    ) -> FermionError | None:
+        """The 503 a request for ``model`` would get from its queue now, else None."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the refusal is on the protocol."""
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with head limits, read timeouts and draining."""
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits()
+    drain: ClassVar[DrainState] = DrainState()
+    refuser: ClassVar[Refuser | None] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._keep_alive = True
+        self._refusal: tuple[int, str] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._discarding = False  # the body of a request refused from its head
+        self._completed = 0  # requests read whole on this connection
+
+    # -- connection ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        task = self._task
+        super().connection_lost(exc)
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
+        if (
+            task is not None
+            and not task.done()
+            and cycle is not None
+            and not cycle.response_complete
+            and cycle.scope.get("state", {}).get(CANCEL_ON_DISCONNECT)
+        ):
+            task.cancel(msg=DISCONNECTED)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            limit = self.limits.max_header_bytes
+            self._head_bytes += len(data)
+            if self._head_bytes > limit:
+                # Feed only what fits: the head must end within it.
+                room = max(0, len(data) - (self._head_bytes - limit))
+                completed = self._completed
+                self._feed(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._in_head and self._completed == completed:
+                    self._refuse(431, f"request head over the limit of {limit} bytes")
+                    return
+                if self._in_head:  # a pipelined request began: its head counts afresh
+                    self.data_received(data[room:])
+                    return
+                data = data[room:]
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if data:
+            super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            if self._head_timer is None and self._head_bytes:
+                self._arm_head_timer()
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            self._last_read = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(
+                    self.limits.body_timeout_s, self._body_timeout
+                )
+
+    # -- parser callbacks ----------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        if len(self.headers) > self.limits.max_headers:
+            # (The head's byte limit already bounds what the list could hold.)
+            self._refusal = (431, f"more than {self.limits.max_headers} request headers")
+            raise _Refused
+        refuser = self.refuser
+        # Asked only while requests are being refused: nothing for the hot path to pay.
+        if (
+            refuser is not None
+            and refuser.refusing()
+            and self.url.endswith(b"/infer")
+            and self._shed(refuser)
+        ):
+            return
+        super().on_headers_complete()
+        cycle = self.cycle
+        # Until its body is whole a request would close its connection after answering;
+        # on_message_complete gives the keep-alive back.
+        self._keep_alive = cycle.keep_alive and not self.drain.draining
+        cycle.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._completed += 1
+        if self._discarding:
+            self._discarding = False
+            self._in_head = True
+            self._head_bytes = 0
+            if not self.transport.is_closing() and self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
+            return
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = self._keep_alive
+        self._in_head = True
+        self._head_bytes = 0
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        context = contextvars.Context() if self.config.reset_contextvars else None
+        task = self.loop.create_task(cycle.run_asgi(app), context=context)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._task = task
+
+    # -- refusals ------------------------------------------------------------------
+
+    def _shed(self, refuser: Refuser) -> bool:
+        """Answer 503 from the head alone when the request's queue would refuse it."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return False  # an answer is under way on this connection: keep the order
+        if self.parser.get_method() != b"POST":
+            return False
+        path = httptools.parse_url(self.url).path.decode("ascii", "replace")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        parsed = parse_infer_path(self.root_path + path)
+        if parsed is None:
+            return False
+        error = refuser.refusal(parsed[0], parsed[1], Headers(raw=self.headers))
+        if error is None:
+            return False
+        self._discarding = True
+        close = self.drain.draining or not self.parser.should_keep_alive()
+        body = encode_error(error.message)
+        head = [STATUS_LINE[error.status_code]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        for key, text in error.headers().items():
+            head += [key.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
+        head += [b"x-request-id: ", request_id_of(self.headers), b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self.server_state.total_requests += 1
+        if close:
+            self.transport.close()
+        return True
+
+    def send_400_response(self, msg: str) -> None:
+        status, message = self._refusal or (400, "invalid HTTP request")
+        self._refuse(status, message)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with a V2 error body and close, outside any request cycle."""
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()
+                return
+            # The handler may still be waiting for the body: it sees a disconnect.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        body = encode_error(message)
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self.transport.close()
+
+    # -- timers --------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A response is under way; the next head may wait for it.
+            self._arm_head_timer()
+            return
+        if self._head_bytes == 0:
+            self.transport.close()  # a new connection that never sent a byte
+            return
+        limit = self.limits.header_timeout_s
+        self._refuse(408, f"request head not received within {limit:g} s")
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if (
+            self.transport.is_closing()
+            or cycle is None
+            or not cycle.more_body
+            or cycle.response_complete
+        ):
+            return
+        idle = self.loop.time() - self._last_read
+        limit = self.limits.body_timeout_s
+        if self.flow.read_paused or idle < limit:
+            # Paused by the server itself (the handler has not read yet), or data came.
+            wait = limit if self.flow.read_paused else limit - idle
+            self._body_timer = self.loop.call_later(wait, self._body_timeout)
+            return
+        self._refuse(408, f"request body not received: nothing came for {limit:g} s")
+
+
+def guarded_protocol(
+    limits: ConnectionLimits, drain: DrainState, refuser: Refuser | None = None
+) -> type[GuardedHttpProtocol]:
+    """A ``GuardedHttpProtocol`` class bound to its settings (uvicorn's ``http=``)."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {
+            "limits": limits,
+            "drain": drain,
+            "refuser": refuser,
+            "__module__": __name__,
+        },
+    )
