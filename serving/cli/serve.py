@@ -32,6 +32,9 @@ __all__ = ["add_serve_parser"]
 #: The port when ``--port`` is not given (over the config file's): images set it, and
 #: their HEALTHCHECK reads it too.
 PORT_ENV = "FERMION_PORT"
+#: The address other gateways and ``fermion fleet status`` show for this one
+#: (``control.advertise``), e.g. ``$(POD_IP):8000`` in a Kubernetes pod.
+ADVERTISE_ENV = "FERMION_ADVERTISE"
 #: What ``fermion serve`` returns when the server cannot start (uvicorn's own code).
 _STARTUP_FAILURE = 3
 #: ``--grpc-port`` not given (None means ``off``).
@@ -118,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else os.environ.get(PORT_ENV)
     if port is not None:
         overrides["server.port"] = port
+    if os.environ.get(ADVERTISE_ENV):
+        overrides["control.advertise"] = os.environ[ADVERTISE_ENV]
     if args.grpc_port is not _UNSET:
         overrides["server.grpc_port"] = args.grpc_port
     if args.backend is not None:

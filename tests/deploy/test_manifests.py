@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serving.config import FermionConfig, ServerConfig
+from serving.config import FermionConfig
 from tests.helpers.servers import REPO_ROOT
 
 KUBERNETES = "1.37.0"
@@ -45,7 +45,13 @@ def _validate_template(template: dict[str, Any], name: str) -> None:
 
 def test_the_manifests_are_there() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in FILES}
-    expected = {"gateway.yaml", "servicemonitor.yaml", "ray/raycluster.yaml", "ray/gateway.yaml"}
+    expected = {
+        "gateway.yaml",
+        "redis.yaml",
+        "servicemonitor.yaml",
+        "ray/raycluster.yaml",
+        "ray/gateway.yaml",
+    }
     assert names == expected
 
 
@@ -87,10 +93,7 @@ def test_a_broken_manifest_is_refused() -> None:
 
 
 def _config(config_map: dict[str, Any]) -> FermionConfig:
-    raw = yaml.safe_load(config_map["data"]["fermion.yaml"])
-    if "drain_s" not in ServerConfig.model_fields:  # until the drain change (server.drain_s)
-        raw["server"].pop("drain_s")
-    return FermionConfig.model_validate(raw)
+    return FermionConfig.model_validate(yaml.safe_load(config_map["data"]["fermion.yaml"]))
 
 
 @pytest.mark.parametrize("path", [DEPLOY / "gateway.yaml", DEPLOY / "ray" / "gateway.yaml"])
@@ -104,15 +107,26 @@ def test_the_gateway_deployment_agrees_with_its_config_service_and_monitor(path:
     assert kinds["Service"]["spec"]["selector"].items() <= labels.items()
     [container] = pod["spec"]["containers"]
     assert container["image"].split(":")[1].startswith(VERSION)
-    [port] = container["ports"]
-    assert (port["name"], port["containerPort"]) == ("http", config.server.port)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": config.server.port, "grpc": config.server.grpc_port}
+    service_ports = {p["name"]: p["targetPort"] for p in kinds["Service"]["spec"]["ports"]}
+    assert service_ports == {"http": "http", "grpc": "grpc"}
     assert {"name": "FERMION_PORT", "value": str(config.server.port)} in container["env"]
+    advertise = {"name": "FERMION_ADVERTISE", "value": f"$(POD_IP):{config.server.port}"}
+    assert advertise in container["env"]
+    # Several replicas are one fleet: they share the control store of redis.yaml.
+    assert kinds["Deployment"]["spec"]["replicas"] > 1 and config.control.shared
+    redis = _by_kind(DEPLOY / "redis.yaml")["Service"]
+    host_port = f"{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}"
+    assert config.control.store.startswith(f"redis://{host_port}/")
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
-    # The grace period covers preStop, then the drain, with a margin.
+    # The grace period covers preStop, then the drain and the shutdown grace, with a margin.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = pod["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= pre_stop + raw_server["drain_s"] + 10
+    server = config.server
+    assert raw_server["drain_s"] == server.drain_s
+    assert grace >= pre_stop + server.drain_s + server.shutdown_grace_s + 2
     assert "limits" in container["resources"] and "requests" in container["resources"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert str(config.store.root) in mounts
