@@ -175,5 +175,7 @@ def test_overload_keeps_goodput_and_refuses_with_retry_after(
     assert r.errors == r.hangs == r.refused_without_retry_after == 0, r.summary()
     assert set(r.statuses) <= {200, 503} and r.refused, r.summary()
     assert r.goodput >= 0.4 * capacity, r.summary()
-    # The queue (20) and the batch running: the longest a 200 should wait, give or take.
-    assert r.quantile(0.99) <= 3 * 22 / capacity + 0.25, r.summary()
+    # The queue (20) and the batch running, drained at the rate requests were served in
+    # this very run: the longest a 200 should wait, give or take.
+    served_rate = min(capacity, r.goodput)
+    assert r.quantile(0.99) <= 3 * 22 / served_rate + 0.25, r.summary()
