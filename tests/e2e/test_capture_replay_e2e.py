@@ -101,7 +101,10 @@ def test_replay_reproduces_count_order_and_spacing(
     original_gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(originals)]
     replayed_gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(replayed)]
     errors_ms = [abs(r - o / 2) * 1000 for o, r in zip(original_gaps, replayed_gaps, strict=True)]
-    assert max(errors_ms) <= TOLERANCE_MS, errors_ms
+    # How far this host's own timing strayed in the same run (the test's sleeps, as the
+    # gateway saw them) widens the tolerance: a loaded 2-core host delays both alike.
+    jitter_ms = max(abs(o * 1000 - g) for o, g in zip(original_gaps, GAPS_MS, strict=True))
+    assert max(errors_ms) <= TOLERANCE_MS + 2 * jitter_ms, (errors_ms, jitter_ms)
 
 
 def test_capture_never_fails_a_request_when_its_disk_is_full(
