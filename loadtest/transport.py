@@ -13,12 +13,12 @@ imported only when chosen (an HTTP run never imports grpc).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from loadtest.payloads import Payload
+from model_store.importer import import_from_string
 
 __all__ = ["TRANSPORTS", "Call", "Outcome", "Transport", "TransportOptions", "load_transport"]
 
@@ -87,6 +87,5 @@ def load_transport(name: str) -> Callable[[TransportOptions], Transport]:
     target = TRANSPORTS.get(name)
     if target is None:
         raise ValueError(f"unknown protocol {name!r} (one of {', '.join(TRANSPORTS)})")
-    module, _, attr = target.partition(":")
-    factory: Any = getattr(importlib.import_module(module), attr)
-    return factory  # type: ignore[no-any-return]
+    factory: Callable[[TransportOptions], Transport] = import_from_string(target)
+    return factory

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,20 +46,6 @@ def _demo_key(name: str, keys_file: Path | None) -> str:
     if keys_file is None:
         raise ConfigError("--demo-key needs a keys file (--keys-file or auth.keys_file)")
     return create_key(keys_file, name, ["infer:*", "read"], replace=True)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: one the OS picks), not yet listening."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
 
 
 def _grpc_port(value: str) -> int | None:
@@ -109,7 +94,7 @@ def _url(host: str, port: int) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from serving.cli.banner import start_banner
-    from serving.cli.workers import WorkerSlot, supervise, with_siblings
+    from serving.cli.workers import WorkerSlot, bind_listener, supervise, with_siblings
     from serving.http.app import create_app
     from serving.http.server import GatewayServer
 
@@ -157,7 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     grpc_port = config.server.grpc_port
     if grpc_port and slot is None:  # a fixed port: refuse one in use now, as for HTTP
         try:
-            _bind(host, grpc_port).close()
+            bind_listener(host, grpc_port).close()
         except OSError as e:
             print(f"fermion: cannot listen for gRPC on {host}:{grpc_port}: {e}", file=sys.stderr)
             return _STARTUP_FAILURE
@@ -166,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
             if demo_key:
                 print(f"demo API key {args.demo_key}: {demo_key}", flush=True)
             return supervise(config, args)
-        sock = slot.socket() if slot else _bind(host, config.server.port)
+        sock = slot.socket() if slot else bind_listener(host, config.server.port)
     except OSError as e:
         print(f"fermion: cannot listen on {host}:{config.server.port}: {e}", file=sys.stderr)
         return _STARTUP_FAILURE

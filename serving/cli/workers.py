@@ -31,7 +31,7 @@ from serving.config import FermionConfig
 from serving.http.v2 import stats_document
 from serving.observability.host import HostSiblings
 
-__all__ = ["WorkerSlot", "bind_shared", "supervise", "with_siblings"]
+__all__ = ["WorkerSlot", "bind_listener", "supervise", "with_siblings"]
 
 log = logging.getLogger("fermion.workers")
 
@@ -61,13 +61,17 @@ class WorkerSlot:
         return socket.socket(fileno=self.fd)
 
 
-def bind_shared(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` that other workers' sockets may share."""
+def bind_listener(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: one the OS picks), not yet listening.
+
+    ``shared``: other workers' sockets may bind the same port (SO_REUSEPORT).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
@@ -133,7 +137,7 @@ def _worker_command(
 def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
     """Run ``config.server.workers`` workers until SIGTERM/SIGINT; the exit code."""
     host, count = config.server.host, config.server.workers
-    first = bind_shared(host, config.server.port)
+    first = bind_listener(host, config.server.port, shared=True)
     port = first.getsockname()[1]
     run_dir = Path(tempfile.mkdtemp(prefix="fermion-workers-"))
     stopping = False
@@ -141,7 +145,7 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
     started = [0.0] * count
 
     def spawn(i: int, sock: socket.socket | None = None) -> None:
-        sock = sock or bind_shared(host, port)
+        sock = sock or bind_listener(host, port, shared=True)
         slot = f"{i},{count},{sock.fileno()},{run_dir}"
         with sock:
             procs[i] = subprocess.Popen(
