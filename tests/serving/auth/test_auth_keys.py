@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,10 +42,19 @@ def test_keys_are_random_and_names_unique(tmp_path: Path) -> None:
     assert principal is not None and principal.admin
 
 
-@pytest.mark.parametrize("scopes", [["write"], ["infer:"], ["infer:a/b"], []])
-def test_unknown_scopes_are_refused(tmp_path: Path, scopes: list[str]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("scopes", "message"),
+    [
+        (["write"], "unknown scope 'write'"),
+        (["infer:"], "unknown scope 'infer:'"),
+        (["infer:a/b"], "unknown scope 'infer:a/b'"),
+        ([], "at least one scope"),
+    ],
+)
+def test_unknown_scopes_are_refused(tmp_path: Path, scopes: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         create_key(tmp_path / "keys.json", "x", scopes)
+    assert not (tmp_path / "keys.json").exists()
 
 
 def test_verifier_follows_the_file(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -49,6 +50,25 @@ def test_token_bucket_burst_then_rate() -> None:
     assert limiter.acquire("ci", "mnist", now) == 0.0  # no rule for this model
 
 
+@pytest.mark.parametrize(
+    ("rate", "elapsed_s"),
+    [(0.5, 0.0), (0.5, 1.0), (0.5, 1.5), (2.0, 0.0), (2.0, 0.2), (3.0, 0.1), (0.1, 4.0)],
+)
+def test_the_wait_is_the_time_to_the_next_token_and_admits_then(
+    rate: float, elapsed_s: float
+) -> None:
+    limiter = RateLimiter([RateLimitRule(rate=rate, burst=1)])
+    assert limiter.acquire("ci", "m", 0.0) == 0.0  # the one saved token
+    tokens = elapsed_s * rate  # refilled since
+    wait = limiter.acquire("ci", "m", elapsed_s)
+    assert wait == pytest.approx((1.0 - tokens) / rate)
+    # Refused a little before the wait is over (and that refusal takes no token) ...
+    assert limiter.acquire("ci", "m", elapsed_s + wait * 0.9) > 0.0
+    # ... admitted once it is, and then empty again.
+    assert limiter.acquire("ci", "m", elapsed_s + wait) == 0.0
+    assert limiter.acquire("ci", "m", elapsed_s + wait) == pytest.approx(1.0 / rate)
+
+
 def test_every_matching_rule_must_admit() -> None:
     limiter = RateLimiter(
         [RateLimitRule(rate=100.0, burst=100), RateLimitRule(keys="free-*", rate=1.0, burst=1)]
@@ -81,7 +101,9 @@ async def test_rate_limit_answers_429_with_retry_after(gateway: InProcessGateway
         )
         statuses.append(r.status_code)
         if r.status_code == 429:
-            assert int(r.headers["retry-after"]) >= 1
+            # The burst is spent: the next token is (1 - tokens) / rate = 2 s away at 0.5/s
+            # (less the few ms these requests took, still 2 once rounded up).
+            assert r.headers["retry-after"] == "2"
             assert "rate limit" in r.json()["error"]
             assert r.headers["x-request-id"] == "rl"
     assert statuses[:3] == [200, 200, 200]
@@ -131,8 +153,27 @@ def test_deadline_is_capped_by_config() -> None:
     assert limits.deadline_ns(None, {"timeout": 3000}, 0) == 3_000_000
     assert limits.deadline_ns("10", {"timeout": 3000}, 0) == 3_000_000
     assert RequestLimits(LimitsConfig()).deadline_ns(None, {"timeout": 0}, 0) is None
-    with pytest.raises(InvalidInput):
-        limits.deadline_ns("-1", {}, 0)
+
+
+@pytest.mark.parametrize(
+    ("header", "parameters", "message"),
+    [
+        ("-1", {}, "fermion-timeout-ms must be a non-negative number"),
+        ("nan", {}, "fermion-timeout-ms must be a non-negative number"),
+        ("inf", {}, "fermion-timeout-ms must be a non-negative number"),
+        ("soon", {}, "fermion-timeout-ms must be a number, got 'soon'"),
+        ("0", {}, "fermion-timeout-ms must be above 0"),
+        (None, {"timeout": -5}, "parameter 'timeout' must be a non-negative number"),
+        (None, {"timeout": True}, "parameter 'timeout' must be a non-negative number"),
+        (None, {"timeout": [1]}, "parameter 'timeout' must be a number, got '[1]'"),
+    ],
+)
+def test_a_bad_deadline_is_refused_naming_its_source(
+    header: str | None, parameters: dict[str, object], message: str
+) -> None:
+    limits = RequestLimits(LimitsConfig())
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        limits.deadline_ns(header, parameters, 0)
 
 
 # -- deadlines and priorities in the batcher ----------------------------------------------------
