@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 
 import numpy as np
 import pytest
 
-from serving.config import RouteConfig
+from serving.config import RouteConfig, ShadowConfig
+from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.route_table import RouteTable
@@ -111,27 +113,128 @@ async def test_a_failing_shadow_never_changes_the_answer(repository: ModelReposi
     assert router.window(MODEL, 1).take().errors == 0
 
 
+def _slow_rows(rows: int = 2) -> np.ndarray:
+    x = np.ones((rows, 4), np.float32)
+    x[:, 3] = 300.0  # version 4 spins for these (a few tenths of a second per batch here)
+    return x
+
+
+async def _fill_queue(batcher: DynamicBatcher, depth: int) -> list[asyncio.Task[object]]:
+    """Keep ``batcher`` busy with slow batches and ``depth`` requests waiting behind them."""
+    x = _slow_rows()
+    tasks: list[asyncio.Task[object]] = []
+    while batcher.running < batcher.max_concurrent_batches:
+        tasks.append(asyncio.create_task(batcher.submit({"x": x}, 2)))
+        await asyncio.sleep(0)
+    while batcher.queue_depth < depth:
+        tasks.append(asyncio.create_task(batcher.submit({"x": x}, 2)))
+        await asyncio.sleep(0)
+    assert batcher.queue_depth == depth
+    return tasks
+
+
+def _mirror_once(
+    mirror: ShadowMirror, repo: ModelRepository, primary: int, shadow: dict[str, int]
+) -> bool:
+    """Offer ``mirror`` one answered request of ``primary``, as the inference service does."""
+    x = np.ones((1, 4), np.float32)
+    config = ShadowConfig.model_validate(shadow)
+    served, _ = repo.resolve(MODEL, str(primary))
+    return mirror.mirror(MODEL, config, served, {"x": x}, 1, {"logits": expected_logits(1, x)})
+
+
+async def test_no_copy_is_made_while_the_primary_queue_is_full(
+    repository: ModelRepository,
+) -> None:
+    # Version 4 is the primary here, kept busy; version 2, the shadow, is idle.
+    _, primary = repository.resolve(MODEL, "4")
+    mirror = ShadowMirror(repository)
+    shadow = {"version": 2, "max_queue_depth": 2}
+    waiting = await _fill_queue(primary, 1)
+    assert _mirror_once(mirror, repository, 4, shadow)  # one waiting: below the bound
+    waiting += await _fill_queue(primary, 2)
+    assert not _mirror_once(mirror, repository, 4, shadow)  # two waiting: at the bound
+    assert not _mirror_once(mirror, repository, 4, shadow | {"max_queue_depth": 1})
+    assert _mirror_once(mirror, repository, 4, shadow | {"max_queue_depth": 3})
+    await asyncio.gather(*waiting)
+    await _drain(mirror)
+    assert _mirror_once(mirror, repository, 4, shadow)  # the primary caught up
+    await _drain(mirror)
+    total = mirror.window(MODEL, 4, 2).total
+    assert (total.mirrored, total.shed, total.errors) == (3, 2, 0)
+
+
+async def test_no_copy_is_made_while_the_shadow_queue_is_full(
+    repository: ModelRepository,
+) -> None:
+    _, shadow_batcher = repository.resolve(MODEL, "4")
+    mirror = ShadowMirror(repository)
+    shadow = {"version": 4, "max_queue_depth": 3}
+    waiting = await _fill_queue(shadow_batcher, 2)
+    assert _mirror_once(mirror, repository, 1, shadow)  # two waiting: below the bound
+    await asyncio.sleep(0)  # the copy joins the shadow's queue
+    assert shadow_batcher.queue_depth == 3
+    assert not _mirror_once(mirror, repository, 1, shadow)  # three waiting: at the bound
+    await mirror.stop()  # the queued copy is dropped
+    assert shadow_batcher.queue_depth == 2
+    await asyncio.gather(*waiting)
+    total = mirror.window(MODEL, 1, 4).total
+    assert (total.mirrored, total.shed) == (0, 1)
+
+
+async def test_copies_in_flight_are_bounded(repository: ModelRepository) -> None:
+    mirror = ShadowMirror(repository)
+    # The queues are empty and stay so while these run (no await between them): only
+    # the bound on copies in flight refuses the third and later ones.
+    shadow = {"version": 2, "max_in_flight": 2, "max_queue_depth": 1000}
+    made = [_mirror_once(mirror, repository, 1, shadow) for _ in range(5)]
+    assert made == [True, True, False, False, False]
+    assert mirror.in_flight == 2
+    await _drain(mirror)
+    assert _mirror_once(mirror, repository, 1, shadow)  # room again once they are done
+    await _drain(mirror)
+    total = mirror.window(MODEL, 1, 2).total
+    assert (total.mirrored, total.shed, total.errors) == (3, 3, 0)
+
+
 async def test_a_slow_shadow_does_not_delay_the_client_and_is_shed(
     repository: ModelRepository,
 ) -> None:
+    x = _slow_rows()
+    _, shadow_batcher = repository.resolve(MODEL, "4")
+    # The baseline, from this run: one batch of the shadow computed alone.
+    started = time.perf_counter()
+    await shadow_batcher.submit({"x": x}, 2)
+    shadow_batch_s = time.perf_counter() - started
     router = _router(repository, {"version": 4, "percent": 100, "max_queue_depth": 2})
-    x = np.ones((2, 4), np.float32)
-    x[:, 3] = 300.0  # version 4 spins about a second per batch on these
-    latencies = []
+    latencies, depths, in_flight = [], [], []
     for _ in range(30):
         started = time.perf_counter()
         out = await _send(router, repository, x)
         latencies.append(time.perf_counter() - started)
+        depths.append(shadow_batcher.queue_depth)
+        in_flight.append(router.shadow.in_flight)
         np.testing.assert_allclose(out["logits"], expected_logits(1, x), rtol=1e-5, atol=1e-6)
-    # The shadow takes ~1 s per batch; the client never waits for it (bound: 250 ms).
-    assert max(latencies) < 0.25, latencies
+    # The client never waits for the shadow: no answer took as long as one shadow batch,
+    # most took a small part of it.
+    assert max(latencies) < shadow_batch_s, (latencies, shadow_batch_s)
+    assert statistics.median(latencies) < shadow_batch_s / 10, (latencies, shadow_batch_s)
+    # Copies wait two deep at most behind the one running; the others are shed.
+    assert max(depths) <= 2 and max(in_flight) <= 3, (depths, in_flight)
     total = router.shadow.window(MODEL, 1, 4).total
-    assert total.shed >= 25, total  # one running + two queued at most; the rest shed
-    assert router.shadow.in_flight <= 3
+    assert total.shed > 0 and total.shed + total.mirrored + router.shadow.in_flight == 30
+    queued_rows = shadow_batcher.queue_depth * len(x)
+    running_rows = router.shadow.in_flight * len(x) - queued_rows
+    computed = shadow_batcher.stats.inference_count
     started = time.perf_counter()
     await router.shadow.stop()
-    assert router.shadow.in_flight == 0
-    assert time.perf_counter() - started < 0.5  # queued copies are dropped, not computed
+    stop_s = time.perf_counter() - started
+    assert router.shadow.in_flight == 0 and shadow_batcher.queue_depth == 0
+    assert stop_s < shadow_batch_s  # stopping waits for no copy, running or queued
+    while shadow_batcher.running:
+        await asyncio.sleep(0.01)
+    # Queued copies were dropped, not computed: only the batch running at the stop ran on.
+    assert shadow_batcher.stats.inference_count - computed <= running_rows
 
 
 async def test_percent_of_requests_mirrored(repository: ModelRepository) -> None:
