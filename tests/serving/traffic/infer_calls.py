@@ -25,9 +25,16 @@ def service(table: RouteTable, repository: ModelRepository) -> InferenceService[
 
 
 async def infer(
-    svc: InferenceService[Any], x: np.ndarray, headers: dict[str, str] | None = None
+    svc: InferenceService[Any],
+    x: np.ndarray,
+    headers: dict[str, str] | None = None,
+    state: dict[str, object] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The outputs for ``x`` sent as a V2 JSON request to the routed model."""
+    """The outputs for ``x`` sent as a V2 JSON request to the routed model.
+
+    ``state``, when given, is the call's state: ``served`` names the version that took the
+    request, also when it failed.
+    """
     body = orjson.dumps(
         {
             "inputs": [
@@ -44,7 +51,14 @@ async def infer(
     async def read_body() -> bytes:
         return body
 
-    call = InferCall(MODEL, None, headers or {}, read_body, time.perf_counter_ns(), {})
+    call = InferCall(
+        MODEL,
+        None,
+        headers or {},
+        read_body,
+        time.perf_counter_ns(),
+        {} if state is None else state,
+    )
     content, _ = await svc.infer(call)
     answer = orjson.loads(content)
     return {
