@@ -285,9 +285,9 @@ async def test_routes_are_locked_while_a_rollout_runs_and_stop_rolls_back(
 ) -> None:
     routes, controller, config_path = _gateway(repository, tmp_path)
     await controller.begin(MODEL, RolloutSpec(to=2, steps=[10, 100], interval_s=30))
-    with pytest.raises(RolloutConflict):
+    with pytest.raises(RolloutConflict, match=f"a rollout of {MODEL} is running; stop it first"):
         await routes.set_route(MODEL, RouteConfig(split={1: 1}))
-    with pytest.raises(RolloutConflict):
+    with pytest.raises(RolloutConflict, match=f"a rollout of {MODEL} is already running"):
         await controller.begin(MODEL, RolloutSpec(to=2))
     state = await controller.abort(MODEL)
     assert state.status == "stopped" and state.reason == "stopped by an operator"
