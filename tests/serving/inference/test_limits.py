@@ -16,7 +16,10 @@ from serving.config import FermionConfig, LimitsConfig, RateLimitRule
 from serving.errors import DeadlineExceeded, InvalidInput
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.limits import RateLimiter, RequestLimits
-from tests.helpers.inprocess import InProcessGateway, digits_body, serve_in_process
+from tests.helpers.ab_models import MODEL, v2_body
+from tests.helpers.inprocess import InProcessGateway, serve_in_process
+
+_INFER = f"/v2/models/{MODEL}/infer"
 
 
 class _Recorder:
@@ -83,11 +86,11 @@ def test_every_matching_rule_must_admit() -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(demo_store: ModelStore) -> AsyncIterator[InProcessGateway]:
+async def gateway(ab_store: ModelStore) -> AsyncIterator[InProcessGateway]:
     config = FermionConfig(
-        limits=LimitsConfig(rate_limits=[RateLimitRule(models="digits", rate=0.5, burst=3)])
+        limits=LimitsConfig(rate_limits=[RateLimitRule(models=MODEL, rate=0.5, burst=3)])
     )
-    async with serve_in_process(config, demo_store) as gw:
+    async with serve_in_process(config, ab_store) as gw:
         yield gw
 
 
@@ -96,9 +99,7 @@ async def test_rate_limit_answers_429_with_retry_after(gateway: InProcessGateway
     statuses = []
     rows_before = gateway.computed_rows()
     for _ in range(5):
-        r = await gateway.client.post(
-            "/v2/models/digits/infer", json=digits_body(), headers={"x-request-id": "rl"}
-        )
+        r = await gateway.client.post(_INFER, json=v2_body(), headers={"x-request-id": "rl"})
         statuses.append(r.status_code)
         if r.status_code == 429:
             # The burst is spent: the next token is (1 - tokens) / rate = 2 s away at 0.5/s
@@ -110,37 +111,37 @@ async def test_rate_limit_answers_429_with_retry_after(gateway: InProcessGateway
     assert statuses[3:] == [429, 429]
     assert gateway.computed_rows() - rows_before == 3
     # Metadata is not rate limited.
-    assert (await gateway.client.get("/v2/models/digits")).status_code == 200
+    assert (await gateway.client.get(f"/v2/models/{MODEL}")).status_code == 200
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_deadlines_and_size_limits(demo_store: ModelStore) -> None:
-    config = FermionConfig(limits=LimitsConfig(max_batch=4, max_elements=2 * 784))
-    async with serve_in_process(config, demo_store) as gw:
+async def test_deadlines_and_size_limits(ab_store: ModelStore) -> None:
+    config = FermionConfig(limits=LimitsConfig(max_batch=4, max_elements=2 * 4))
+    async with serve_in_process(config, ab_store) as gw:
         before = gw.computed_rows()
         r = await gw.client.post(
-            "/v2/models/digits/infer",
-            json=digits_body(),
+            _INFER,
+            json=v2_body(),
             headers={"fermion-timeout-ms": "0.001"},
         )
         assert r.status_code == 504, r.text
-        r = await gw.client.post("/v2/models/digits/infer", json=digits_body(timeout=1))
+        r = await gw.client.post(_INFER, json=v2_body(timeout=1))
         assert r.status_code == 504, r.text  # V2 timeout: microseconds
         assert gw.computed_rows() == before
         ok = await gw.client.post(
-            "/v2/models/digits/infer",
-            json=digits_body(timeout=5_000_000),
+            _INFER,
+            json=v2_body(timeout=5_000_000),
             headers={"fermion-timeout-ms": "5000"},
         )
         assert ok.status_code == 200
         assert gw.computed_rows() == before + 1
         for headers, body, error in [
-            ({"fermion-timeout-ms": "soon"}, digits_body(), "fermion-timeout-ms"),
-            ({}, digits_body(priority="high"), "priority"),
-            ({}, digits_body(rows=3), "over the limit of 1568"),
-            ({}, digits_body(rows=5), "max batch size of 4"),
+            ({"fermion-timeout-ms": "soon"}, v2_body(), "fermion-timeout-ms"),
+            ({}, v2_body(priority="high"), "priority"),
+            ({}, v2_body(rows=3), "over the limit of 8"),
+            ({}, v2_body(rows=5), "max batch size of 4"),
         ]:
-            r = await gw.client.post("/v2/models/digits/infer", json=body, headers=headers)
+            r = await gw.client.post(_INFER, json=body, headers=headers)
             assert r.status_code == 400, r.text
             assert error in r.json()["error"]
         assert gw.computed_rows() == before + 1
