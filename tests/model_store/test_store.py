@@ -533,7 +533,7 @@ def test_remove_deletes_one_version_and_nothing_else(tmp_path: Path) -> None:
     store.remove("m", 1)
     store.remove("m", 3)
     assert store.models() == []
-    with pytest.raises(ModelNotFoundError, match="'m'"):
+    with pytest.raises(ModelNotFoundError, match="model 'm' has no published version"):
         store.latest("m")
 
 
