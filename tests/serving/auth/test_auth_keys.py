@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving.auth import ApiKeys, Principal, create_key, read_keys, required_scope, revoke_key
+from serving.auth.scopes import infer_model, parse_scopes
 from serving.cli import main
 
 
@@ -101,6 +102,25 @@ def test_scopes_per_route() -> None:
     assert p.scopes == ("infer:dig*", "admin")
     reader = Principal("r", ["read"])
     assert reader.allows("read") and not reader.allows("admin")
+    assert not reader.allows("infer", "digits")
+
+
+def test_health_needs_nothing_and_an_unknown_kind_is_refused() -> None:
+    nobody = Principal("n", [])
+    assert nobody.allows("open") and not nobody.allows("read")
+    assert not Principal("all", ["admin", "read", "infer:*"]).allows("bogus")
+
+
+def test_a_post_that_is_no_inference_names_no_model() -> None:
+    assert infer_model("POST", "/v2/repository/index") is None
+    assert infer_model("GET", "/v2/models/digits/infer") is None
+    assert infer_model("POST", "/v2/models/digits/infer") == "digits"
+    assert required_scope("POST", "/v2/models/digits/generate") == ("read", "")
+
+
+def test_blank_scopes_are_skipped_not_the_end_of_the_list() -> None:
+    assert parse_scopes(["", " ", "read", " infer:a* ", "read"]) == ("read", "infer:a*")
+    assert Principal("p", ["", "admin"]).admin
 
 
 def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

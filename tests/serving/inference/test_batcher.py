@@ -214,3 +214,21 @@ async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
     assert seen[1] == later
     assert seen[-1] is None  # a request without a deadline waits for the batch however long
     assert batch_deadline_ns.get() is None  # set only inside the batch's own task
+
+
+async def test_a_full_batch_does_not_wait_for_the_queue_delay() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_s=60.0)
+    both = asyncio.gather(batcher.submit(_req(1.0), 1), batcher.submit(_req(2.0), 1))
+    # Dispatched as soon as the batch is full: long before the minute of delay is over.
+    await asyncio.wait_for(both, timeout=10.0)
+    assert model.batches == [2]
+
+
+async def test_each_gathering_window_ends_after_the_queue_delay() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.02)
+    for value in (1.0, 2.0, 3.0):  # each alone: its own window, its own timer
+        out = await asyncio.wait_for(batcher.submit(_req(value), 1), timeout=10.0)
+        assert float(out["y"][0, 0]) == 2 * value
+    assert model.batches == [1, 1, 1]
