@@ -76,6 +76,9 @@ def test_scaling_every_weight_moves_no_key() -> None:
     keys = _keys(5_000)
     a, b = TrafficSplit({1: 9, 2: 1}), TrafficSplit({1: 90, 2: 10})
     assert all(a.pick_sticky(k) == b.pick_sticky(k) for k in keys)
+    # Weights below 1 (shares given as fractions) are scaled weights too.
+    c = TrafficSplit({1: 0.009, 2: 0.001})
+    assert all(a.pick_sticky(k) == c.pick_sticky(k) for k in keys)
 
 
 def test_raising_the_canary_moves_keys_only_towards_it() -> None:
