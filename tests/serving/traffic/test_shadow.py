@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from serving.config import RouteConfig, ShadowConfig
+from serving.config import RouteConfig, ShadowConfig, TracingConfig
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository
+from serving.observability import tracing
 from serving.observability.metrics import GatewayMetrics
 from serving.traffic.route_table import RouteTable
 from serving.traffic.shadow import ShadowMirror, compare_outputs
+from serving.traffic.windows import ShadowFigures
 from tests.helpers.ab_models import (
     DELTA,
     FAIL_AT,
@@ -94,23 +101,38 @@ async def test_divergence_metrics_of_a_known_pair_of_models(repository: ModelRep
     assert _sample(metrics, "fermion_shadow_max_abs_diff_count", labels) - count_before == len(
         batches
     )
+    requests = "fermion_shadow_requests_total"
+    assert _sample(metrics, requests, labels | {"outcome": "ok"}) == len(batches)
+    assert metrics.registry.get_sample_value(requests, labels | {"outcome": "error"}) is None
     # The gauge is per mirror (this test's router): its agreement since it started.
     assert _sample(metrics, "fermion_shadow_top1_agreement", labels) == pytest.approx(
         want_agree / len(xs)
     )
 
 
-async def test_a_failing_shadow_never_changes_the_answer(repository: ModelRepository) -> None:
+async def test_a_failing_shadow_never_changes_the_answer(
+    repository: ModelRepository, caplog: pytest.LogCaptureFixture
+) -> None:
     router = _router(repository, {"version": 3, "percent": 100})
+    metrics = _metrics(router)
     x = np.ones((4, 4), np.float32)
     x[:, 0] = FAIL_AT + 1  # version 3 fails on these rows
-    for _ in range(5):
-        out = await _send(router, repository, x)
-        np.testing.assert_allclose(out["logits"], expected_logits(1, x), rtol=1e-5, atol=1e-6)
-        await _drain(router.shadow)
+    with caplog.at_level(logging.DEBUG, logger="fermion.shadow"):
+        for _ in range(5):
+            out = await _send(router, repository, x)
+            np.testing.assert_allclose(out["logits"], expected_logits(1, x), rtol=1e-5, atol=1e-6)
+            await _drain(router.shadow)
     total = router.shadow.window(MODEL, 1, 3).total
     assert (total.mirrored, total.errors, total.rows) == (5, 5, 0)
     assert router.window(MODEL, 1).take().errors == 0
+    # Each failure is logged (at debug: the client never saw it) and counted as an error.
+    failures = [r.getMessage() for r in caplog.records if r.name == "fermion.shadow"]
+    assert len(failures) == 5, failures
+    assert all(m.startswith(f"shadow {MODEL} version 3 failed: ") for m in failures), failures
+    labels = {"model": MODEL, "primary": "1", "shadow": "3"}
+    requests = "fermion_shadow_requests_total"
+    assert _sample(metrics, requests, labels | {"outcome": "error"}) == 5
+    assert metrics.registry.get_sample_value(requests, labels | {"outcome": "ok"}) is None
 
 
 def _slow_rows(rows: int = 2) -> np.ndarray:
@@ -223,6 +245,8 @@ async def test_a_slow_shadow_does_not_delay_the_client_and_is_shed(
     assert max(depths) <= 2 and max(in_flight) <= 3, (depths, in_flight)
     total = router.shadow.window(MODEL, 1, 4).total
     assert total.shed > 0 and total.shed + total.mirrored + router.shadow.in_flight == 30
+    shed = {"model": MODEL, "primary": "1", "shadow": "4", "outcome": "shed"}
+    assert _sample(_metrics(router), "fermion_shadow_requests_total", shed) == total.shed
     queued_rows = shadow_batcher.queue_depth * len(x)
     running_rows = router.shadow.in_flight * len(x) - queued_rows
     computed = shadow_batcher.stats.inference_count
@@ -263,3 +287,46 @@ async def test_routed_requests_are_counted_per_version(repository: ModelReposito
     assert (v1.requests, v1.errors) == (outcomes["ok"], 0)
     assert (v3.requests, v3.errors) == (outcomes["error"], outcomes["error"])
     assert v1.p99_ms is not None and v3.p99_ms is None
+
+
+async def test_no_copy_at_zero_percent(repository: ModelRepository) -> None:
+    mirror = ShadowMirror(repository)
+    assert not _mirror_once(mirror, repository, 1, {"version": 2, "percent": 0})
+    assert mirror.in_flight == 0
+    assert mirror.window(MODEL, 1, 2).total == ShadowFigures()  # not even counted as shed
+
+
+@pytest.fixture()
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    tracing.configure(TracingConfig(), exporter=exporter)
+    yield exporter
+    tracing.shutdown()
+
+
+async def test_a_copy_is_a_span_of_the_sampled_request_it_mirrors(
+    repository: ModelRepository, exporter: InMemorySpanExporter
+) -> None:
+    tracer = tracing.current_tracer()
+    assert tracer is not None
+    mirror = ShadowMirror(repository)
+    with tracer.start_as_current_span("request") as request:
+        assert _mirror_once(mirror, repository, 1, {"version": 2})
+    await _drain(mirror)
+    # Sampled out: the copy makes no span of its own.
+    unsampled = SpanContext(request.get_span_context().trace_id, 0x5EED, is_remote=False)
+    with trace.use_span(NonRecordingSpan(unsampled)):
+        assert _mirror_once(mirror, repository, 1, {"version": 2})
+    await _drain(mirror)
+    assert mirror.window(MODEL, 1, 2).total.mirrored == 2
+    shadows = [s for s in exporter.get_finished_spans() if s.name == "fermion.shadow"]
+    assert len(shadows) == 1, [s.name for s in exporter.get_finished_spans()]
+    [span] = shadows
+    assert span.parent is not None
+    assert span.parent.span_id == request.get_span_context().span_id
+    assert dict(span.attributes or {}) == {
+        "fermion.model": MODEL,
+        "fermion.version": "1",
+        "fermion.shadow_version": "2",
+        "fermion.rows": 1,
+    }
