@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.errors import InferenceFailed, InvalidInput, Overloaded
+from serving.errors import InferenceFailed, InvalidInput, ModelNotReady, Overloaded
 from serving.inference.batcher import DynamicBatcher, batch_deadline_ns
 
 
@@ -185,8 +185,13 @@ async def test_close_finishes_queued_requests() -> None:
     tasks = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(7)]
     await asyncio.sleep(0)
     await batcher.close()
+    assert all(t.done() for t in tasks)  # close returns once every one is answered
     results = await asyncio.gather(*tasks)
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(7)]
+    with pytest.raises(ModelNotReady) as refused:
+        await batcher.submit(_req(9.0), 1)
+    assert refused.value.message == "model version is unloading"
+    assert model.batches == [1, 2, 2, 2]
 
 
 async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
