@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ async def _versions(table: RouteTable, repo: ModelRepository, n: int) -> set[int
 async def test_routes_set_and_removed_by_hand_without_a_file(repository: ModelRepository) -> None:
     table = RouteTable({}, repository)  # no config file: changes live in memory
     assert await _versions(table, repository, 5) == {4}  # no route: the latest version
+    assert table.remove(MODEL) is None  # nothing to remove
     await table.set_route(MODEL, RouteConfig(split={1: 1, 2: 0}))
     route = table.get(MODEL)
     assert route is not None and route.name == MODEL
@@ -49,6 +51,8 @@ async def test_a_locked_route_refuses_changes_by_hand_until_unlocked(
     repository: ModelRepository,
 ) -> None:
     table = RouteTable({MODEL: RouteConfig(split={1: 1})}, repository)
+    configured = table.get(MODEL)
+    assert configured is not None and configured.name == MODEL
     table.unlock(MODEL)  # not locked: nothing to do
     table.lock(MODEL, "a rollout is running")
     with pytest.raises(RolloutConflict, match=r"^a rollout is running$"):
@@ -81,8 +85,11 @@ async def test_the_route_family_counts_routed_requests_by_version_and_outcome(
         labels = {"model": MODEL, "version": str(version), "outcome": outcome}
         return registry.get_sample_value("fermion_route_requests_total", labels) or 0.0
 
-    # Not exported before the model has a route (set at run time here).
+    # Not exported before the model has a route (set at run time here), nor for a model
+    # without one (one sorting before it, served alongside).
     assert registry.get_sample_value("fermion_route_requests_total", {"model": MODEL}) is None
+    other = repository.counters.version("a-model", 1)
+    other.answered(time.perf_counter_ns())
     await table.set_route(MODEL, RouteConfig(split={1: 1, 3: 1}))
     before = {(v, o): count(v, o) for v in (1, 3) for o in ("ok", "error")}
     svc = service(table, repository)
@@ -102,6 +109,11 @@ async def test_the_route_family_counts_routed_requests_by_version_and_outcome(
     assert count(1, "error") - before[(1, "error")] == 0
     assert count(3, "error") - before[(3, "error")] == answered[3]
     assert count(3, "ok") - before[(3, "ok")] == 0
+    unrouted = {"model": "a-model", "version": "1", "outcome": "ok"}
+    assert (
+        other.ok == 1
+        and registry.get_sample_value("fermion_route_requests_total", unrouted) is None
+    )
 
 
 async def test_copies_go_to_the_shadow_mirror_it_is_given(repository: ModelRepository) -> None:
