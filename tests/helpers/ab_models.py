@@ -183,9 +183,12 @@ def build_ab_store(root: Path) -> ModelStore:
 
 
 @contextlib.asynccontextmanager
-async def serve_in_process(store: ModelStore) -> AsyncIterator[ModelRepository]:
-    """Every version of ``clf`` loaded in this process on the local backend (no server)."""
-    config = FermionConfig.model_validate({"store": {"root": str(store.root)}})
+async def serve_in_process(store: ModelStore, **settings: Any) -> AsyncIterator[ModelRepository]:
+    """Every version of ``clf`` loaded in this process on the local backend (no server).
+
+    ``settings`` are further top-level config keys (``batching={...}``).
+    """
+    config = FermionConfig.model_validate({"store": {"root": str(store.root)}, **settings})
     backend = LocalBackend(config, store)
     await backend.start()
     repository = ModelRepository(config, store, backend)

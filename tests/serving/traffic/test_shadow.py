@@ -15,6 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
+from model_store.store import ModelStore
 from serving.config import RouteConfig, ShadowConfig, TracingConfig
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository
@@ -28,6 +29,7 @@ from tests.helpers.ab_models import (
     FAIL_AT,
     MODEL,
     expected_logits,
+    serve_in_process,
 )
 from tests.serving.traffic.infer_calls import infer, service
 
@@ -129,6 +131,7 @@ async def test_a_failing_shadow_never_changes_the_answer(
     failures = [r.getMessage() for r in caplog.records if r.name == "fermion.shadow"]
     assert len(failures) == 5, failures
     assert all(m.startswith(f"shadow {MODEL} version 3 failed: ") for m in failures), failures
+    assert all("inference failed" in m for m in failures), failures  # and why
     labels = {"model": MODEL, "primary": "1", "shadow": "3"}
     requests = "fermion_shadow_requests_total"
     assert _sample(metrics, requests, labels | {"outcome": "error"}) == 5
@@ -141,18 +144,20 @@ def _slow_rows(rows: int = 2) -> np.ndarray:
     return x
 
 
-async def _fill_queue(batcher: DynamicBatcher, depth: int) -> list[asyncio.Task[object]]:
+async def _fill_queue(
+    batcher: DynamicBatcher, depth: int, rows: int = 2
+) -> list[asyncio.Task[object]]:
     """Keep ``batcher`` busy with slow batches and ``depth`` requests waiting behind them."""
-    x = _slow_rows()
+    x = _slow_rows(rows)
     tasks: list[asyncio.Task[object]] = []
-    while batcher.running < batcher.max_concurrent_batches:
-        tasks.append(asyncio.create_task(batcher.submit({"x": x}, 2)))
+    for _ in range(100):
+        if batcher.running == batcher.max_concurrent_batches and batcher.queue_depth == depth:
+            return tasks
+        tasks.append(asyncio.create_task(batcher.submit({"x": x}, rows)))
         await asyncio.sleep(0)
-    while batcher.queue_depth < depth:
-        tasks.append(asyncio.create_task(batcher.submit({"x": x}, 2)))
-        await asyncio.sleep(0)
-    assert batcher.queue_depth == depth
-    return tasks
+        failed = [t for t in tasks if t.done() and t.exception() is not None]
+        assert not failed, failed[0].exception()
+    raise AssertionError(f"queue not {depth} deep: {batcher.queue_depth}")
 
 
 def _mirror_once(
@@ -330,3 +335,24 @@ async def test_a_copy_is_a_span_of_the_sampled_request_it_mirrors(
         "fermion.shadow_version": "2",
         "fermion.rows": 1,
     }
+
+
+async def test_copies_wait_behind_client_requests_at_the_lowest_priority(
+    ab_store: ModelStore,
+) -> None:
+    # Clients without a priority go first (level 1 of 2); one row per batch.
+    batching = {"max_batch_size": 1, "priority_levels": 2, "default_priority_level": 1}
+    async with serve_in_process(ab_store, batching=batching) as repository:
+        _, shadow_batcher = repository.resolve(MODEL, "4")
+        mirror = ShadowMirror(repository)
+        busy = await _fill_queue(shadow_batcher, 0, rows=1)  # a slow batch runs
+        assert _mirror_once(mirror, repository, 1, {"version": 4})
+        await asyncio.sleep(0)  # the copy waits, queued first
+        assert shadow_batcher.queue_depth == 1
+        client = await shadow_batcher.submit({"x": np.ones((1, 4), np.float32)}, 1)
+        # The client, queued after the copy, was computed before it.
+        assert client["logits"].shape == (1, 3)
+        assert mirror.window(MODEL, 1, 4).total.mirrored == 0 and mirror.in_flight == 1
+        await asyncio.gather(*busy)
+        await _drain(mirror)
+        assert mirror.window(MODEL, 1, 4).total.mirrored == 1
