@@ -296,6 +296,12 @@ def test_every_output_is_encoded_whatever_comes_first() -> None:
     assert outputs["y"]["data"] == [1.0, 1.0] and outputs["y"]["datatype"] == "FP32"
 
 
+def test_a_numeric_output_given_as_a_list_is_encoded() -> None:
+    answer = _encode({"y": [[1, 2]], "z": np.array([b"a"], np.object_)})
+    y = next(o for o in answer["outputs"] if o["name"] == "y")
+    assert (y["datatype"], y["shape"], y["data"]) == ("FP32", [1, 2], [1.0, 2.0])
+
+
 def test_an_output_the_model_did_not_produce_is_named() -> None:
     with pytest.raises(InferenceFailed) as raised:
         _encode({"y": np.ones((1, 2), np.float32)})

@@ -298,3 +298,13 @@ async def test_a_request_computing_when_its_deadline_passes_is_answered() -> Non
     assert time.perf_counter_ns() > deadline  # answered after it
     np.testing.assert_array_equal(out["y"], _x(1.0)["x"])
     assert model.rows == [1.0] and batcher.stats.expired == 0
+
+
+def test_buckets_are_kept_for_100_000_other_callers_then_start_afresh() -> None:
+    limiter = RateLimiter([RateLimitRule(rate=1.0, burst=1)])
+    assert limiter.acquire("first", "m", 0.0) == 0.0
+    for i in range(100_000):  # 100,000 callers more: the first one is still remembered
+        limiter.acquire(f"caller-{i}", "m", 0.0)
+    assert limiter.acquire("first", "m", 0.0) == pytest.approx(1.0)
+    limiter.acquire("one-more", "m", 0.0)  # over the bound: every bucket starts afresh
+    assert limiter.acquire("first", "m", 0.0) == 0.0

@@ -72,6 +72,14 @@ def test_sticky_keys_keep_their_version_and_follow_the_weights() -> None:
     assert abs(on_2 - 0.2 * len(keys)) < _Z * sd
 
 
+def test_sticky_assignments_are_pinned_across_releases() -> None:
+    # During a rolling update, gateways of two releases serve one fleet: a key must get the
+    # same version from both. These assignments change only on purpose (say so then).
+    split = TrafficSplit({1: 50, 2: 30, 3: 20})
+    got = "".join(split.pick_sticky(k) for k in _keys(12))
+    assert got == "311113221211"
+
+
 def test_scaling_every_weight_moves_no_key() -> None:
     keys = _keys(5_000)
     a, b = TrafficSplit({1: 9, 2: 1}), TrafficSplit({1: 90, 2: 10})
