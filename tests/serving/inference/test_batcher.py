@@ -21,6 +21,7 @@ from serving.errors import (
 )
 from serving.inference.batcher import DynamicBatcher, batch_deadline_ns
 from serving.observability import tracing
+from serving.observability.counters import VersionCounter
 
 
 class _DoubleModel:
@@ -141,9 +142,11 @@ async def test_queue_bound_admits_exactly_the_queue_size_beyond_the_running_batc
     for _ in range(100):
         await asyncio.sleep(0)
     assert batcher.queue_depth == queue_size and not any(t.done() for t in waiting)
-    with pytest.raises(Overloaded, match=f"queue full \\({queue_size} waiting requests\\)"):
-        await batcher.submit(_req(99.0), 1)
-    assert batcher.stats.rejected == 1
+    for _ in range(2):
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(_req(99.0), 1)
+        assert refused.value.message == (f"queue full ({queue_size} waiting requests); retry later")
+    assert batcher.stats.rejected == 2
     model.release.set()
     results = await asyncio.gather(*running, *waiting)
     assert [float(r["y"][0, 0]) for r in results[concurrent:]] == list(
@@ -377,6 +380,11 @@ async def test_a_batch_is_a_span_under_its_first_request_linked_to_all(
     batches = [s for s in exporter.get_finished_spans() if s.name == "fermion.batch"]
     runs = [s for s in exporter.get_finished_spans() if s.name == "fermion.execute"]
     assert len(batches) == len(runs) == 3
+    queued = [s for s in exporter.get_finished_spans() if s.name == "fermion.queue"]
+    assert len(queued) == 4
+    assert all(
+        dict(q.attributes or {}) == {"fermion.model": "m", "fermion.version": "3"} for q in queued
+    )
     shared = next(b for b in batches if b.attributes and b.attributes["fermion.batch.rows"] == 2)
     assert dict(shared.attributes or {}) == {
         "fermion.model": "m",
@@ -396,3 +404,45 @@ async def test_a_batch_is_a_span_under_its_first_request_linked_to_all(
     assert [e.name for e in failed.events] == ["exception"]
     recorded = failed.events[0].attributes or {}
     assert recorded.get("exception.message") == "poisoned row in batch"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_queue_size": 0}, {"max_concurrent_batches": 0}, {"max_queue_delay_s": -0.1}],
+)
+def test_bad_settings_are_refused_one_by_one(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        DynamicBatcher(_DoubleModel(), max_batch_size=4, **bad)
+    assert str(raised.value) == (
+        "max_queue_size and max_concurrent_batches must be >= 1, delay >= 0"
+    )
+
+
+async def test_the_counter_given_is_the_one_kept_else_one_named_after_the_version() -> None:
+    counter = VersionCounter("m", 3)
+    batcher = DynamicBatcher(_DoubleModel(delay_s=0), max_batch_size=4, stats=counter)
+    await batcher.submit(_req(1.0), 1)
+    assert batcher.stats is counter and counter.inference_count == 1
+    named = DynamicBatcher(_DoubleModel(), max_batch_size=4, model="m", version="7")
+    assert (named.stats.model, named.stats.version) == ("m", 7)
+    unnamed = DynamicBatcher(_DoubleModel(), max_batch_size=4, version="latest")
+    assert (unnamed.stats.model, unnamed.stats.version) == ("", 0)
+    assert unnamed.max_queue_size == 2048
+
+
+async def test_an_unbatched_model_computes_each_request_alone() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=8, batched=False)
+    assert batcher.max_batch_size == 1  # what the inference service checks requests against
+    await asyncio.gather(*(batcher.submit(_req(float(v)), 1) for v in range(4)))
+    assert model.batches == [1, 1, 1, 1]
+
+
+async def test_a_deadline_already_passed_is_refused_before_queueing() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=4)
+    for _ in range(2):
+        with pytest.raises(DeadlineExceeded) as raised:
+            await batcher.submit(_req(1.0), 1, deadline_ns=time.perf_counter_ns() - 1)
+        assert raised.value.message == "deadline passed before the request was queued"
+    assert batcher.stats.expired == 2 and model.batches == []

@@ -208,11 +208,33 @@ async def test_priorities_reorder_the_queue() -> None:
         asyncio.create_task(batcher.submit(_x(v), 1, priority=p))
         for v, p in [(1.0, 3), (2.0, 0), (3.0, 1), (4.0, 3), (5.0, 1)]
     ]
+    waiting.append(asyncio.create_task(batcher.submit(_x(6.0), 1)))  # no priority given
     await asyncio.gather(first, *waiting)
     # Level 1 first (in arrival order), then the default level 2, then level 3.
-    assert model.rows == [0.0, 3.0, 5.0, 2.0, 1.0, 4.0]
-    with pytest.raises(InvalidInput, match="3 levels"):
+    assert model.rows == [0.0, 3.0, 5.0, 2.0, 6.0, 1.0, 4.0]
+    with pytest.raises(InvalidInput) as raised:
         await batcher.submit(_x(9.0), 1, priority=4)
+    assert raised.value.message == "priority 4 is over this model's 3 levels"
+
+
+async def test_the_default_level_may_be_the_lowest() -> None:
+    model = _Recorder(delay_s=0.02)
+    batcher = DynamicBatcher(model, max_batch_size=1, priority_levels=2, default_priority_level=2)
+    first = asyncio.create_task(batcher.submit(_x(0.0), 1))
+    await asyncio.sleep(0.005)
+    rest = [asyncio.create_task(batcher.submit(_x(1.0), 1))]
+    rest.append(asyncio.create_task(batcher.submit(_x(2.0), 1, priority=1)))
+    await asyncio.gather(first, *rest)
+    assert model.rows == [0.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize(("levels", "default"), [(3, 4), (0, 2), (2, -1)])
+def test_a_default_level_outside_the_levels_is_refused(levels: int, default: int) -> None:
+    with pytest.raises(ValueError) as raised:
+        DynamicBatcher(
+            _Recorder(), max_batch_size=1, priority_levels=levels, default_priority_level=default
+        )
+    assert str(raised.value) == "default_priority_level must be within the priority levels"
 
 
 async def test_one_level_ignores_priority() -> None:
