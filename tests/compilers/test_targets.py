@@ -61,9 +61,14 @@ def test_onnxruntime_artifact_is_an_optimised_graph_that_matches_the_source(
         "onnxruntime_version": ort.__version__,
         "providers": ["CPUExecutionProvider"],
     }
-    # Extended optimisation fuses Gemm+Relu into one contrib op; no NCHWc layout ops.
-    ops = [(n.domain, n.op_type) for n in onnx.load(str(artifact.path)).graph.node]
-    assert ops == [("com.microsoft", "FusedGemm"), ("", "Gemm")]
+    # Extended optimisation fuses nodes (fewer of them, some of an op the source lacks);
+    # it adds no NCHWc layout ops, which would tie the artifact to this host's CPU. Which
+    # fusions ONNX Runtime makes is its own affair (it is not pinned).
+    before = [(n.domain, n.op_type) for n in onnx.load(str(source)).graph.node]
+    after = [(n.domain, n.op_type) for n in onnx.load(str(artifact.path)).graph.node]
+    assert len(after) < len(before), (before, after)
+    assert set(after) - set(before), (before, after)
+    assert not [op for op in after if "nchwc" in f"{op[0]}.{op[1]}".lower()], after
     plain = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     for batch in (1, 64):
         x = np.random.default_rng(batch).random((batch, 4), dtype=np.float32)

@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +26,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from model_store.store import ModelStore
+from tests.helpers.ab_models import MODEL as AB_MODEL
+from tests.helpers.ab_models import build_ab_store, expected_logits
 from tests.helpers.servers import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -107,11 +110,14 @@ def ray_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ray_store(demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    """Both demo versions of ``digits`` and ``other`` (a copy of version 1, not served at start)."""
+    """Both demo versions of ``digits``, and, not served at start: ``other`` (a copy of
+    version 1) and ``slow`` (the A/B models' version 4, which spins as long as asked)."""
     store = ModelStore(tmp_path_factory.mktemp("ray-store"))
     for version in demo_store.versions("digits"):
         store.push(demo_store.version_dir("digits", version))
     store.push(demo_store.version_dir("digits", 1), name="other")
+    ab_store = build_ab_store(tmp_path_factory.getbasetemp() / "ab-store")
+    store.push(ab_store.version_dir(AB_MODEL, 4), name="slow")
     return store
 
 
@@ -298,7 +304,8 @@ def test_predictions_equal_backend_local(
     config = httpx.get(f"{ray_server.url}/v2/models/digits/config").json()
     assert config["backend"] == "ray"
     assert config["artifact"]["application"] == f"{NAMESPACE}.digits.2"
-    assert config["artifact"]["warmup_seconds"] >= 0
+    # Warm-up ran in the replica (a batch of 1 row and one of 64) before it was ready.
+    assert config["artifact"]["warmup_seconds"] > 0
     assert httpx.get(f"{ray_server.url}/v2/health/ready").status_code == 200
     for version in (1, 2):
         path = f"/v2/models/digits/versions/{version}/infer"
@@ -469,9 +476,9 @@ def test_killed_replica_fails_no_request_and_comes_back(
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.get(200, 0) > 20
     # A batch of this model computes in well under a millisecond, so whether the kill
-    # hits one in flight is chance; the retry itself is unit-tested with Ray's exceptions
-    # (tests/serving/inference/test_ray_backend.py). What the README promises here: a 503
-    # only when a batch's retry died too or outlived request_timeout_s, saying so.
+    # hits one in flight is chance (the next test kills a replica under a known batch).
+    # What the README promises here: a 503 only when a batch's retry died too or
+    # outlived request_timeout_s, saying so.
     retried = "retrying the batch once on another replica" in ray_server.log()[log_before:]
     for response in load.refused:
         error = response.json()["error"]
@@ -488,6 +495,46 @@ def test_killed_replica_fails_no_request_and_comes_back(
         f"{ray_server.url}/v2/models/digits/versions/1/infer", json=_body(_samples(ray_store)[:1])
     )
     assert response.status_code == 200
+
+
+def test_a_batch_whose_replica_is_killed_while_computing_it_is_retried_and_answered(
+    ray_server: RunningServer,
+) -> None:
+    import ray
+    from ray.util.state import get_actor
+
+    x = np.ones((2, 4), np.float32)
+    x[:, 3] = 1000.0  # "slow" spins about a second on these, longer on a busy host
+    body = {
+        "inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+    with httpx.Client(base_url=ray_server.url, timeout=CLIENT_TIMEOUT_S) as http:
+        assert http.post("/v2/repository/models/slow/load", timeout=90).status_code == 200
+        try:
+            [replica] = _replicas("slow", 1)
+            # The baseline, from this run: one batch computed undisturbed.
+            started = time.monotonic()
+            assert http.post("/v2/models/slow/infer", json=body).status_code == 200
+            batch_s = time.monotonic() - started
+            log_before = len(ray_server.log())
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(http.post, "/v2/models/slow/infer", json=body)
+                time.sleep(batch_s / 2)  # the batch is in the middle of its computation
+                state = get_actor(replica)
+                assert state is not None and state.name
+                ray.kill(ray.get_actor(state.name, namespace=state.ray_namespace))
+                assert not answer.done(), "the batch was still computing at the kill"
+                response = answer.result()
+            assert response.status_code == 200, response.text
+            out = response.json()["outputs"][0]
+            np.testing.assert_allclose(
+                out["data"], expected_logits(4, x).ravel(), rtol=1e-5, atol=1e-5
+            )
+            log = ray_server.log()[log_before:]
+            assert log.count("retrying the batch once on another replica") == 1, log
+            assert replica not in _replicas("slow", 1)  # answered by the replacement
+        finally:
+            http.post("/v2/repository/models/slow/unload", timeout=90)
 
 
 SHARED_NAMESPACE = "fermion-share"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ __all__ = [
     "build_ab_store",
     "expected_logits",
     "serve_in_process",
+    "v2_body",
 ]
 
 MODEL = "clf"
@@ -56,6 +58,16 @@ def expected_logits(version: int, x: np.ndarray) -> np.ndarray:
     weights = W2 if version == 2 else W1
     out: np.ndarray = x.astype(np.float32) @ weights
     return out
+
+
+def v2_body(rows: int = 1, **parameters: Any) -> dict[str, Any]:
+    """A V2 JSON body of ``rows`` zero rows for ``clf`` (any version answers it at once)."""
+    body: dict[str, Any] = {
+        "inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [0.0] * 4 * rows}]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return body
 
 
 def _const(name: str, value: np.ndarray | np.generic, dtype: int) -> onnx.TensorProto:
@@ -171,9 +183,12 @@ def build_ab_store(root: Path) -> ModelStore:
 
 
 @contextlib.asynccontextmanager
-async def serve_in_process(store: ModelStore) -> AsyncIterator[ModelRepository]:
-    """Every version of ``clf`` loaded in this process on the local backend (no server)."""
-    config = FermionConfig.model_validate({"store": {"root": str(store.root)}})
+async def serve_in_process(store: ModelStore, **settings: Any) -> AsyncIterator[ModelRepository]:
+    """Every version of ``clf`` loaded in this process on the local backend (no server).
+
+    ``settings`` are further top-level config keys (``batching={...}``).
+    """
+    config = FermionConfig.model_validate({"store": {"root": str(store.root)}, **settings})
     backend = LocalBackend(config, store)
     await backend.start()
     repository = ModelRepository(config, store, backend)

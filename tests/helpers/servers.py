@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +21,16 @@ __all__ = ["REPO_ROOT", "RunningServer", "free_port", "start_server", "stop_serv
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+#: What ``fermion serve`` prints once it listens, with the port it got.
+_LISTENING = re.compile(r"^Fermion listening on (http://127\.0\.0\.1:(\d+))$", re.MULTILINE)
 _GRPC_LISTENING = re.compile(r"^Fermion gRPC listening on (\S+)$", re.M)
 
 
 def free_port() -> int:
     """A TCP port on loopback that nothing listened on a moment ago.
 
-    The port is released before this returns, so another process may take it; a server
-    should bind port 0 itself instead where it can.
+    The port is released before this returns, so another process may take it: only for
+    servers that cannot bind port 0 themselves (Redis, Prometheus, KServe's model server).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -37,9 +40,10 @@ def free_port() -> int:
 
 @dataclass
 class RunningServer:
-    """A ``fermion serve`` subprocess on a loopback port."""
+    """A ``fermion serve`` subprocess on a loopback port (the one it bound and printed)."""
 
     process: subprocess.Popen[bytes]
+    #: Its base URL and port, once it printed where it listens ("" and 0 until then).
     url: str
     port: int
     log_path: Path
@@ -62,15 +66,17 @@ def start_server(
     grpc: bool = False,
     port: int | None = None,
 ) -> RunningServer:
-    """Start ``fermion serve`` on ``port`` (None: a free one); wait until ``ready_path`` is 200.
+    """Start ``fermion serve`` and wait until ``ready_path`` answers 200.
 
-    ``grpc``: also serve gRPC on a free port (``RunningServer.grpc_address``); else off.
+    ``port`` None (the default): the server binds port 0 (no other process can take the
+    port between its choice and its use) and says which port it got once it listens; a
+    given port is for a restart that must come back where it was. ``grpc``: also serve
+    gRPC on a port it binds itself (``RunningServer.grpc_address``); else off.
     """
-    port = free_port() if port is None else port
     if config_path is None:  # else: a file the caller keeps across restarts
-        config_path = tmp / f"fermion-{port}.yaml"
+        config_path = _new_file(tmp, "fermion-", ".yaml")
         config_path.write_text(config_yaml)
-    log_path = tmp / f"server-{port}.log"
+    log_path = _new_file(tmp, "server-", ".log")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -86,7 +92,7 @@ def start_server(
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(port),
+                "0" if port is None else str(port),
                 "--grpc-port",
                 "0" if grpc else "off",
             ],
@@ -95,8 +101,19 @@ def start_server(
             cwd=REPO_ROOT,
             env=env,
         )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", port, log_path)
     deadline = time.monotonic() + timeout_s
+    server = RunningServer(process, "", 0, log_path)
+    while not server.url:
+        listening = _LISTENING.search(server.log())
+        if listening is not None:
+            server.url, server.port = listening[1], int(listening[2])
+        elif process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        elif time.monotonic() > deadline:
+            stop_server(server)
+            raise RuntimeError(f"not listening after {timeout_s}s:\n{server.log()}")
+        else:
+            time.sleep(0.1)
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
@@ -112,6 +129,13 @@ def start_server(
         time.sleep(0.1)
     stop_server(server)
     raise RuntimeError(f"{ready_path} not 200 after {timeout_s}s:\n{server.log()}")
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new, empty file in ``folder`` with a name no other file there has."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    os.close(fd)
+    return Path(name)
 
 
 def stop_server(server: RunningServer) -> None:

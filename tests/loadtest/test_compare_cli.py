@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from loadtest.compare import compare, format_comparison, load_summary
 from loadtest.summary import summarize
 from serving.cli import main
-from tests.helpers.servers import REPO_ROOT, free_port
+from tests.helpers.servers import REPO_ROOT
 from tests.loadtest.conftest import raw_run
 
 
@@ -100,8 +101,11 @@ def test_bad_slo_is_refused_before_anything_runs(capsys: pytest.CaptureFixture[s
 def test_unreachable_gateway_is_reported(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    code = main(["loadtest", "--url", url, "--model", "digits", "--out", str(tmp_path / "r")])
+    # A port held by this bound, never listening, socket: connections to it are refused.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{held.getsockname()[1]}"
+        code = main(["loadtest", "--url", url, "--model", "digits", "--out", str(tmp_path / "r")])
     assert code == 2
     assert f"GET {url}/v2/models/digits" in capsys.readouterr().err
 

@@ -88,11 +88,18 @@ def test_stored_file_names_must_be_plain(file: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("sha256", "size"), [("AB" * 32, 1), ("ab" * 31, 1), ("zz" * 32, 1), (SHA, -1)]
+    ("sha256", "size", "field"),
+    [
+        ("AB" * 32, 1, "sha256"),
+        ("ab" * 31, 1, "sha256"),
+        ("zz" * 32, 1, "sha256"),
+        (SHA, -1, "size"),
+    ],
 )
-def test_stored_file_digest_and_size_are_checked(sha256: str, size: int) -> None:
-    with pytest.raises(ValidationError):
+def test_stored_file_digest_and_size_are_checked(sha256: str, size: int, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
         StoredFile(file="a.bin", sha256=sha256, size=size)
+    assert [error["loc"] for error in info.value.errors()] == [(field,)]
 
 
 @pytest.mark.parametrize(
@@ -107,8 +114,10 @@ def test_stored_file_digest_and_size_are_checked(sha256: str, size: int) -> None
 def test_manifest_requires_a_signature_and_a_positive_version(
     override: dict[str, Any],
 ) -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError) as info:
         ModelManifest.model_validate(_manifest(**override))
+    # Refused for the field that is wrong, not for another.
+    assert [error["loc"] for error in info.value.errors()] == [tuple(override)]
 
 
 def test_a_manifest_without_artifacts_describes_a_version_served_from_upstream() -> None:

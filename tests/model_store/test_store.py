@@ -455,7 +455,7 @@ def test_a_corrupt_manifest_is_refused(tmp_path: Path, corrupt: Any, message: st
     path.write_text(corrupt(path.read_text()))
     with pytest.raises(IntegrityError, match=message):
         store.manifest("m", 1)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match=message):  # the latest version is that one
         store.manifest("m")
 
 
@@ -532,12 +532,12 @@ def test_remove_deletes_one_version_and_nothing_else(tmp_path: Path) -> None:
     assert store.versions("m") == [1, 3]
     assert {v: _snapshot(store.version_dir("m", v)) for v in (1, 3)} == keep
     assert [p.name for p in _hidden(store.root)] == [".removed-2"]
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match="model 'm' has no version 2"):
         store.remove("m", 2)
     store.remove("m", 1)
     store.remove("m", 3)
     assert store.models() == []
-    with pytest.raises(ModelNotFoundError):
+    with pytest.raises(ModelNotFoundError, match="model 'm' has no published version"):
         store.latest("m")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,20 +53,20 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path: Path, text: str, pa
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "message"),
     [
-        "server: {port: 70000}\n",
-        "backend: kubernetes\n",
-        "batching: {max_batch_size: 0}\n",
-        "models: {'../etc': {}}\n",
-        "[1, 2]\n",
-        "server: {port: [\n",
+        ("server: {port: 70000}\n", "server.port: Input should be less than or equal to 65535"),
+        ("backend: kubernetes\n", "backend: Input should be 'local', 'ray' or 'remote'"),
+        ("batching: {max_batch_size: 0}\n", "batching.max_batch_size: Input should be greater"),
+        ("models: {'../etc': {}}\n", "invalid model name '../etc'"),
+        ("[1, 2]\n", "must be a mapping at the top level"),
+        ("server: {port: [\n", "is not valid YAML"),
     ],
 )
-def test_invalid_values_are_rejected(tmp_path: Path, text: str) -> None:
+def test_invalid_values_are_rejected(tmp_path: Path, text: str, message: str) -> None:
     file = tmp_path / "fermion.yaml"
     file.write_text(text)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(file)
 
 

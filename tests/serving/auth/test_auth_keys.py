@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving.auth import ApiKeys, Principal, create_key, read_keys, required_scope, revoke_key
+from serving.auth.scopes import infer_model, parse_scopes
 from serving.cli import main
 
 
@@ -41,10 +43,19 @@ def test_keys_are_random_and_names_unique(tmp_path: Path) -> None:
     assert principal is not None and principal.admin
 
 
-@pytest.mark.parametrize("scopes", [["write"], ["infer:"], ["infer:a/b"], []])
-def test_unknown_scopes_are_refused(tmp_path: Path, scopes: list[str]) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("scopes", "message"),
+    [
+        (["write"], "unknown scope 'write'"),
+        (["infer:"], "unknown scope 'infer:'"),
+        (["infer:a/b"], "unknown scope 'infer:a/b'"),
+        ([], "at least one scope"),
+    ],
+)
+def test_unknown_scopes_are_refused(tmp_path: Path, scopes: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         create_key(tmp_path / "keys.json", "x", scopes)
+    assert not (tmp_path / "keys.json").exists()
 
 
 def test_verifier_follows_the_file(tmp_path: Path) -> None:
@@ -91,6 +102,25 @@ def test_scopes_per_route() -> None:
     assert p.scopes == ("infer:dig*", "admin")
     reader = Principal("r", ["read"])
     assert reader.allows("read") and not reader.allows("admin")
+    assert not reader.allows("infer", "digits")
+
+
+def test_health_needs_nothing_and_an_unknown_kind_is_refused() -> None:
+    nobody = Principal("n", [])
+    assert nobody.allows("open") and not nobody.allows("read")
+    assert not Principal("all", ["admin", "read", "infer:*"]).allows("bogus")
+
+
+def test_a_post_that_is_no_inference_names_no_model() -> None:
+    assert infer_model("POST", "/v2/repository/index") is None
+    assert infer_model("GET", "/v2/models/digits/infer") is None
+    assert infer_model("POST", "/v2/models/digits/infer") == "digits"
+    assert required_scope("POST", "/v2/models/digits/generate") == ("read", "")
+
+
+def test_blank_scopes_are_skipped_not_the_end_of_the_list() -> None:
+    assert parse_scopes(["", " ", "read", " infer:a* ", "read"]) == ("read", "infer:a*")
+    assert Principal("p", ["", "admin"]).admin
 
 
 def test_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

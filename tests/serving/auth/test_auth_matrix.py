@@ -16,6 +16,7 @@ import pytest_asyncio
 from model_store.store import ModelStore
 from serving.auth import create_key
 from serving.config import AuthConfig, FermionConfig, JwtConfig
+from tests.helpers.ab_models import v2_body
 from tests.helpers.auth_material import (
     AUDIENCE,
     ISSUER,
@@ -25,7 +26,7 @@ from tests.helpers.auth_material import (
     sign,
     unsigned,
 )
-from tests.helpers.inprocess import InProcessGateway, digits_body, serve_in_process
+from tests.helpers.inprocess import InProcessGateway, serve_in_process
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -36,13 +37,13 @@ ROUTES = [
     ("GET", "/v2/health/ready", OPEN),
     ("GET", "/metrics", OPEN),
     ("GET", "/v2", READ),
-    ("GET", "/v2/models/digits", READ),
-    ("GET", "/v2/models/digits/versions/1/config", READ),
-    ("GET", "/v2/models/digits/stats", READ),
-    ("POST", "/v2/models/digits/infer", INFER),
-    ("POST", "/v2/models/digits/versions/1/infer", INFER),
+    ("GET", "/v2/models/clf", READ),
+    ("GET", "/v2/models/clf/versions/1/config", READ),
+    ("GET", "/v2/models/clf/stats", READ),
+    ("POST", "/v2/models/clf/infer", INFER),
+    ("POST", "/v2/models/clf/versions/1/infer", INFER),
     ("POST", "/v2/repository/index", ADMIN),
-    ("POST", "/v2/repository/models/digits/load", ADMIN),
+    ("POST", "/v2/repository/models/clf/load", ADMIN),
     ("GET", "/admin/routes", ADMIN),
 ]
 
@@ -69,19 +70,19 @@ class _Setup:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def setup(
-    demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+    ab_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[_Setup]:
     tmp = tmp_path_factory.mktemp("auth-matrix")
     keys = tmp / "keys.json"
     pair, other = rsa_pair(), rsa_pair()
     past = datetime.now(UTC) - timedelta(minutes=1)
     bearer = {
-        "good key": create_key(keys, "good", ["infer:digits", "read"]),
+        "good key": create_key(keys, "good", ["infer:clf", "read"]),
         "admin key": create_key(keys, "ops", ["admin"]),
         "wrong scope": create_key(keys, "other", ["infer:other*"]),
         "expired key": create_key(keys, "old", ["infer:*", "read", "admin"], expires_at=past),
-        "good JWT": sign(claims("infer:digits read admin"), pair),
-        "bad JWT signature": sign(claims("infer:digits read admin"), other),
+        "good JWT": sign(claims("infer:clf read admin"), pair),
+        "bad JWT signature": sign(claims("infer:clf read admin"), other),
         "expired JWT": sign(claims("infer:* read admin", exp_in=-120), pair),
         "alg none": unsigned(claims("infer:* read admin")),
         "HS256 with the public key": hmac_with_public_key(
@@ -102,7 +103,7 @@ async def setup(
             ),
         )
     )
-    async with serve_in_process(config, demo_store) as gateway:
+    async with serve_in_process(config, ab_store) as gateway:
         s.gateway = gateway
         yield s
 
@@ -122,7 +123,7 @@ async def test_route_by_credential(
     setup: _Setup, method: str, path: str, need: str, credential: str
 ) -> None:
     gw = setup.gateway
-    body = digits_body() if path.endswith("/infer") else None
+    body = v2_body() if path.endswith("/infer") else None
     rows_before = gw.computed_rows()
     response = await gw.client.request(method, path, json=body, headers=setup.headers[credential])
     expected = _expected(need, credential)

@@ -14,6 +14,7 @@ from model_store.store import ModelStore
 from serving.auth import create_key
 from serving.config import AuthConfig, ConfigError, FermionConfig
 from serving.http.app import create_app
+from tests.helpers.inprocess import serve_in_process
 
 
 @pytest.mark.parametrize(
@@ -77,9 +78,23 @@ def test_a_route_to_a_version_not_served_fails_the_start(
         create_app(config, store=ab_store)
 
 
-def test_a_route_with_a_zero_weight_on_an_unserved_version_is_kept(ab_store: ModelStore) -> None:
-    config = FermionConfig.model_validate({"routes": {"clf": {"split": {1: 1, 7: 0}}}})
-    create_app(config, store=ab_store)
+async def test_a_route_with_a_zero_weight_on_an_unserved_version_is_kept(
+    ab_store: ModelStore,
+) -> None:
+    config = FermionConfig.model_validate(
+        {"store": {"root": str(ab_store.root)}, "routes": {"clf": {"split": {1: 1, 7: 0}}}}
+    )
+    async with serve_in_process(config, ab_store) as gw:
+        route = await gw.client.get("/admin/routes/clf")
+        assert route.status_code == 200, route.text
+        assert route.json()["split"] == {"1": 1.0, "7": 0.0}
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+        versions = set()
+        for _ in range(10):
+            r = await gw.client.post("/v2/models/clf/infer", json=body)
+            assert r.status_code == 200, r.text
+            versions.add(r.headers["fermion-model-version"])
+        assert versions == {"1"}  # the route applies: not the latest version (4)
 
 
 @pytest.mark.parametrize(

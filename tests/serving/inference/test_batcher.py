@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from serving.errors import InferenceFailed, InvalidInput, Overloaded
+from serving.config import TracingConfig
+from serving.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotReady,
+    Overloaded,
+)
 from serving.inference.batcher import DynamicBatcher, batch_deadline_ns
+from serving.observability import tracing
+from serving.observability.counters import VersionCounter
 
 
 class _DoubleModel:
@@ -92,6 +104,10 @@ async def test_failing_batch_fails_only_its_requests() -> None:
     for v, r in ok:
         assert isinstance(r, dict)
         np.testing.assert_array_equal(r["y"], np.full((1, 3), 2 * v, dtype=np.float32))
+    # Statistics count the failed batch as failed, and only answered rows as inferences.
+    assert batcher.stats.failed_batches == 1
+    assert batcher.stats.inference_count == len(ok)
+    assert batcher.stats.execution_count == len(model.batches) - 1
     # And the batcher keeps serving.
     out = await batcher.submit(_req(9.0), 1)
     assert out["y"][0, 0] == 18.0
@@ -155,9 +171,11 @@ async def test_queue_bound_admits_exactly_the_queue_size_beyond_the_running_batc
     for _ in range(100):
         await asyncio.sleep(0)
     assert batcher.queue_depth == queue_size and not any(t.done() for t in waiting)
-    with pytest.raises(Overloaded, match=f"queue full \\({queue_size} waiting requests\\)"):
-        await batcher.submit(_req(99.0), 1)
-    assert batcher.stats.rejected == 1
+    for _ in range(2):
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(_req(99.0), 1)
+        assert refused.value.message == (f"queue full ({queue_size} waiting requests); retry later")
+    assert batcher.stats.rejected == 2
     model.release.set()
     results = await asyncio.gather(*running, *waiting)
     assert [float(r["y"][0, 0]) for r in results[concurrent:]] == list(
@@ -214,8 +232,13 @@ async def test_close_finishes_queued_requests() -> None:
     tasks = [asyncio.ensure_future(batcher.submit(_req(float(i)), 1)) for i in range(7)]
     await asyncio.sleep(0)
     await batcher.close()
+    assert all(t.done() for t in tasks)  # close returns once every one is answered
     results = await asyncio.gather(*tasks)
     assert [r["y"][0, 0] for r in results] == [2.0 * i for i in range(7)]
+    with pytest.raises(ModelNotReady) as refused:
+        await batcher.submit(_req(9.0), 1)
+    assert refused.value.message == "model version is unloading"
+    assert model.batches == [1, 2, 2, 2]
 
 
 async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
@@ -243,3 +266,213 @@ async def test_a_running_batch_exposes_its_requests_last_deadline() -> None:
     assert seen[1] == later
     assert seen[-1] is None  # a request without a deadline waits for the batch however long
     assert batch_deadline_ns.get() is None  # set only inside the batch's own task
+
+
+async def test_a_full_batch_does_not_wait_for_the_queue_delay() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=2, max_queue_delay_s=60.0)
+    both = asyncio.gather(batcher.submit(_req(1.0), 1), batcher.submit(_req(2.0), 1))
+    # Dispatched as soon as the batch is full: long before the minute of delay is over.
+    await asyncio.wait_for(both, timeout=10.0)
+    assert model.batches == [2]
+
+
+async def test_each_gathering_window_ends_after_the_queue_delay() -> None:
+    model = _DoubleModel(delay_s=0)
+    batcher = DynamicBatcher(model, max_batch_size=8, max_queue_delay_s=0.02)
+    for value in (1.0, 2.0, 3.0):  # each alone: its own window, its own timer
+        out = await asyncio.wait_for(batcher.submit(_req(value), 1), timeout=10.0)
+        assert float(out["y"][0, 0]) == 2 * value
+    assert model.batches == [1, 1, 1]
+
+
+async def test_a_gateway_error_from_the_model_reaches_the_client_as_it_is() -> None:
+    # A typed error (say, the replica is gone: 503) is not turned into a 500.
+    gone = ModelNotReady("replica gone")
+
+    async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise gone
+
+    batcher = DynamicBatcher(run, max_batch_size=4)
+    with pytest.raises(ModelNotReady) as raised:
+        await batcher.submit(_req(1.0), 1)
+    assert raised.value is gone
+
+
+async def test_outputs_without_a_row_per_request_fail_the_batch_saying_so() -> None:
+    async def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        await asyncio.sleep(0.01)
+        return {"y": inputs["x"][:1]}  # one row, whatever the batch
+
+    batcher = DynamicBatcher(run, max_batch_size=4)
+    first = asyncio.ensure_future(batcher.submit(_req(0.0), 1))
+    await asyncio.sleep(0)
+    pair = [asyncio.ensure_future(batcher.submit(_req(v), 1)) for v in (1.0, 2.0)]
+    assert float((await first)["y"][0, 0]) == 0.0  # alone: one row is right
+    for task in pair:
+        with pytest.raises(InferenceFailed) as raised:
+            await task
+        assert raised.value.message == "model returned y with shape [1, 3] for a batch of 2 rows"
+
+
+async def test_a_request_cancelled_after_its_batch_was_taken_leaves_the_others_answered() -> None:
+    model = _DoubleModel(delay_s=0.02)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    a: asyncio.Future[dict[str, np.ndarray]] | None = None
+
+    async def first() -> None:
+        await batcher.submit(_req(0.0), 1)
+        # The next batch (a and b) was taken as this one ended; a's client goes away now,
+        # before that batch runs.
+        assert a is not None
+        a.cancel()
+
+    runner = asyncio.ensure_future(first())
+    await asyncio.sleep(0)
+    a = asyncio.ensure_future(batcher.submit(_req(1.0), 1))
+    b = asyncio.ensure_future(batcher.submit(_req(2.0), 1))
+    out = await asyncio.wait_for(b, timeout=10.0)
+    assert float(out["y"][0, 0]) == 4.0
+    await runner
+    assert a.cancelled()
+    assert model.batches == [1, 1]  # a was never computed
+
+
+class _BlockingModel:
+    """Blocks the event loop while it computes (as a synchronous executor would)."""
+
+    def __init__(self, block_s: float) -> None:
+        self.block_s = block_s
+        self.rows: list[float] = []
+
+    async def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.rows.extend(float(v) for v in inputs["x"][:, 0])
+        time.sleep(self.block_s)
+        return {"y": inputs["x"]}
+
+
+async def test_a_request_whose_deadline_passed_as_its_batch_was_taken_is_dropped_alone() -> None:
+    model = _BlockingModel(block_s=0.05)
+    batcher = DynamicBatcher(model, max_batch_size=8)
+    first = asyncio.ensure_future(batcher.submit(_req(0.0), 1))
+    soon = time.perf_counter_ns() + 1_000_000
+    late = asyncio.ensure_future(batcher.submit(_req(1.0), 1, deadline_ns=soon))
+    patient = asyncio.ensure_future(batcher.submit(_req(2.0), 1))
+    # The loop is blocked past ``soon`` while the first batch computes: the next batch is
+    # taken before the deadline's timer can run, and the late request is dropped as the
+    # batch is formed (its deadline cannot be met), not computed.
+    await first
+    out = await asyncio.wait_for(patient, timeout=10.0)
+    assert float(out["y"][0, 0]) == 2.0
+    with pytest.raises(DeadlineExceeded) as raised:
+        await late
+    assert raised.value.message == "deadline would pass before the request was computed"
+    assert model.rows == [0.0, 2.0] and batcher.stats.expired == 1
+
+
+async def test_a_lower_priority_request_fills_the_batch_behind_a_higher_one() -> None:
+    model = _DoubleModel(delay_s=0.02)
+    batcher = DynamicBatcher(model, max_batch_size=8, priority_levels=3)
+    first = asyncio.ensure_future(batcher.submit(_req(0.0), 1))
+    await asyncio.sleep(0)
+    rest = [
+        asyncio.ensure_future(batcher.submit(_req(v), 1, priority=p)) for v, p in [(1, 1), (3, 3)]
+    ]
+    await asyncio.gather(first, *rest)
+    assert model.batches == [1, 2]  # level 2 is empty: level 3 still joins level 1's batch
+
+
+@pytest.fixture()
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    tracing.configure(TracingConfig(), exporter=exporter)
+    yield exporter
+    tracing.shutdown()
+
+
+async def test_a_batch_is_a_span_under_its_first_request_linked_to_all(
+    exporter: InMemorySpanExporter,
+) -> None:
+    model = _DoubleModel(delay_s=0.02, fail_marker=-1.0)
+    batcher = DynamicBatcher(model, max_batch_size=8, model="m", version="3")
+    tracer = tracing.current_tracer()
+    assert tracer is not None
+
+    async def traced(name: str, value: float) -> Any:
+        with tracer.start_as_current_span(name):
+            return await batcher.submit(_req(value), 1)
+
+    first = asyncio.ensure_future(traced("r0", 0.0))
+    await asyncio.sleep(0)
+    await asyncio.gather(first, traced("r1", 1.0), traced("r2", 2.0))
+    await asyncio.gather(traced("r3", -1.0), return_exceptions=True)  # a failing batch
+    spans = {s.name: s for s in exporter.get_finished_spans() if s.name.startswith("r")}
+    batches = [s for s in exporter.get_finished_spans() if s.name == "fermion.batch"]
+    runs = [s for s in exporter.get_finished_spans() if s.name == "fermion.execute"]
+    assert len(batches) == len(runs) == 3
+    queued = [s for s in exporter.get_finished_spans() if s.name == "fermion.queue"]
+    assert len(queued) == 4
+    assert all(
+        dict(q.attributes or {}) == {"fermion.model": "m", "fermion.version": "3"} for q in queued
+    )
+    shared = next(b for b in batches if b.attributes and b.attributes["fermion.batch.rows"] == 2)
+    assert dict(shared.attributes or {}) == {
+        "fermion.model": "m",
+        "fermion.version": "3",
+        "fermion.batch.rows": 2,
+        "fermion.batch.requests": 2,
+    }
+    assert shared.parent is not None and shared.parent.span_id == spans["r1"].context.span_id
+    linked = {link.context.span_id for link in shared.links}
+    assert linked == {spans["r1"].context.span_id, spans["r2"].context.span_id}
+    for batch in batches:  # each run span sits under its batch, inside it
+        [run] = [r for r in runs if r.parent and r.parent.span_id == batch.context.span_id]
+        assert (batch.start_time or 0) <= (run.start_time or 0)
+        assert (run.end_time or 0) <= (batch.end_time or 0)
+    r3 = spans["r3"].context.span_id
+    failed = next(b for b in batches if b.parent and b.parent.span_id == r3)
+    assert [e.name for e in failed.events] == ["exception"]
+    recorded = failed.events[0].attributes or {}
+    assert recorded.get("exception.message") == "poisoned row in batch"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"max_queue_size": 0}, {"max_concurrent_batches": 0}, {"max_queue_delay_s": -0.1}],
+)
+def test_bad_settings_are_refused_one_by_one(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError) as raised:
+        DynamicBatcher(_DoubleModel(), max_batch_size=4, **bad)
+    assert str(raised.value) == (
+        "max_queue_size and max_concurrent_batches must be >= 1, delay >= 0"
+    )
+
+
+async def test_the_counter_given_is_the_one_kept_else_one_named_after_the_version() -> None:
+    counter = VersionCounter("m", 3)
+    batcher = DynamicBatcher(_DoubleModel(delay_s=0), max_batch_size=4, stats=counter)
+    await batcher.submit(_req(1.0), 1)
+    assert batcher.stats is counter and counter.inference_count == 1
+    named = DynamicBatcher(_DoubleModel(), max_batch_size=4, model="m", version="7")
+    assert (named.stats.model, named.stats.version) == ("m", 7)
+    unnamed = DynamicBatcher(_DoubleModel(), max_batch_size=4, version="latest")
+    assert (unnamed.stats.model, unnamed.stats.version) == ("", 0)
+    assert unnamed.max_queue_size == 2048
+
+
+async def test_an_unbatched_model_computes_each_request_alone() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=8, batched=False)
+    assert batcher.max_batch_size == 1  # what the inference service checks requests against
+    await asyncio.gather(*(batcher.submit(_req(float(v)), 1) for v in range(4)))
+    assert model.batches == [1, 1, 1, 1]
+
+
+async def test_a_deadline_already_passed_is_refused_before_queueing() -> None:
+    model = _DoubleModel()
+    batcher = DynamicBatcher(model, max_batch_size=4)
+    for _ in range(2):
+        with pytest.raises(DeadlineExceeded) as raised:
+            await batcher.submit(_req(1.0), 1, deadline_ns=time.perf_counter_ns() - 1)
+        assert raised.value.message == "deadline passed before the request was queued"
+    assert batcher.stats.expired == 2 and model.batches == []

@@ -26,9 +26,16 @@ def service(table: RouteTable, repository: ModelRepository) -> InferenceService[
 
 
 async def infer(
-    svc: InferenceService[Any], x: np.ndarray, headers: dict[str, str] | None = None
+    svc: InferenceService[Any],
+    x: np.ndarray,
+    headers: dict[str, str] | None = None,
+    state: dict[str, object] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The outputs for ``x`` sent as a V2 JSON request to the routed model."""
+    """The outputs for ``x`` sent as a V2 JSON request to the routed model.
+
+    ``state``, when given, is the call's state: ``served`` names the version that took the
+    request, also when it failed.
+    """
     body = orjson.dumps(
         {
             "inputs": [
@@ -47,7 +54,12 @@ async def infer(
 
     headers = headers or {}
     call = InferCall(
-        MODEL, None, headers, HttpInferBody(read_body, headers, 1 << 20), time.perf_counter_ns(), {}
+        MODEL,
+        None,
+        headers,
+        HttpInferBody(read_body, headers, 1 << 20),
+        time.perf_counter_ns(),
+        {} if state is None else state,
     )
     content, _ = await svc.infer(call)
     answer = orjson.loads(content)

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,26 +50,47 @@ def _metrics(controller: RolloutController) -> GatewayMetrics:
     return metrics
 
 
+@dataclass
+class _Answers:
+    """What the clients got, by the version that took each request."""
+
+    ok: Counter[int] = field(default_factory=Counter)
+    errors: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _served(state: dict[str, object]) -> int:
+    """The version that took a request, from its call's state."""
+    served = state["served"]
+    assert isinstance(served, tuple)
+    return int(served[1])
+
+
 @contextlib.asynccontextmanager
 async def _traffic(
     router: RouteTable, repo: ModelRepository, make_x: Callable[[int], np.ndarray]
-) -> AsyncIterator[None]:
+) -> AsyncIterator[_Answers]:
     """Two clients sending requests through the route until the block ends."""
     done = asyncio.Event()
     svc = service(router, repo)
+    answers = _Answers()
 
     async def client(seed: int) -> None:
         i = seed
         while not done.is_set():
             x = make_x(i)
             i += 2
-            with contextlib.suppress(FermionError):
-                await infer(svc, x)
+            state: dict[str, object] = {}
+            try:
+                await infer(svc, x, state=state)
+            except FermionError as e:
+                answers.errors.setdefault(_served(state), []).append(e.message)
+            else:
+                answers.ok[_served(state)] += 1
             await asyncio.sleep(0.002)
 
     tasks = [asyncio.create_task(client(s)) for s in range(2)]
     try:
-        yield
+        yield answers
     finally:
         done.set()
         await asyncio.gather(*tasks)
@@ -119,11 +142,12 @@ def test_steps_must_increase_within_0_100(steps: list[float]) -> None:
 
 async def test_a_healthy_candidate_is_promoted(repository: ModelRepository, tmp_path: Path) -> None:
     router, controller, config_path = _gateway(repository, tmp_path)
-    async with _traffic(router, repository, _good):
+    async with _traffic(router, repository, _good) as answers:
         state = await controller.begin(MODEL, RolloutSpec(to=2, steps=[30, 100], interval_s=0.3))
         assert state.percent == 30 and _split(config_path) == {1: 70, 2: 30}
         await _finish(controller)
     assert state.status == "promoted", state.reason
+    assert answers.errors == {} and answers.ok[1] > 0 and answers.ok[2] > 0, answers
     assert [h.verdict for h in state.history] == ["pass", "pass"]
     assert all(h.candidate["requests"] >= 5 for h in state.history)  # type: ignore[operator]
     route = router.get(MODEL)
@@ -150,12 +174,15 @@ async def test_a_candidate_failing_on_some_inputs_is_rolled_back(
             x[0, 0] = FAIL_AT + 1  # version 3 fails on these
         return x
 
-    async with _traffic(router, repository, some_bad):
+    async with _traffic(router, repository, some_bad) as answers:
         state = await controller.begin(
             MODEL, RolloutSpec(to=3, steps=[30, 60, 100], interval_s=0.3)
         )
         await _finish(controller)
     assert state.status == "rolled_back"
+    # Only the candidate failed: the baseline answered every request it took.
+    assert set(answers.errors) == {3} and answers.ok[1] > 0, answers
+    assert all("inference failed" in e for e in answers.errors[3]), answers.errors[3][:3]
     assert state.reason.startswith("error rate"), state.reason
     last = state.history[-1]
     assert last.verdict == "breach" and last.candidate["errors"] > 0  # type: ignore[operator]
@@ -179,13 +206,14 @@ async def test_a_slow_candidate_is_rolled_back_on_p99(
         x[0, 3] = 100.0  # version 4 spins ~0.3 s on these; version 1 takes ~0.1 ms
         return x
 
-    async with _traffic(router, repository, heavy):
+    async with _traffic(router, repository, heavy) as answers:
         spec = RolloutSpec.model_validate(
             {"to": 4, "steps": [50], "interval_s": 0.5, "bounds": _BOUNDS | {"min_requests": 2}}
         )
         state = await controller.begin(MODEL, spec)
         await _finish(controller)
     assert state.status == "rolled_back"
+    assert answers.errors == {} and answers.ok[1] > 0 and answers.ok[4] > 0, answers
     assert state.reason.startswith("p99 latency"), state.reason
 
 
@@ -197,7 +225,7 @@ async def test_a_disagreeing_candidate_is_stopped_in_the_shadow_phase(
     def spread(i: int) -> np.ndarray:
         return np.random.default_rng(i).normal(size=(4, 4)).astype(np.float32)
 
-    async with _traffic(router, repository, spread):
+    async with _traffic(router, repository, spread) as answers:
         spec = RolloutSpec.model_validate(
             {
                 "to": 2,
@@ -214,6 +242,7 @@ async def test_a_disagreeing_candidate_is_stopped_in_the_shadow_phase(
         await _finish(controller)
     assert state.status == "rolled_back"
     assert state.reason.startswith("top-1 agreement"), state.reason
+    assert answers.errors == {} and set(answers.ok) == {1}, answers  # version 2 only mirrored
     assert [h.phase for h in state.history] == ["shadow"]
     shadow = state.history[0].shadow
     assert shadow is not None and shadow["mirrored"] >= 5  # type: ignore[operator]
@@ -226,13 +255,14 @@ async def test_a_rollout_resumes_after_a_restart(
     repository: ModelRepository, tmp_path: Path
 ) -> None:
     router, controller, config_path = _gateway(repository, tmp_path)
-    async with _traffic(router, repository, _good):
+    async with _traffic(router, repository, _good) as answers:
         state = await controller.begin(MODEL, RolloutSpec(to=2, steps=[20, 50], interval_s=0.4))
         state_file = tmp_path / "fermion.rollouts.json"
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and '"step_index": 1' not in state_file.read_text():
             await asyncio.sleep(0.02)
         await controller.stop()  # the gateway shuts down mid-rollout
+    assert answers.errors == {}, answers
     saved = json.loads(state_file.read_text())["rollouts"][0]
     assert saved["status"] == "running" and saved["step_index"] == 1
     assert state.history[0].verdict == "pass"
@@ -241,10 +271,11 @@ async def test_a_rollout_resumes_after_a_restart(
     router, controller, _ = _gateway(repository, tmp_path)  # a new gateway, same files
     route = router.get(MODEL)
     assert route is not None and route.split.shares()[2] == 0.5
-    async with _traffic(router, repository, _good):
+    async with _traffic(router, repository, _good) as answers:
         await controller.start()
         assert controller.running(MODEL)
         await _finish(controller)
+    assert answers.errors == {}, answers
     resumed = controller.state(MODEL)
     assert resumed.status == "promoted" and len(resumed.history) == 2
 
@@ -254,9 +285,9 @@ async def test_routes_are_locked_while_a_rollout_runs_and_stop_rolls_back(
 ) -> None:
     routes, controller, config_path = _gateway(repository, tmp_path)
     await controller.begin(MODEL, RolloutSpec(to=2, steps=[10, 100], interval_s=30))
-    with pytest.raises(RolloutConflict):
+    with pytest.raises(RolloutConflict, match=f"a rollout of {MODEL} is running; stop it first"):
         await routes.set_route(MODEL, RouteConfig(split={1: 1}))
-    with pytest.raises(RolloutConflict):
+    with pytest.raises(RolloutConflict, match=f"a rollout of {MODEL} is already running"):
         await controller.begin(MODEL, RolloutSpec(to=2))
     state = await controller.abort(MODEL)
     assert state.status == "stopped" and state.reason == "stopped by an operator"

@@ -53,8 +53,9 @@ def test_zero_weight_versions_never_answer() -> None:
     assert {split.pick() for _ in range(1000)} == {"2"}
     assert {split.pick_sticky(f"user-{i}") for i in range(1000)} == {"2"}
     assert split.shares() == {1: 0.0, 2: 1.0, 3: 0.0}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as raised:
         TrafficSplit({1: 0})
+    assert str(raised.value) == "a split needs at least one version with a positive weight"
 
 
 def _keys(n: int) -> list[str]:
@@ -72,10 +73,21 @@ def test_sticky_keys_keep_their_version_and_follow_the_weights() -> None:
     assert abs(on_2 - 0.2 * len(keys)) < _Z * sd
 
 
+def test_sticky_assignments_are_pinned_across_releases() -> None:
+    # During a rolling update, gateways of two releases serve one fleet: a key must get the
+    # same version from both. These assignments change only on purpose (say so then).
+    split = TrafficSplit({1: 50, 2: 30, 3: 20})
+    got = "".join(split.pick_sticky(k) for k in _keys(12))
+    assert got == "311113221211"
+
+
 def test_scaling_every_weight_moves_no_key() -> None:
     keys = _keys(5_000)
     a, b = TrafficSplit({1: 9, 2: 1}), TrafficSplit({1: 90, 2: 10})
     assert all(a.pick_sticky(k) == b.pick_sticky(k) for k in keys)
+    # Weights below 1 (shares given as fractions) are scaled weights too.
+    c = TrafficSplit({1: 0.009, 2: 0.001})
+    assert all(a.pick_sticky(k) == c.pick_sticky(k) for k in keys)
 
 
 def test_raising_the_canary_moves_keys_only_towards_it() -> None:

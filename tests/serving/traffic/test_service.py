@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
 
-from serving.config import RouteConfig
+from serving.config import RouteConfig, load_config
 from serving.errors import ModelNotFound, Overloaded
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository
 from serving.inference.service import InferCall
+from serving.traffic.route_file import RouteFile
 from serving.traffic.route_table import RouteTable
 from tests.helpers.ab_models import MODEL
 from tests.serving.traffic.infer_calls import service
@@ -102,3 +105,41 @@ async def test_a_request_its_queue_would_shed_is_refused_before_its_body_is_read
     for _ in range(batcher.max_queue_size - 1):
         batcher.release()
     assert batcher.admitted == 0
+
+
+async def test_every_request_during_route_changes_sees_the_old_or_the_new_split(
+    repository: ModelRepository, tmp_path: Path
+) -> None:
+    # A route-less moment would send requests to the latest version (4): never seen here.
+    path = tmp_path / "fermion.yaml"
+    path.write_text("batching: {max_batch_size: 8}\n")
+    splits = [RouteConfig(split={1: 100}), RouteConfig(split={1: 0, 2: 100})]
+    table = RouteTable({MODEL: splits[0]}, repository, route_file=RouteFile(path))
+    svc = service(table, repository)
+    body = _body(np.ones((1, 4), np.float32))
+    answered: list[str] = []
+    changing = True
+
+    async def read_body() -> bytes:
+        return body
+
+    async def ask() -> str:
+        call = InferCall(
+            MODEL, None, {}, HttpInferBody(read_body, {}, 1 << 20), time.perf_counter_ns(), {}
+        )
+        _, headers = await svc.infer(call)
+        return headers["fermion-model-version"]
+
+    async def client() -> None:
+        while changing:
+            answered.append(await ask())
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    for i in range(20):
+        await table.set_route(MODEL, splits[(i + 1) % 2])  # the file is written each time
+        await asyncio.sleep(0.002)
+    changing = False
+    await asyncio.gather(*clients)
+    assert len(answered) > 40 and set(answered) == {"1", "2"}, answered
+    assert await ask() == "1"  # the last split set: {1: 100}
+    assert load_config(path).routes[MODEL] == splits[0]
