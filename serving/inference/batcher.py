@@ -381,10 +381,13 @@ class DynamicBatcher:
             deadlines = [p.deadline_ns for p in live]  # 0: no deadline
             batch_deadline_ns.set(None if 0 in deadlines else max(deadlines))
             try:
+                # The executor-run span is current while the backend runs the batch.
+                token = _tracing.make_current(spans[1]) if spans is not None else None
                 try:
                     outputs = await self._run_batch(inputs)
                 finally:
-                    if spans is not None:
+                    if spans is not None and token is not None:
+                        _tracing.detach(token)
                         spans[1].end()
                 parts = self._split(outputs, live, rows)
             except Exception as e:

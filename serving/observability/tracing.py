@@ -13,9 +13,11 @@ import os
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, get_args
 
 from opentelemetry import context, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -31,8 +33,10 @@ __all__ = [
     "SHUTDOWN_WAIT_S",
     "configure",
     "current_tracer",
+    "detach",
     "extract_context",
     "inject_context",
+    "make_current",
     "recording_tracer",
     "resolve",
     "shutdown",
@@ -236,6 +240,20 @@ def shutdown() -> None:
 def start_queue_span(tracer: Tracer, attributes: Mapping[str, Any]) -> tuple[Span, Span]:
     """The current (request) span, and a new queue-wait span under it."""
     return trace.get_current_span(), tracer.start_span("fermion.queue", attributes=attributes)
+
+
+def make_current(span: Span) -> Token[Context]:
+    """Make ``span`` the current span of this task until ``detach`` gets the token back.
+
+    A batch's executor-run span is made current while the backend runs it, so that what
+    the backend starts or propagates (the replica's span over Ray) is its child.
+    """
+    return context.attach(trace.set_span_in_context(span))
+
+
+def detach(token: Token[Context]) -> None:
+    """Restore the current span ``make_current`` replaced."""
+    context.detach(token)
 
 
 def start_batch_spans(

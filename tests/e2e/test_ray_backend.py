@@ -391,11 +391,6 @@ def test_a_trace_crosses_the_ray_hop_into_the_replica_process(
     assert traced.request in ancestors, [s.name for s in ancestors]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the batcher does not make a batch's fermion.execute span current while the "
-    "backend runs it, so the carrier holds the span of the request that dispatched the batch",
-)
 def test_the_replica_span_is_a_child_of_its_batch_execute_span(
     ray_server: RunningServer, collector: _Collector, ray_store: ModelStore
 ) -> None:
