@@ -139,7 +139,8 @@ def test_a_split_changed_through_one_gateway_is_served_by_all_within_a_second(
     assert "3 gateway(s)" in status.stdout and status.stdout.count("local") == 3, status.stdout
     # Every gateway wrote the fleet's table back into its own config file.
     for gw in fleet.gateways:
-        config = (gw.log_path.parent / f"fermion-{gw.port}.yaml").read_text()
+        assert gw.config_path is not None
+        config = gw.config_path.read_text()
         assert "'2': 100.0" in config, config
     _ok(admin(fleet.urls[1], "PUT", f"/routes/{MODEL}/split", {"split": {"1": 100}}))
 

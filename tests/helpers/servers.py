@@ -49,6 +49,8 @@ class RunningServer:
     log_path: Path
     #: ``host:port`` of its gRPC server (None: started without gRPC).
     grpc_address: str | None = None
+    #: The ``--config`` file it was started with (which it rewrites on route changes).
+    config_path: Path | None = None
 
     def log(self) -> str:
         """Everything the server wrote to stdout and stderr so far."""
@@ -102,7 +104,7 @@ def start_server(
             env=env,
         )
     deadline = time.monotonic() + timeout_s
-    server = RunningServer(process, "", 0, log_path)
+    server = RunningServer(process, "", 0, log_path, config_path=config_path)
     while not server.url:
         listening = _LISTENING.search(server.log())
         if listening is not None:
