@@ -175,7 +175,9 @@ def _config(
         return "\n".join(lines) + "\n", headers
     from serving.auth import create_key
 
-    keys = work / "keys.json"
+    # One keys file per backend: a key written for the ray phase must not replace the one
+    # the local gateways, still serving beside it, were started with.
+    keys = work / f"keys-{backend}.json"
     headers[_API_KEY_HEADER] = create_key(keys, "bench", ["infer:*", "read"], replace=True)
     lines += [
         f"auth: {{keys_file: {keys}}}",
