@@ -102,10 +102,18 @@ def _decode_output(
 
 
 def check_answer(
-    url: str, payload: Payload, output_name: str, expected_class: int, timeout: float = 30.0
+    url: str,
+    payload: Payload,
+    output_name: str,
+    expected_class: int,
+    timeout: float = 30.0,
+    headers: dict[str, str] | None = None,
 ) -> Answer:
-    """POST ``payload`` once and check that the output's argmax is ``expected_class``."""
-    request = urllib.request.Request(url, payload.body, payload.headers(), method="POST")
+    """POST ``payload`` once (with ``headers`` too) and check that the output's argmax is
+    ``expected_class``."""
+    request = urllib.request.Request(
+        url, payload.body, {**payload.headers(), **(headers or {})}, method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()

@@ -64,12 +64,17 @@ def run_wrk(
     threads: int,
     duration_s: int,
     timeout_s: int = 10,
+    headers: dict[str, str] | None = None,
 ) -> WrkResult:
-    """Drive ``url`` with ``payload`` on ``connections`` keep-alive connections for a while."""
+    """Drive ``url`` with ``payload`` on ``connections`` keep-alive connections for a while.
+
+    ``headers``: more request headers (an API key, say).
+    """
     env = dict(
         os.environ,
         WRK_BODY_FILE=str(body_file),
         WRK_CONTENT_TYPE=payload.content_type,
+        WRK_EXTRA_HEADERS="".join(f"{k}: {v}\n" for k, v in (headers or {}).items()),
     )
     if payload.header_length is not None:
         env["WRK_INFERENCE_HEADER_LENGTH"] = str(payload.header_length)

@@ -4,6 +4,7 @@
 --   WRK_BODY_FILE                 file holding the request body (required)
 --   WRK_CONTENT_TYPE              Content-Type header (default application/json)
 --   WRK_INFERENCE_HEADER_LENGTH   Inference-Header-Content-Length header, if set
+--   WRK_EXTRA_HEADERS             more headers, one "Name: value" a line (e.g. an API key)
 --
 -- No response() callback: it makes wrk parse every response in Lua and slows it
 -- down; non-2xx answers are counted by wrk itself in summary.errors.status.
@@ -27,6 +28,10 @@ wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE") or "application/json
 local header_length = os.getenv("WRK_INFERENCE_HEADER_LENGTH")
 if header_length and header_length ~= "" then
   wrk.headers["Inference-Header-Content-Length"] = header_length
+end
+for line in (os.getenv("WRK_EXTRA_HEADERS") or ""):gmatch("[^\n]+") do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  if name then wrk.headers[name] = value end
 end
 
 function done(summary, latency, requests)

@@ -92,6 +92,14 @@ class ServerConfig(_Strict):
     #: Readiness as Triton's strict mode: 503 while any configured or store-listed version
     #: failed to load. False: ready once every served model has a ready version.
     strict_readiness: bool = True
+    # Python's cycle collector (``serving/inference/heap.py``).
+    #: Freeze the heap once the models are loaded and after each model load or unload,
+    #: so that the collector's full collections never walk the long-lived objects again.
+    gc_freeze: bool = True
+    #: The collector's first threshold: tracked objects allocated, net of those freed,
+    #: before a young collection; above what requests hold in flight, so that collections
+    #: follow the cyclic garbage made, not the traffic. null: Python's own (700).
+    gc_young_threshold: int | None = Field(default=20_000, ge=100, le=10_000_000)
 
 
 class StoreConfig(_Strict):

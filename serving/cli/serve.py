@@ -97,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.cli.workers import WorkerSlot, bind_listener, supervise, with_siblings
     from serving.http.app import create_app
     from serving.http.server import GatewayServer
+    from serving.inference.heap import HeapPolicy
 
     overrides: dict[str, Any] = {}
     if args.store is not None:
@@ -166,7 +167,16 @@ def _serve(args: argparse.Namespace) -> int:
     companions = (
         [] if grpc_port is None else [_grpc_companion(config, grpc_port, share=slot is not None)]
     )
-    app = create_app(config, on_ready=on_ready, config_path=args.config, companions=companions)
+    heap = HeapPolicy(
+        freeze=config.server.gc_freeze, young_threshold=config.server.gc_young_threshold
+    )
+    app = create_app(
+        config,
+        on_ready=on_ready,
+        config_path=args.config,
+        companions=companions,
+        heap=heap,
+    )
     server = GatewayServer(
         with_siblings(app, slot) if slot else app,
         config.server,

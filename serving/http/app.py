@@ -37,6 +37,7 @@ from serving.http.v2 import repository_mount, routes
 from serving.inference.backends import Backend, create_backend
 from serving.inference.codec import encode_error
 from serving.inference.fleet_limits import FleetRateLimiter
+from serving.inference.heap import HeapPolicy
 from serving.inference.limits import RateLimiter, RequestLimits
 from serving.inference.repository import ModelRepository, VersionState
 from serving.inference.service import InferenceService
@@ -194,6 +195,7 @@ def create_app(
     config_path: Path | None = None,
     span_exporter: SpanExporter | None = None,
     companions: Sequence[Companion] = (),
+    heap: HeapPolicy | None = None,
 ) -> Starlette:
     """The gateway app: loads models in the background at start, drains them at shutdown.
 
@@ -203,6 +205,9 @@ def create_app(
     ``config_path`` is the file that route changes are written back to; rollout state
     is kept next to it (``<name>.rollouts.json``). Without it both live in memory.
     ``span_exporter`` receives the spans instead of the configured exporter.
+    ``heap``: the process's cycle collector policy, installed while the app runs and
+    settled (the heap frozen) once the models are loaded and after each load or unload;
+    None (in-process uses, tests) leaves the collector alone.
     """
     store = store or ModelStore(config.store.root)
     backend = backend or create_backend(config, store)
@@ -235,7 +240,13 @@ def create_app(
                 ),
             ),
         )
-    repository = ModelRepository(config, store, backend, counters=counters)
+    repository = ModelRepository(
+        config,
+        store,
+        backend,
+        counters=counters,
+        on_change=heap.settle if heap is not None else None,
+    )
     drain = DrainState()
     check_routes(config, repository)
     tracing.configure(config.tracing, exporter=span_exporter)
@@ -275,12 +286,22 @@ def create_app(
         fleet = FleetSync(shared, gateway, control, route_table, rollouts, limiter=fleet_limiter)
     capture = _capture_writer(config)
     if metrics is not None:
-        for collector in (route_table, route_table.shadow, rollouts, fleet, capture, repository):
+        for collector in (
+            route_table,
+            route_table.shadow,
+            rollouts,
+            fleet,
+            capture,
+            repository,
+            heap,
+        ):
             if collector is not None:
                 metrics.register(collector)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if heap is not None:
+            heap.install()
         await backend.start()
         if fleet is not None:  # the fleet's routes before the first request
             await fleet.start()
@@ -288,6 +309,8 @@ def create_app(
         async def load_all() -> None:
             await repository.start()
             await rollouts.start()
+            if heap is not None:  # what start-up made is long-lived: out of every scan
+                heap.settle()
             if on_ready is not None:
                 on_ready(repository)
 
@@ -311,6 +334,8 @@ def create_app(
             tracing.shutdown()
             if capture is not None:
                 await asyncio.to_thread(capture.close)
+            if heap is not None:
+                heap.uninstall()
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     access = _access(config, metrics)

@@ -131,8 +131,11 @@ class ModelRepository:
         *,
         counters: VersionCounters | None = None,
         remote: Backend | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
+        #: Called after each model load or unload, once the versions are in place.
+        self._on_change = on_change
         self._store = store
         self._backend = backend
         self._own_remote = False
@@ -282,7 +285,12 @@ class ModelRepository:
                 loaded.append(sv)
             for version in sorted(set(current) - set(wanted)):
                 await self._unload_version(current, version)
-            return loaded
+        self._changed()
+        return loaded
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def _load_version(self, sv: ServedVersion) -> None:
         settings = self._config.remote_for(sv.name, sv.version)
@@ -395,6 +403,7 @@ class ModelRepository:
             for version in list(versions):
                 await self._unload_version(versions, version)
             self._models.pop(name, None)
+        self._changed()
 
     def served(self) -> list[ServedVersion]:
         """Every served version of every model, in any state."""

@@ -50,6 +50,17 @@ _MIN_RETRY_S = 0.05
 _POLL_S = 0.2
 #: How often the running replicas of every deployment are counted (for /metrics).
 _REPLICA_COUNT_S = 5.0
+#: The replica's side of Ray Serve's throughput-optimized data path (see ``_fast_handle``):
+#: a batch runs on the replica's own event loop, not behind a hop to a user-code thread
+#: and another to a thread pool (each replica computes one batch at a time, on the CPUs
+#: it reserves: scale replicas for more), and its gRPC server takes a batch of any size
+#: (gRPC's own limit is 4 MB).
+_REPLICA_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_SYNC_IN_THREADPOOL": "0",
+    # Read by both ends: the replica's server and the gateway's channel to it.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+}
 
 
 class ReplicaDeployment:
@@ -159,8 +170,32 @@ class _ReplicaGone(Exception):
 class _Deployment:
     app: str
     handle: DeploymentHandle[Any]
-    #: The handle bound to ``infer``, made once (not per batch).
+    #: The handle of the hot path, bound to ``infer``, made once (see ``_fast_handle``).
     infer: DeploymentHandle[Any]
+
+
+def _fast_handle(deployment: str, app: str) -> DeploymentHandle[Any]:
+    """A handle to ``infer`` over Ray Serve's throughput-optimized data path.
+
+    Its router runs on the calling event loop (the gateway's), not on a thread of its
+    own that every call and answer would cross, and a batch goes to the replica over
+    Serve's direct gRPC channel, pickled (protocol 5), instead of as a Ray task through
+    the object store. Side by side with the default handle (``bench/tail_bench.py --ray``,
+    see the README) this took a one-sample request's p50 at c=1 from 5.2-5.5 ms to
+    2.3-2.4 ms and req/s at c=64 up 1.4x. Made on the gateway's event loop (``load`` runs
+    there), once per load: the router belongs to that loop.
+    """
+    from ray.serve.handle import DeploymentHandle
+
+    handle: DeploymentHandle[Any] = DeploymentHandle(deployment, app)
+    # Ray's own proxy initializes its handles the same way (ray.serve default_impl).
+    handle._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
+    return handle.options(
+        method_name="infer",
+        _by_reference=False,
+        request_serialization="pickle",
+        response_serialization="pickle",
+    )
 
 
 class RayBackend(Backend):
@@ -230,6 +265,9 @@ class RayBackend(Backend):
         if rc.address is None:
             # Read by Ray at import: bind the local cluster to loopback, not eth0.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Read by Serve at import: this gateway's channels take answers of any size.
+        limit = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+        os.environ.setdefault(limit, _REPLICA_ENV[limit])
         import ray
         from ray import serve
         from ray.exceptions import RayActorError, RayTaskError
@@ -315,9 +353,10 @@ class RayBackend(Backend):
         await self._wait_connected()
         settings = self._config.ray_deployment_for(manifest.name)
         deadline = time.monotonic() + self._ray_config.load_timeout_s
-        deployment, info = await asyncio.to_thread(self._deploy, manifest, settings, deadline)
+        handle, info = await asyncio.to_thread(self._deploy, manifest, settings, deadline)
         key = (manifest.name, manifest.version)
-        self._deployments[key] = deployment
+        fast = _fast_handle(info["deployment"], info["application"])
+        self._deployments[key] = _Deployment(info["application"], handle, fast)
         return info
 
     def _deployment_options(
@@ -327,6 +366,7 @@ class RayBackend(Backend):
         actor: dict[str, Any] = {
             "num_cpus": settings.num_cpus,
             "num_gpus": self._gpus_for(manifest, settings),
+            "runtime_env": {"env_vars": dict(_REPLICA_ENV)},
         }
         if settings.memory_mb is not None:
             actor["memory"] = settings.memory_mb * 1024 * 1024
@@ -376,7 +416,7 @@ class RayBackend(Backend):
 
     def _deploy(
         self, manifest: ModelManifest, settings: RayDeploymentConfig, deadline: float
-    ) -> tuple[_Deployment, dict[str, Any]]:
+    ) -> tuple[DeploymentHandle[Any], dict[str, Any]]:
         from ray import serve
 
         app = self._app_name(manifest)
@@ -416,7 +456,6 @@ class RayBackend(Backend):
                 raise
         timeout = max(1.0, deadline - time.monotonic())
         described: dict[str, Any] = handle.describe.remote().result(timeout_s=timeout)
-        deployment = _Deployment(app, handle, handle.options(method_name="infer"))
         info: dict[str, Any] = {
             "backend": "ray",
             "application": app,
@@ -428,7 +467,7 @@ class RayBackend(Backend):
             "max_ongoing_requests": options["max_ongoing_requests"],
             **described,
         }
-        return deployment, info
+        return handle, info
 
     def _wait_running(self, app: str, deadline: float) -> None:
         from ray import serve
@@ -539,6 +578,13 @@ class RayBackend(Backend):
             raise InferenceFailed(
                 f"inference failed on a replica of model {name} version {version}: "
                 f"{_first_line(cause if cause is not None else e)}"
+            ) from None
+        except Exception as e:
+            # Over gRPC the replica's own exception comes back as it was raised, not
+            # wrapped in a RayTaskError: a model error, a 500 as on Ray's task path, even
+            # when the replica raised one of Fermion's errors.
+            raise InferenceFailed(
+                f"inference failed on a replica of model {name} version {version}: {_first_line(e)}"
             ) from None
 
 

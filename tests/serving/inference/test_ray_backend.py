@@ -66,11 +66,11 @@ def test_deployment_shape_follows_the_config(demo_store: ModelStore) -> None:
     assert options["name"] == "digits-v1"
     # One gateway's batches in flight, plus one: never Serve's default of 5.
     assert options["max_ongoing_requests"] == 4
-    assert options["ray_actor_options"] == {
-        "num_cpus": 0.5,
-        "num_gpus": 0.0,
-        "memory": 256 * 1024 * 1024,
-    }
+    actor = options["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"], actor["memory"]) == (0.5, 0.0, 256 * 1024 * 1024)
+    # Batches larger than gRPC's default 4 MB message limit reach the replica.
+    limit = actor["runtime_env"]["env_vars"]["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]
+    assert int(limit) >= 1024**3
     autoscaling = options["autoscaling_config"]
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (0, 3)
     # Scale-to-zero still starts one replica at load, so the version is warm when ready.
@@ -177,7 +177,18 @@ def _died_in_task() -> BaseException:
     return RayTaskError("infer", "traceback", unreachable)  # type: ignore[no-untyped-call]
 
 
-@pytest.mark.parametrize("death", [_died, _died_in_task], ids=["actor-died", "task-cause"])
+def _unavailable() -> BaseException:
+    # What a replica killed mid-batch raises over Serve's gRPC path (seen with a real kill).
+    from ray.exceptions import ActorUnavailableError
+
+    return ActorUnavailableError("Actor is unavailable.", b"\0" * 16)
+
+
+@pytest.mark.parametrize(
+    "death",
+    [_died, _died_in_task, _unavailable],
+    ids=["actor-died", "task-cause", "grpc-unavailable"],
+)
 def test_a_batch_whose_replica_died_is_retried_once_and_answers(
     demo_store: ModelStore, death: Callable[[], BaseException]
 ) -> None:
@@ -201,6 +212,23 @@ def test_a_model_error_on_the_replica_is_not_retried(demo_store: ModelStore) -> 
 
     model_error = RayTaskError("infer", "tb", ValueError("bad rank"))  # type: ignore[no-untyped-call]
     handle = _ScriptedHandle(model_error, _OUTPUTS)
+    with pytest.raises(InferenceFailed, match="bad rank") as raised:
+        asyncio.run(_backend_on(handle, demo_store).infer_batch("digits", 1, _INPUTS))
+    assert raised.value.status_code == 500
+    assert len(handle.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("bad rank"), ModelNotReady("bad rank")],
+    ids=["model-error", "fermion-error"],
+)
+def test_a_replica_error_over_the_grpc_path_is_a_500_and_not_retried(
+    demo_store: ModelStore, error: Exception
+) -> None:
+    # Serve's gRPC data path hands the replica's own exception back, unwrapped; it is a
+    # 500, as the same exception wrapped in a RayTaskError is on the task path.
+    handle = _ScriptedHandle(error, _OUTPUTS)
     with pytest.raises(InferenceFailed, match="bad rank") as raised:
         asyncio.run(_backend_on(handle, demo_store).infer_batch("digits", 1, _INPUTS))
     assert raised.value.status_code == 500
