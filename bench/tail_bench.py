@@ -225,7 +225,11 @@ def _fermion(
 
 
 def _probe_wrapper(cli: str, out: Path) -> list[str]:
-    """Run ``cli``'s gateway under ``bench/_probe.py`` (its Python, this probe)."""
+    """Run ``cli``'s gateway under ``bench/_probe.py`` (the Python beside ``cli``, this probe).
+
+    A ``--base`` checkout without a venv of its own needs a ``python`` beside its CLI
+    script that puts the checkout first on ``PYTHONPATH``.
+    """
     python = Path(cli).with_name("python")
     return [str(python), str(Path(__file__).with_name("_probe.py")), "--out", str(out), "--"]
 
@@ -494,6 +498,10 @@ def _probe_cells(
 def main(argv: list[str] | None = None) -> int:
     """Run the passes, print the medians and the targets; with --check, 1 on a miss."""
     args = _parse_args(argv)
+    if args.probe is not None:  # checked before the passes, not after them
+        for cli in filter(None, (args.fermion, args.base)):
+            if not Path(cli).with_name("python").exists():
+                sys.exit(f"--probe runs the gateway on the Python beside {cli}: none there")
     wrk = find_wrk()
     model = find_model_version(args.store, args.model)
     versions = sorted(int(p.name) for p in (args.store / args.model).iterdir() if p.name.isdigit())
