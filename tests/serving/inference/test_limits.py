@@ -289,6 +289,17 @@ async def test_check_raises_rate_limited_with_the_wait() -> None:
         await limiter.check(caller, "m")
     assert 0.0 < raised.value.retry_after_s <= 2.0
     assert raised.value.headers() == {"Retry-After": "2"}
+    # A client without an address is still one caller (not a bucket per request).
+    assert caller_key(None, None) == caller_key(None, "") == "ip:?"
+
+
+async def test_a_wait_under_a_second_is_refused_too() -> None:
+    limiter = RateLimiter([RateLimitRule(rate=4.0, burst=1)])
+    await limiter.check("ci", "m")
+    with pytest.raises(RateLimited) as raised:  # the next token is 0.25 s away
+        await limiter.check("ci", "m")
+    assert 0.0 < raised.value.retry_after_s <= 0.25
+    assert raised.value.headers() == {"Retry-After": "1"}  # whole seconds, rounded up
 
 
 def test_a_rule_bucket_is_shared_by_every_model_its_glob_matches() -> None:
