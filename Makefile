@@ -53,7 +53,8 @@ test: lint typecheck imports pytest
 
 # Mutation testing of the core modules by their own unit tests ([tool.mutmut] in
 # pyproject.toml). A first run takes tens of minutes on 2 cores (most of it the batcher);
-# results are kept in mutants/, so a rerun redoes only what changed.
+# results are kept in mutants/, so a rerun redoes only what changed (a change of the test
+# selection in pyproject.toml starts afresh).
 # `$(BIN)/mutmut show NAME` prints one survivor's diff.
 mutation: $(BIN)/.fermion-installed
 	$(BIN)/pip install --quiet 'mutmut==3.8.1'
