@@ -43,7 +43,9 @@ class HttpUpstreamClient(UpstreamClient):
             ),
             headers=self.settings.headers,
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            # Answers are read as sent: asking for none compressed (aiohttp would offer
+            # gzip, and a Fermion upstream gzips answers of 1 kB and more).
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
 
     def _open(self) -> aiohttp.ClientSession:

@@ -96,6 +96,21 @@ async def test_tensors_may_go_upstream_as_json(cloud_store: ModelStore, tmp_path
         np.testing.assert_allclose(_answer(response), expected(x), rtol=1e-6)
 
 
+async def test_answers_the_upstream_would_gzip_arrive_whole(
+    cloud_store: ModelStore, tmp_path: Path
+) -> None:
+    # A Fermion upstream gzips answers of 1 kB and more to clients that accept gzip: the
+    # edge must not ask for it (its client does not inflate), in JSON and in binary.
+    for binary in (False, True):
+        async with (
+            _cloud(cloud_store) as cloud,
+            _edge(tmp_path, [cloud.url], binary=binary) as edge,
+        ):
+            x = np.random.default_rng(3).random((64, 4), dtype=np.float32)
+            response = await edge.client.post("/v2/models/linear/infer", json=_body(x))
+            np.testing.assert_allclose(_answer(response), expected(x), rtol=1e-6)
+
+
 async def test_an_upstream_error_keeps_its_status(cloud_store: ModelStore, tmp_path: Path) -> None:
     # The cloud takes at most 2 rows per request; the edge does not know it and sends 3.
     async with (
