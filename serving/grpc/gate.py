@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import grpc
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from serving.auth.access import API_KEY, AUTHORIZATION, AccessControl, RejectHook, credential
@@ -24,7 +22,7 @@ from serving.auth.scopes import INFER, OPEN
 from serving.errors import FermionError, RateLimited
 from serving.grpc.status import status_of, trailers_of
 from serving.inference.limits import RateLimiter, caller_key
-from serving.observability.tracing import PROPAGATOR
+from serving.observability.tracing import PROPAGATOR, detach, make_current
 
 __all__ = ["SERVICE", "Call", "CallGate", "Context", "Handler", "metadata_of"]
 
@@ -140,7 +138,7 @@ class CallGate:
         )
         if request_id is not None:
             span.set_attribute("fermion.request_id", request_id[:128])
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        token = make_current(span, parent)
         code = grpc.StatusCode.CANCELLED
         try:
             response = await self._answer(method, kind, model, handler, request, call)
@@ -153,7 +151,7 @@ class CallGate:
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT):
                 span.set_status(Status(StatusCode.ERROR))
-            otel_context.detach(token)
+            detach(token)
             span.end()
 
     async def _answer(

@@ -242,13 +242,15 @@ def start_queue_span(tracer: Tracer, attributes: Mapping[str, Any]) -> tuple[Spa
     return trace.get_current_span(), tracer.start_span("fermion.queue", attributes=attributes)
 
 
-def make_current(span: Span) -> Token[Context]:
+def make_current(span: Span, parent: Context | None = None) -> Token[Context]:
     """Make ``span`` the current span of this task until ``detach`` gets the token back.
 
-    A batch's executor-run span is made current while the backend runs it, so that what
-    the backend starts or propagates (the replica's span over Ray) is its child.
+    ``parent``: the context it is set in (an incoming request's extracted context); None:
+    the current one. A transport makes its server span current for the whole call, and
+    the batcher a batch's executor-run span while the backend runs it, so that what is
+    started or propagated meanwhile (the replica's span over Ray) is its child.
     """
-    return context.attach(trace.set_span_in_context(span))
+    return context.attach(trace.set_span_in_context(span, parent))
 
 
 def detach(token: Token[Context]) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.http.response_status import ResponseStatus
-from serving.observability.tracing import PROPAGATOR
+from serving.observability.tracing import PROPAGATOR, detach, make_current
 
 __all__ = ["TracingMiddleware", "route_template"]
 
@@ -101,7 +100,7 @@ class TracingMiddleware:
             state["trace_id"] = format(ctx.trace_id, "032x")
         if "request_id" in state:
             span.set_attribute("fermion.request_id", state["request_id"])
-        token = context.attach(trace.set_span_in_context(span, parent))
+        token = make_current(span, parent)
         response = ResponseStatus(send)
         escaped: str | None = None
         try:
@@ -117,5 +116,5 @@ class TracingMiddleware:
                 span.set_attribute("error.type", escaped or str(status))
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
-            context.detach(token)
+            detach(token)
             span.end()
