@@ -134,7 +134,8 @@ class ModelRepository:
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
-        #: Called after each model load or unload, once the versions are in place.
+        #: Called after each model load or unload, once the versions are in place, between
+        #: ``start`` and ``stop`` (the caller settles the start-up loads once, after them).
         self._on_change = on_change
         self._store = store
         self._backend = backend
@@ -151,6 +152,7 @@ class ModelRepository:
         #: Models that could not be loaded at all (e.g. not in the store) -> why.
         self._failed: dict[str, str] = {}
         self._started = False
+        self._stopping = False
 
     @property
     def store(self) -> ModelStore:
@@ -174,6 +176,7 @@ class ModelRepository:
 
     async def stop(self) -> None:
         """Drain and unload everything."""
+        self._stopping = True
         for name in list(self._models):
             await self.unload_model(name)
         if self._own_remote and self._remote is not None:
@@ -289,7 +292,7 @@ class ModelRepository:
         return loaded
 
     def _changed(self) -> None:
-        if self._on_change is not None:
+        if self._on_change is not None and self._started and not self._stopping:
             self._on_change()
 
     async def _load_version(self, sv: ServedVersion) -> None:

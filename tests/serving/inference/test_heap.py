@@ -8,7 +8,12 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from model_store.store import ModelStore
+from serving.config import FermionConfig
+from serving.inference.backends.local import LocalBackend
 from serving.inference.heap import HeapPolicy
+from serving.inference.repository import ModelRepository
+from tests.helpers.ab_models import MODEL
 from tests.helpers.prom import metric_value
 
 
@@ -76,3 +81,29 @@ def test_collections_are_timed_by_generation_in_the_metrics(policy: HeapPolicy) 
     text = generate_latest(registry).decode()
     assert metric_value(text, "fermion_gc_pause_seconds_count", generation="0") == 1
     assert metric_value(text, "fermion_gc_frozen_objects") == gc.get_freeze_count()
+
+
+async def test_the_repository_reports_loads_between_start_and_stop_only(
+    ab_store: ModelStore,
+) -> None:
+    # Each report is a full collection (settle): the start-up loads are settled once by
+    # the app after them, and the unloads of a stopping gateway not at all.
+    config = FermionConfig.model_validate({"store": {"root": str(ab_store.root)}})
+    backend = LocalBackend(config, ab_store)
+    changes: list[str] = []
+    repository = ModelRepository(
+        config, ab_store, backend, on_change=lambda: changes.append("changed")
+    )
+    await backend.start()
+    try:
+        await repository.start()
+        assert changes == []
+        await repository.load_model(MODEL)  # a load through the repository API
+        assert changes == ["changed"]
+        await repository.unload_model(MODEL)
+        assert changes == ["changed", "changed"]
+        await repository.load_model(MODEL)
+        await repository.stop()
+        assert changes == ["changed"] * 3
+    finally:
+        await backend.stop()
