@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,7 +50,8 @@ BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]
 
 @dataclass(slots=True, eq=False)
 class _Pending:
-    inputs: dict[str, np.ndarray]
+    # Never in its repr: formatting an image's tensor costs milliseconds of the loop.
+    inputs: dict[str, np.ndarray] = field(repr=False)
     rows: int
     shape_key: tuple[tuple[int, ...], ...]
     future: asyncio.Future[dict[str, np.ndarray]]
@@ -62,6 +63,8 @@ class _Pending:
     #: With tracing on: the request's span and its queue-wait span.
     span: Any = None
     queue_span: Any = None
+    #: In its level's queue (False once a batch took it).
+    queued: bool = False
 
 
 class DynamicBatcher:
@@ -251,6 +254,7 @@ class DynamicBatcher:
             pending.deadline_ns = deadline_ns
             timer = loop.call_later((deadline_ns - now) / 1e9, self._expire, pending)
         self._queues[level].append(pending)
+        pending.queued = True
         self._queued += 1
         self._queued_rows += rows
         self._dispatch()
@@ -266,10 +270,11 @@ class DynamicBatcher:
 
     def _unqueue(self, pending: _Pending) -> bool:
         """Remove a request still waiting in its queue; False when it was already taken."""
-        try:
-            self._queues[pending.level].remove(pending)
-        except ValueError:
+        if not pending.queued:
             return False
+        # (A request not in the deque would cost its repr in remove's ValueError.)
+        self._queues[pending.level].remove(pending)
+        pending.queued = False
         self._queued -= 1
         self._queued_rows -= pending.rows
         if pending.queue_span is not None:
@@ -340,6 +345,8 @@ class DynamicBatcher:
                         keep.append(p)
                 keep.extend(queue)
                 self._queues[i] = keep
+        for p in batch:
+            p.queued = False
         self._queued -= len(batch)
         self._queued_rows -= rows
         return batch
