@@ -267,9 +267,28 @@ def _decode(
     )
 
 
+#: (letter, word, its index): a JSON number never holds a ``u`` or an ``l``, so only
+#: keys and strings (few in a V2 body) are looked at, each with memchr. (``b"true" in``
+#: costs as much as parsing the body: digits defeat its skip table.)
+_BOOLEAN_LETTERS = ((b"u", b"true", 2), (b"l", b"false", 2))
+#: More places than this to look at: say yes, and let the values be checked one by one.
+_BOOLEAN_LOOKS = 32
+
+
 def _has_booleans(text: bytes | bytearray | memoryview) -> bool:
+    """False only when the JSON ``text`` holds no ``true`` or ``false`` (True may be wrong)."""
     raw = text if isinstance(text, bytes) else bytes(text)
-    return b"true" in raw or b"false" in raw
+    for letter, word, at in _BOOLEAN_LETTERS:
+        looks = 0
+        i = raw.find(letter, at)
+        while i >= 0:
+            if raw.startswith(word, i - at):
+                return True
+            looks += 1
+            if looks > _BOOLEAN_LOOKS:
+                return True
+            i = raw.find(letter, i + 1)
+    return False
 
 
 def _flatten(data: list[Any], shape: tuple[int, ...], name: str) -> list[Any]:

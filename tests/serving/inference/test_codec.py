@@ -769,6 +769,22 @@ def test_values_out_of_range_for_the_datatype(datatype: str, literal: str) -> No
     assert "'v'" in message or "JSON" in message  # 1e400 is not a JSON double
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "INT32", "UINT8"])
+@pytest.mark.parametrize("literal", ["true", "false", " false ", "true\n"])
+@pytest.mark.parametrize("request_id", ["", "u" * 100, "full-null-ull" * 20])
+def test_json_booleans_are_refused_for_numeric_inputs(
+    datatype: str, literal: str, request_id: str
+) -> None:
+    # Request ids and names full of the letters of true and false change nothing.
+    manifest = _manifest([("value_ull", datatype, [3])], [("y", datatype, [3])], 0)
+    tensor = f'{{"name": "value_ull", "shape": [3], "datatype": "{datatype}", "data": '
+    ok = f'{{"id": "{request_id}", "inputs": [{tensor}[1, 0, 1]}}]}}'.encode()
+    assert decode_request(ok, manifest).inputs["value_ull"].tolist() == [1, 0, 1]
+    bad = f'{{"id": "{request_id}", "inputs": [{tensor}[1, {literal}, 0]}}]}}'.encode()
+    message = _invalid(bad, manifest)
+    assert message.startswith("input 'value_ull': 'data' holds true/false")
+
+
 def test_integer_extremes_are_accepted() -> None:
     manifest = _manifest([("v", "UINT64", [1])], [("y", "UINT64", [1])], 0)
     tensor = b'{"name": "v", "shape": [1], "datatype": "UINT64", "data": [18446744073709551615]}'
