@@ -22,7 +22,13 @@ from serving.auth.scopes import INFER, OPEN
 from serving.errors import FermionError, RateLimited
 from serving.grpc.status import status_of, trailers_of
 from serving.inference.limits import RateLimiter, caller_key
-from serving.observability.tracing import PROPAGATOR, detach, make_current
+from serving.observability.tracing import (
+    PROPAGATOR,
+    detach,
+    make_current,
+    new_root,
+    start_root_span,
+)
 
 __all__ = ["SERVICE", "Call", "CallGate", "Context", "Handler", "metadata_of"]
 
@@ -130,12 +136,20 @@ class CallGate:
             return await self._answer(method, kind, model, handler, request, call)
         carrier = {k: call.metadata[k] for k in _CARRIER if k in call.metadata}
         parent = PROPAGATOR.extract(carrier) if carrier else None
-        span = self._tracer.start_span(
-            f"{SERVICE}/{method}",
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
-        )
+        name = f"{SERVICE}/{method}"
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+        if parent is None:
+            # Sampled first: a call sampled out builds no span (see TracingMiddleware).
+            root, recorded = new_root()
+            if not recorded:
+                return await self._answer(method, kind, model, handler, request, call)
+            span = start_root_span(
+                self._tracer, root, name, kind=SpanKind.SERVER, attributes=attributes
+            )
+        else:
+            span = self._tracer.start_span(
+                name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            )
         if request_id is not None:
             span.set_attribute("fermion.request_id", request_id[:128])
         token = make_current(span, parent)

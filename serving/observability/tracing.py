@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from contextvars import Token
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, get_args
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, Tracer
+from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
@@ -26,6 +27,7 @@ from serving.config import TracingConfig
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.sdk.trace.sampling import Sampler
 
 __all__ = [
@@ -37,11 +39,13 @@ __all__ = [
     "extract_context",
     "inject_context",
     "make_current",
+    "new_root",
     "recording_tracer",
     "resolve",
     "shutdown",
     "start_batch_spans",
     "start_queue_span",
+    "start_root_span",
 ]
 
 #: The W3C trace-context propagator every transport uses.
@@ -120,6 +124,60 @@ def resolve(config: TracingConfig, environ: Mapping[str, str] | None = None) -> 
 class _State:
     tracer: Tracer | None = None
     provider: TracerProvider | None = None
+    sampler: Sampler | None = None
+    drop: Any = None  # the sampler's Decision.DROP
+
+
+#: An empty context: a root has no parent, whatever span is current (None would mean it).
+_NO_PARENT = Context()
+#: The trace id ``start_root_span`` gives the root span it starts (0: a random one).
+_PRESET_TRACE_ID: ContextVar[int] = ContextVar("fermion_preset_trace_id", default=0)
+
+
+def _preset_trace_ids() -> IdGenerator:
+    """The SDK's random ids, except the trace id of a root span a transport chose first."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class PresetTraceIds(RandomIdGenerator):
+        def generate_trace_id(self) -> int:
+            return _PRESET_TRACE_ID.get() or super().generate_trace_id()
+
+    return PresetTraceIds()
+
+
+def new_root(name: str = "") -> tuple[int, bool]:
+    """A new trace id for a request that carries no trace context, and whether the
+    sampler records its trace.
+
+    The decision comes before any span is built: a request sampled out (most of them, at
+    a low ratio) costs a random number, and its id still reaches the access log. A
+    recorded one gets its span from ``start_root_span`` with this id, which the sampler
+    decides the same way again.
+    """
+    trace_id = random.getrandbits(128)
+    while trace_id == INVALID_TRACE_ID:  # pragma: no cover - one chance in 2**128
+        trace_id = random.getrandbits(128)
+    sampler = _State.sampler
+    if sampler is None or _State.tracer is None:
+        return trace_id, False
+    decision = sampler.should_sample(_NO_PARENT, trace_id, name).decision
+    return trace_id, decision is not _State.drop
+
+
+def start_root_span(
+    tracer: Tracer,
+    trace_id: int,
+    name: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, Any],
+) -> Span:
+    """A root span (no parent, whatever is current) in the trace ``new_root`` chose."""
+    token = _PRESET_TRACE_ID.set(trace_id)
+    try:
+        return tracer.start_span(name, context=_NO_PARENT, kind=kind, attributes=attributes)
+    finally:
+        _PRESET_TRACE_ID.reset(token)
 
 
 def current_tracer() -> Tracer | None:
@@ -191,17 +249,21 @@ def configure(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
+    sampler = _sampler(config)
     provider = TracerProvider(
         # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
         resource=Resource.create({"service.name": config.service_name}),
-        sampler=_sampler(config),
+        sampler=sampler,
         shutdown_on_exit=False,  # shutdown() below bounds the wait; an atexit hook would not
+        id_generator=_preset_trace_ids(),
     )
     if exporter is not None or config.exporter == "console":
         provider.add_span_processor(SimpleSpanProcessor(exporter or _exporter(config)))
     else:
         provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
-    _State.provider = provider
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    _State.provider, _State.sampler, _State.drop = provider, sampler, Decision.DROP
     _State.tracer = provider.get_tracer("fermion.gateway")
     return provider
 
@@ -230,6 +292,7 @@ def shutdown() -> None:
     would not take are dropped rather than holding the process up.
     """
     provider, _State.provider, _State.tracer = _State.provider, None, None
+    _State.sampler = None
     if provider is None:
         return
     flushing = threading.Thread(target=provider.shutdown, name="fermion-trace-flush", daemon=True)

@@ -18,7 +18,13 @@ from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.http.response_status import ResponseStatus
-from serving.observability.tracing import PROPAGATOR, detach, make_current
+from serving.observability.tracing import (
+    PROPAGATOR,
+    detach,
+    make_current,
+    new_root,
+    start_root_span,
+)
 
 __all__ = ["TracingMiddleware", "route_template"]
 
@@ -66,7 +72,9 @@ def _attributes(scope: Scope, method: str, path: str) -> dict[str, Any]:
 class TracingMiddleware:
     """One server span per HTTP request, continuing an incoming W3C ``traceparent``.
 
-    The trace id is left in ``scope["state"]["trace_id"]`` for the access log.
+    The trace id is left in ``scope["state"]["trace_id"]`` for the access log. A request
+    that starts a trace is sampled before anything else: one sampled out gets its trace
+    id and no span (at a 1% ratio, 99 requests in 100 pay for a random number only).
     """
 
     def __init__(self, app: ASGIApp, *, tracer: Tracer) -> None:
@@ -82,19 +90,29 @@ class TracingMiddleware:
             if key in _CARRIER_HEADERS:
                 carrier[key.decode()] = value.decode("latin-1")
         parent = PROPAGATOR.extract(carrier) if carrier else None
-        method, path = scope["method"], scope["path"]
         state = scope.setdefault("state", {})
+        root = 0
+        if parent is None:
+            root, recorded = new_root()
+            if not recorded:
+                state["trace_id"] = format(root, "032x")
+                await self.app(scope, receive, send)
+                return
+        method, path = scope["method"], scope["path"]
         app = scope.get("app")
         route = route_template(app.router.routes, scope) if app is not None else None
         attributes = _attributes(scope, method, path)
         if route is not None:
             attributes["http.route"] = route
-        span = self._tracer.start_span(
-            f"{method} {route}" if route is not None else method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        )
+        name = f"{method} {route}" if route is not None else method
+        if parent is None:
+            span = start_root_span(
+                self._tracer, root, name, kind=SpanKind.SERVER, attributes=attributes
+            )
+        else:
+            span = self._tracer.start_span(
+                name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+            )
         ctx = span.get_span_context()
         if ctx.is_valid:
             state["trace_id"] = format(ctx.trace_id, "032x")

@@ -4,6 +4,8 @@ a batch links every request in it; OTLP/HTTP export reaches a receiver on loopba
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import socket
 import threading
 import time
@@ -25,7 +27,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from model_store.store import ModelStore
-from serving.config import FermionConfig, TracingConfig
+from serving.config import FermionConfig, ServerConfig, TracingConfig
+from serving.http.middleware.access_log import ACCESS_LOGGER
 from serving.inference.batcher import DynamicBatcher
 from serving.observability import tracing
 from tests.helpers.inprocess import digits_body, serve_in_process
@@ -121,6 +124,79 @@ async def test_sampling_ratio_zero_keeps_only_sampled_parents(demo_store: ModelS
         assert exporter.get_finished_spans() == ()
         await gw.client.get("/v2/models/digits", headers={"traceparent": TRACEPARENT})
         assert [s.name for s in exporter.get_finished_spans()] == ["GET /v2/models/{model}"]
+
+
+@pytest.mark.parametrize("sampler", ["traceidratio", "parentbased_traceidratio"])
+def test_a_root_is_sampled_before_its_span_as_the_sdk_would(sampler: str) -> None:
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    tracing.configure(
+        TracingConfig(sampler=sampler, sample_ratio=0.5),  # type: ignore[arg-type]
+        exporter=InMemorySpanExporter(),
+    )
+    tracer = tracing.current_tracer()
+    assert tracer is not None
+    rule = TraceIdRatioBased(0.5)
+    outcomes = set()
+    with tracer.start_as_current_span("whatever is current"):  # never a root's parent
+        for _ in range(200):
+            trace_id, recorded = tracing.new_root()
+            expected = rule.should_sample(None, trace_id, "x").decision.is_sampled()  # type: ignore[no-untyped-call]
+            assert recorded is expected
+            outcomes.add(recorded)
+            if recorded:
+                span = tracing.start_root_span(
+                    tracer, trace_id, "root", kind=trace.SpanKind.SERVER, attributes={}
+                )
+                assert span.is_recording()
+                assert span.get_span_context().trace_id == trace_id
+                assert span.parent is None  # type: ignore[attr-defined]
+                span.end()
+    assert outcomes == {True, False}
+    # Other roots get random ids again.
+    other = tracer.start_span("other", context=trace.set_span_in_context(trace.INVALID_SPAN))
+    assert other.get_span_context().trace_id not in (0, trace_id)
+
+
+def test_no_tracer_no_sampled_root() -> None:
+    tracing.shutdown()
+    trace_id, recorded = tracing.new_root()
+    assert trace_id != 0 and not recorded
+
+
+async def test_sampled_out_requests_keep_their_trace_id_and_build_no_span(
+    demo_store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    config = FermionConfig(
+        tracing=TracingConfig(sample_ratio=0.5), server=ServerConfig(access_log=True)
+    )
+    async with serve_in_process(config, demo_store, span_exporter=exporter) as gw:
+        with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+            for _ in range(40):
+                r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
+                assert r.status_code == 200
+    logged = [
+        json.loads(rec.getMessage())["trace_id"]
+        for rec in caplog.records
+        if rec.name == ACCESS_LOGGER
+    ]
+    assert len(logged) == 40 and all(len(t) == 32 and int(t, 16) for t in logged)
+    rule = TraceIdRatioBased(0.5)
+    sampled = {
+        t
+        for t in logged
+        if rule.should_sample(None, int(t, 16), "x").decision.is_sampled()  # type: ignore[no-untyped-call]
+    }
+    spans = [s for s in exporter.get_finished_spans() if s.name != "GET /v2/health/ready"]
+    servers = [s for s in spans if s.kind is trace.SpanKind.SERVER]
+    assert {format(s.context.trace_id, "032x") for s in servers} == sampled
+    assert len(servers) == len(sampled)
+    assert 0 < len(sampled) < 40
+    # Every span of an inference belongs to a sampled request: the others built none.
+    assert {format(s.context.trace_id, "032x") for s in spans} == sampled
 
 
 class _Receiver(BaseHTTPRequestHandler):
