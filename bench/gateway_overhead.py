@@ -124,23 +124,40 @@ async def _measure(
     return rounds
 
 
-def _configs(keys_file: Path) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+def _configs(
+    keys_file: Path, store: ModelStore
+) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
     from serving.auth import create_key
 
     key = create_key(keys_file, "bench", ["infer:*"], replace=True)
+    auth = {"keys_file": str(keys_file)}
     rate = {"rate_limits": [{"rate": 1e9, "burst": 1_000_000_000}]}
+    sampled_out = {"exporter": "console", "sample_ratio": 0.0}
+    model = store.models()[0]
+    versions = store.versions(model)
+    # As tail_bench's guarded configuration, tracing sampled out (no exporter at hand).
+    guarded: dict[str, Any] = {
+        "auth": auth,
+        "limits": {"default_timeout_ms": 10000},
+        "batching": {"priority_levels": 2},
+        "tracing": sampled_out,
+    }
+    if len(versions) > 1:
+        guarded["routes"] = {
+            model: {
+                "split": {str(versions[-1]): 1},
+                "shadow": {"version": versions[-2], "percent": 1},
+            }
+        }
     return {
         "metrics off (all off)": ({"metrics": {"enabled": False}}, {}),
         "default (metrics on)": ({}, {}),
-        "+ API key auth": ({"auth": {"keys_file": str(keys_file)}}, {"x-api-key": key}),
-        "+ auth + rate limit": (
-            {"auth": {"keys_file": str(keys_file)}, "limits": rate},
-            {"x-api-key": key},
-        ),
-        "+ tracing (console off: sampled out)": (
-            {"tracing": {"exporter": "console", "sample_ratio": 0.0}},
-            {},
-        ),
+        "+ API key auth": ({"auth": auth}, {"x-api-key": key}),
+        "+ auth + rate limit": ({"auth": auth, "limits": rate}, {"x-api-key": key}),
+        "+ tracing (sampled out)": ({"tracing": sampled_out}, {}),
+        "+ deadline (10 s)": ({"limits": {"default_timeout_ms": 10000}}, {}),
+        "+ 2 priority levels": ({"batching": {"priority_levels": 2}}, {}),
+        "guarded (tail_bench's, sampled out)": (guarded, {"x-api-key": key}),
     }
 
 
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds = asyncio.run(_measure(FermionConfig(), store, {}, args.requests))
             print(f"defaults: {statistics.median(rounds):.1f} µs/request")
             return 0
-        configs = _configs(Path(tmp) / "keys.json")
+        configs = _configs(Path(tmp) / "keys.json", store)
         results: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(3):  # interleave the configurations
             for name, (data, headers) in configs.items():

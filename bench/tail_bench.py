@@ -15,7 +15,9 @@ production gateway runs with: API key auth (every request carries a key), a
 deadline on every request (``limits.default_timeout_ms``), two priority levels, a
 shadow route (1% of requests mirrored to another version, with its isolation
 bounds) and tracing (OTLP over HTTP to a sink in this process, 1% of requests
-sampled). ``--features default`` measures ``fermion serve``'s defaults instead.
+sampled). ``--features default`` measures ``fermion serve``'s defaults instead, and a
+comma-separated subset of ``auth,deadline,priorities,shadow,tracing`` only those (to
+find what one feature costs).
 
 ``--probe DIR`` adds one probed cell per Fermion (c=64, JSON): the gateway runs
 under ``bench/_probe.py`` (cycle collections, event-loop lag, per-request server
@@ -84,6 +86,23 @@ TARGETS: tuple[tuple[str, str, float, str], ...] = (
 )
 
 
+#: What ``--features guarded`` turns on; ``--features`` may name a subset.
+FEATURES = ("auth", "deadline", "priorities", "shadow", "tracing")
+
+
+def _features(text: str) -> frozenset[str]:
+    """``--features``: guarded, default, or a comma-separated subset of FEATURES."""
+    if text == "guarded":
+        return frozenset(FEATURES)
+    if text == "default":
+        return frozenset()
+    chosen = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = chosen - set(FEATURES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown feature(s): {', '.join(sorted(unknown))}")
+    return chosen
+
+
 @dataclass
 class _Server:
     """One server of the run and what it is sent."""
@@ -103,7 +122,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="seconds before each cell (2)")
     parser.add_argument("--passes", type=int, default=3, help="passes over every cell (3)")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated (1,64)")
-    parser.add_argument("--features", choices=("guarded", "default"), default="guarded")
+    parser.add_argument(
+        "--features",
+        type=_features,
+        default="guarded",
+        help="guarded (all of " + ",".join(FEATURES) + "), default (none), or a subset",
+    )
     parser.add_argument(
         "--fermion", default=str(Path(sys.executable).with_name("fermion")), help="fermion CLI"
     )
@@ -164,28 +188,34 @@ def _span_sink() -> Iterator[str]:
 
 
 def _config(
-    features: str, model: str, versions: list[int], backend: str, work: Path, traces: str
+    features: frozenset[str],
+    model: str,
+    versions: list[int],
+    backend: str,
+    work: Path,
+    traces: str,
 ) -> tuple[str, dict[str, str]]:
     """The YAML of a Fermion server and the headers its requests carry."""
     lines = [f"backend: {backend}"]
     if backend == "ray":
         lines += ["ray: {deployment: {num_cpus: 1}}"]
     headers: dict[str, str] = {}
-    if features == "default":
-        return "\n".join(lines) + "\n", headers
-    from serving.auth import create_key
+    if "auth" in features:
+        from serving.auth import create_key
 
-    # One keys file per backend: a key written for the ray phase must not replace the one
-    # the local gateways, still serving beside it, were started with.
-    keys = work / f"keys-{backend}.json"
-    headers[_API_KEY_HEADER] = create_key(keys, "bench", ["infer:*", "read"], replace=True)
-    lines += [
-        f"auth: {{keys_file: {keys}}}",
-        "limits: {default_timeout_ms: 10000}",
-        "batching: {priority_levels: 2}",
-        f"tracing: {{exporter: otlp-http, endpoint: '{traces}', sample_ratio: 0.01}}",
-    ]
-    if len(versions) > 1:  # the newest answers; 1% is mirrored to the one before
+        # One keys file per backend: a key written for the ray phase must not replace the
+        # one the local gateways, still serving beside it, were started with.
+        keys = work / f"keys-{backend}.json"
+        headers[_API_KEY_HEADER] = create_key(keys, "bench", ["infer:*", "read"], replace=True)
+        lines += [f"auth: {{keys_file: {keys}}}"]
+    if "deadline" in features:
+        lines += ["limits: {default_timeout_ms: 10000}"]
+    if "priorities" in features:
+        lines += ["batching: {priority_levels: 2}"]
+    if "tracing" in features:
+        lines += [f"tracing: {{exporter: otlp-http, endpoint: '{traces}', sample_ratio: 0.01}}"]
+    if "shadow" in features and len(versions) > 1:
+        # The newest answers; 1% is mirrored to the one before.
         lines += [
             "routes:",
             f"  {model}:",
@@ -195,18 +225,21 @@ def _config(
     return "\n".join(lines) + "\n", headers
 
 
-def _features_note(features: str, versions: list[int]) -> str:
-    if features == "default":
+def _features_note(features: frozenset[str], versions: list[int]) -> str:
+    if not features:
         return "fermion serve's defaults (auth, tracing, priorities, route off)"
-    shadow = (
-        f"shadow 1% to v{versions[-2]} (answers from v{versions[-1]})"
-        if len(versions) > 1
-        else "no shadow (one version)"
-    )
-    return (
-        "API key auth on every request, a 10 s deadline on every request, 2 priority "
-        f"levels, {shadow}, tracing OTLP/HTTP 1% sampled; metrics on"
-    )
+    notes = {
+        "auth": "API key auth on every request",
+        "deadline": "a 10 s deadline on every request",
+        "priorities": "2 priority levels",
+        "shadow": (
+            f"shadow 1% to v{versions[-2]} (answers from v{versions[-1]})"
+            if len(versions) > 1
+            else "no shadow (one version)"
+        ),
+        "tracing": "tracing OTLP/HTTP 1% sampled",
+    }
+    return ", ".join(notes[f] for f in FEATURES if f in features) + "; metrics on"
 
 
 # -- servers and cells ----------------------------------------------------------------
@@ -520,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     report: list[str] = []
     record: dict[str, Any] = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {
+            k: ",".join(sorted(v)) if isinstance(v, frozenset) else str(v)
+            for k, v in vars(args).items()
+        },
         "features": note,
         "cores": os.cpu_count(),
     }
