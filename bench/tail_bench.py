@@ -134,6 +134,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base", help="the fermion CLI of another checkout, measured beside (label: base)"
     )
+    parser.add_argument(
+        "--inline-max-ms",
+        type=float,
+        default=0.0,
+        help="local.inline_max_ms of the Fermion servers (0, the default: off)",
+    )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
     parser.add_argument("--ray", action="store_true", help="then Fermion on backend ray")
     parser.add_argument("--probe", type=Path, help="probed c=64 JSON cells; records in DIR")
@@ -544,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         "binary": binary_payload(model.input_name, model.output_name, sample),
     }
     note = _features_note(args.features, versions)
+    if args.inline_max_ms:
+        note += f"; local.inline_max_ms {args.inline_max_ms:g} (opt-in)"
     print(
         f"model {model.name} v{model.version}; {args.passes} passes of {args.duration} s "
         f"cells, wrk -t1, concurrency {args.concurrency}\nfermion: {note}",
@@ -566,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind, path in files.items():
             path.write_bytes(payloads[kind].body)
         config = _config(args.features, model.name, versions, "local", work, traces)
+        if args.inline_max_ms:
+            config = (config[0] + f"local: {{inline_max_ms: {args.inline_max_ms}}}\n", config[1])
         servers = [] if args.no_bare else [_Server(_bare(args, work), ["json"])]
         for name, cli in clis:
             process = _fermion(name, cli, args, config[0], work, [])

@@ -411,8 +411,14 @@ class RouteConfig(_Strict):
 class LocalBackendConfig(_Strict):
     """Backend ``local``: replicas in the gateway process."""
 
-    #: Worker threads that run inference (the event loop never does).
+    #: Worker threads that run inference.
     inference_threads: int = Field(default=2, ge=1, le=256)
+    #: Opt-in (0: never, the default): a batch of a version whose traffic comes one
+    #: request at a time (nothing queued, decoding or in the pool) runs on the event loop
+    #: itself when the version's last run took at most this long, skipping two thread
+    #: hand-offs; the loop then blocks for up to this long, an exception to the rule
+    #: that inference never blocks it.
+    inline_max_ms: float = Field(default=0.0, ge=0, le=10)
 
 
 #: JWT algorithms accepted: asymmetric only, so a public key can never act as an HMAC secret.

@@ -37,7 +37,7 @@ from serving.errors import (
 from serving.observability import tracing as _tracing
 from serving.observability.counters import VersionCounter
 
-__all__ = ["BatchRunner", "DynamicBatcher", "batch_deadline_ns"]
+__all__ = ["BatchRunner", "DynamicBatcher", "InlineRunner", "batch_deadline_ns"]
 
 #: While a batch runs: the last deadline (``time.perf_counter_ns``) of its requests,
 #: or None when one of them has none. Past it nobody waits for the batch, so a
@@ -46,6 +46,10 @@ batch_deadline_ns: ContextVar[int | None] = ContextVar("fermion_batch_deadline_n
 
 #: Computes one batch: named inputs with the batch in dim 0 -> named outputs.
 BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
+#: Lone batches in a row before one may run inline (traffic of one request at a time).
+_LONE_STREAK = 8
+#: Runs a batch on the calling thread, or declines (None) without doing anything.
+InlineRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray] | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -77,7 +81,9 @@ class DynamicBatcher:
     ``priority_levels`` queues (0 or 1: one), ``default_priority_level`` for
     requests without a priority (0: the lowest level); ``model``/``version``
     name spans; ``stats`` is the version's counter (a fresh one when None), which
-    receives queue and batch timings.
+    receives queue and batch timings. ``run_inline``: what runs a batch on the event
+    loop when it is the only work of this version (it may decline; ``run_batch`` then
+    runs it).
     """
 
     def __init__(
@@ -94,12 +100,16 @@ class DynamicBatcher:
         model: str = "",
         version: str = "",
         stats: VersionCounter | None = None,
+        run_inline: InlineRunner | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1 or max_concurrent_batches < 1 or max_queue_delay_s < 0:
             raise ValueError("max_queue_size and max_concurrent_batches must be >= 1, delay >= 0")
         self._run_batch = run_batch
+        self._run_inline = run_inline
+        #: Batches in a row that were all their version had (see ``_alone``).
+        self._lone = 0
         self.max_batch_size = max_batch_size if batched else 1
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -391,7 +401,11 @@ class DynamicBatcher:
                 # The executor-run span is current while the backend runs the batch.
                 token = _tracing.make_current(spans[1]) if spans is not None else None
                 try:
-                    outputs = await self._run_batch(inputs)
+                    ran = None
+                    alone = self._alone() if len(live) == 1 else self._lone_reset()
+                    if self._run_inline is not None and alone:
+                        ran = self._run_inline(inputs)
+                    outputs = await self._run_batch(inputs) if ran is None else ran
                 finally:
                     if spans is not None and token is not None:
                         _tracing.detach(token)
@@ -422,6 +436,21 @@ class DynamicBatcher:
                 spans[0].end()
             self._running -= 1
             self._dispatch()
+
+    def _alone(self) -> bool:
+        """True when this version's traffic is one request at a time: this batch is all it
+        has (none queued or decoding), and so were the last ``_LONE_STREAK`` batches. (A
+        busy version is alone for a moment too, between rounds of answers; run inline
+        then, it would keep the next round's reads waiting on the model.)"""
+        if self._running == 1 and not self._queued and not self._admitted:
+            self._lone += 1
+            return self._lone > _LONE_STREAK
+        self._lone = 0
+        return False
+
+    def _lone_reset(self) -> bool:
+        self._lone = 0
+        return False
 
     async def _run_each(self, live: list[_Pending]) -> None:
         """Compute each request of a refused batch on its own; fail only the refused ones."""

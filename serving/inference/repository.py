@@ -381,6 +381,11 @@ class ModelRepository:
             model=sv.name,
             version=str(sv.version),
             stats=sv.counter,
+            run_inline=(
+                self._backend.inline_runner(sv.name, sv.version)
+                if infer_batch == self._backend.infer_batch
+                else None
+            ),
         )
 
     async def _unload_version(self, versions: dict[int, ServedVersion], version: int) -> None:

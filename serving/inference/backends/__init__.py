@@ -15,6 +15,7 @@ from model_store.importer import import_from_string
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
+from serving.inference.batcher import InlineRunner
 
 __all__ = ["BACKENDS", "Backend", "create_backend"]
 
@@ -53,6 +54,10 @@ class Backend(ABC):
         self, name: str, version: int, inputs: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Compute one batch on a replica of this version."""
+
+    def inline_runner(self, name: str, version: int) -> InlineRunner | None:
+        """What runs a lone batch of this version on the event loop; None: never."""
+        return None
 
     def replica_counts(self) -> dict[tuple[str, int], int]:
         """Running replicas per loaded (model, version), as last seen; never blocks.

@@ -1,8 +1,16 @@
-"""Backend ``local``: replicas in the gateway process, inference in worker threads."""
+"""Backend ``local``: replicas in the gateway process, inference in worker threads.
+
+With ``local.inline_max_ms`` (opt-in), a lone batch (its version's traffic one request
+at a time, nothing in the pool) of a version whose last run was that short runs on the
+event loop instead: handing it to a thread and its answer back costs two wake-ups,
+more than a small model's compute. The loop then blocks for up to that long.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -13,6 +21,7 @@ from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.errors import ModelNotReady
 from serving.inference.backends import Backend
+from serving.inference.batcher import InlineRunner
 from serving.inference.executors import ExecutorOptions
 from serving.inference.replica import ModelReplica
 
@@ -27,6 +36,11 @@ class LocalBackend(Backend):
         self._store = store
         self._replicas: dict[tuple[str, int], ModelReplica] = {}
         self._pool: ThreadPoolExecutor | None = None
+        #: Batches in the pool now (a lone batch runs inline only when it is 0).
+        self._in_pool = 0
+        self._inline_max_ns = int(config.local.inline_max_ms * 1e6)
+        #: Versions whose last run took at most ``inline_max_ms`` (none before a run).
+        self._short: set[tuple[str, int]] = set()
 
     async def start(self) -> None:
         self._pool = ThreadPoolExecutor(
@@ -49,6 +63,7 @@ class LocalBackend(Backend):
         )
         old = self._replicas.pop((manifest.name, manifest.version), None)
         self._replicas[(manifest.name, manifest.version)] = replica
+        self._short.discard((manifest.name, manifest.version))
         if old is not None:
             old.close()
         return {"backend": "local", "replicas": 1, **replica.describe()}
@@ -65,10 +80,42 @@ class LocalBackend(Backend):
     async def infer_batch(
         self, name: str, version: int, inputs: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
-        replica = self._replicas.get((name, version))
+        key = (name, version)
+        replica = self._replicas.get(key)
         if replica is None or self._pool is None:
             raise ModelNotReady(f"model {name} version {version} has no replica")
-        # The executor itself runs in the pool: no frame of the replica in between.
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, replica.executor.run, inputs
-        )
+        self._in_pool += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._run, key, replica, inputs
+            )
+        finally:
+            self._in_pool -= 1
+
+    def inline_runner(self, name: str, version: int) -> InlineRunner | None:
+        if self._inline_max_ns <= 0:
+            return None
+        return functools.partial(self._run_inline, (name, version))
+
+    def _run_inline(
+        self, key: tuple[str, int], inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
+        """The batch run here and now, or None when the pool is busy or its last run was
+        long (or it never ran)."""
+        replica = self._replicas.get(key)
+        if replica is None or self._in_pool or key not in self._short:
+            return None
+        return self._run(key, replica, inputs)
+
+    def _run(
+        self, key: tuple[str, int], replica: ModelReplica, inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Run the executor (on whichever thread calls) and note whether it was short."""
+        started = time.perf_counter_ns()
+        try:
+            return replica.executor.run(inputs)
+        finally:
+            if time.perf_counter_ns() - started <= self._inline_max_ns:
+                self._short.add(key)
+            else:
+                self._short.discard(key)

@@ -501,3 +501,73 @@ async def test_a_deadline_already_passed_is_refused_before_queueing() -> None:
             await batcher.submit(_req(1.0), 1, deadline_ns=time.perf_counter_ns() - 1)
         assert raised.value.message == "deadline passed before the request was queued"
     assert batcher.stats.expired == 2 and model.batches == []
+
+
+class _InlineDouble:
+    """An inline runner doubling its input, which can decline or fail on demand."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.decline = False
+        self.fail = False
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        if self.decline:
+            return None
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("inline run failed")
+        return {"y": inputs["x"] * 2}
+
+
+async def test_one_request_at_a_time_runs_inline_after_a_streak() -> None:
+    model = _DoubleModel(delay_s=0)
+    inline = _InlineDouble()
+    batcher = DynamicBatcher(model, max_batch_size=8, run_inline=inline)
+    for i in range(20):
+        out = await batcher.submit(_req(float(i)), 1)
+        assert float(out["y"][0, 0]) == 2.0 * i
+    # The first 8 lone batches went to the backend; then each ran inline.
+    assert (len(model.batches), inline.calls) == (8, 12)
+
+
+async def test_concurrent_traffic_never_runs_inline_and_resets_the_streak() -> None:
+    model = _DoubleModel(delay_s=0.005)
+    inline = _InlineDouble()
+    batcher = DynamicBatcher(model, max_batch_size=8, run_inline=inline)
+    for i in range(12):
+        await batcher.submit(_req(float(i)), 1)
+    calls = inline.calls
+    assert calls > 0
+    results = await asyncio.gather(*(batcher.submit(_req(float(v)), 1) for v in range(30)))
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * v for v in range(30)]
+    # The burst's first request found the others decoding or queued behind it: no inline.
+    assert inline.calls in (calls, calls + 1)
+    before = len(model.batches)
+    await batcher.submit(_req(1.0), 1)
+    assert len(model.batches) == before + 1  # the streak starts again
+
+
+async def test_an_inline_runner_that_declines_leaves_the_batch_to_the_backend() -> None:
+    model = _DoubleModel(delay_s=0)
+    inline = _InlineDouble()
+    inline.decline = True
+    batcher = DynamicBatcher(model, max_batch_size=8, run_inline=inline)
+    for i in range(15):
+        out = await batcher.submit(_req(float(i)), 1)
+        assert float(out["y"][0, 0]) == 2.0 * i
+    assert (len(model.batches), inline.calls) == (15, 0)
+
+
+async def test_an_inline_failure_fails_its_request_only() -> None:
+    inline = _InlineDouble()
+    batcher = DynamicBatcher(_DoubleModel(delay_s=0), max_batch_size=8, run_inline=inline)
+    for i in range(10):
+        await batcher.submit(_req(float(i)), 1)
+    inline.fail = True
+    with pytest.raises(InferenceFailed, match="inline run failed"):
+        await batcher.submit(_req(1.0), 1)
+    inline.fail = False
+    out = await batcher.submit(_req(3.0), 1)
+    assert float(out["y"][0, 0]) == 6.0
+    assert batcher.stats.failed_batches == 1
