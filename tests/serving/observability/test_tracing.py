@@ -333,6 +333,39 @@ async def test_spans_follow_the_http_conventions_and_errors_look_alike(
     assert versions == {str}
 
 
+@pytest.mark.parametrize("env_size", [None, "16"])
+async def test_spans_are_exported_in_small_batches(
+    demo_store: ModelStore, monkeypatch: pytest.MonkeyPatch, env_size: str | None
+) -> None:
+    # A big batch is encoded with the GIL held for tens of ms: a stall of the event loop.
+    if env_size is None:
+        monkeypatch.delenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", env_size)
+    limit = int(env_size) if env_size else tracing.EXPORT_BATCH
+    _Receiver.received.clear()
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        config = FermionConfig(tracing=TracingConfig(exporter="otlp-http", endpoint=endpoint))
+        async with serve_in_process(config, demo_store) as gw:
+            for _ in range(30):  # about 6 spans each
+                r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
+                assert r.status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    sizes = [
+        sum(len(ss.spans) for rs in m.resource_spans for ss in rs.scope_spans)
+        for m in _Receiver.received
+    ]
+    assert sum(sizes) >= 30 * 5
+    assert max(sizes) <= limit
+    assert max(sizes) == limit  # batches fill up to the limit, no further
+
+
 def test_otel_environment_variables_fill_what_the_file_leaves_out() -> None:
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
