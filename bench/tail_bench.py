@@ -138,7 +138,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--inline-max-ms",
         type=float,
         default=0.0,
-        help="local.inline_max_ms of the Fermion servers (0, the default: off)",
+        help="local.inline_max_ms of this checkout's servers, not --base's (0, the default: off)",
     )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
     parser.add_argument("--ray", action="store_true", help="then Fermion on backend ray")
@@ -256,6 +256,8 @@ def _fermion(
 ) -> ServerProcess:
     port = free_port()
     path = work / f"{name}.yaml"
+    if args.inline_max_ms and name.startswith("fermion"):  # not the base: its own defaults
+        config += f"local: {{inline_max_ms: {args.inline_max_ms}}}\n"
     path.write_text(config)
     argv = [*wrapper, "serve"] if wrapper else [cli, "serve"]
     argv += ["--store", str(args.store), "--config", str(path), "--grpc-port", "off"]
@@ -574,8 +576,6 @@ def main(argv: list[str] | None = None) -> int:
         for kind, path in files.items():
             path.write_bytes(payloads[kind].body)
         config = _config(args.features, model.name, versions, "local", work, traces)
-        if args.inline_max_ms:
-            config = (config[0] + f"local: {{inline_max_ms: {args.inline_max_ms}}}\n", config[1])
         servers = [] if args.no_bare else [_Server(_bare(args, work), ["json"])]
         for name, cli in clis:
             process = _fermion(name, cli, args, config[0], work, [])
