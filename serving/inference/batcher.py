@@ -402,8 +402,7 @@ class DynamicBatcher:
                 token = _tracing.make_current(spans[1]) if spans is not None else None
                 try:
                     ran = None
-                    alone = self._alone() if len(live) == 1 else self._lone_reset()
-                    if self._run_inline is not None and alone:
+                    if self._run_inline is not None and self._alone(len(live)):
                         ran = self._run_inline(inputs)
                     outputs = await self._run_batch(inputs) if ran is None else ran
                 finally:
@@ -437,18 +436,15 @@ class DynamicBatcher:
             self._running -= 1
             self._dispatch()
 
-    def _alone(self) -> bool:
-        """True when this version's traffic is one request at a time: this batch is all it
-        has (none queued or decoding), and so were the last ``_LONE_STREAK`` batches. (A
-        busy version is alone for a moment too, between rounds of answers; run inline
-        then, it would keep the next round's reads waiting on the model.)"""
-        if self._running == 1 and not self._queued and not self._admitted:
+    def _alone(self, requests: int) -> bool:
+        """Count this batch of ``requests`` into the streak; True when this version's
+        traffic is one request at a time: the batch is one request and all the version has
+        (none queued or decoding), and so were the last ``_LONE_STREAK`` batches. (A busy
+        version is alone for a moment too, between rounds of answers; run inline then, it
+        would keep the next round's reads waiting on the model.)"""
+        if requests == 1 and self._running == 1 and not self._queued and not self._admitted:
             self._lone += 1
             return self._lone > _LONE_STREAK
-        self._lone = 0
-        return False
-
-    def _lone_reset(self) -> bool:
         self._lone = 0
         return False
 

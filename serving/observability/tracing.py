@@ -251,6 +251,7 @@ def configure(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import Decision
 
     sampler = _sampler(config)
     provider = TracerProvider(
@@ -268,8 +269,6 @@ def configure(
         size = None if os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") else EXPORT_BATCH
         processor = BatchSpanProcessor(_exporter(config), max_export_batch_size=size)
         provider.add_span_processor(processor)
-    from opentelemetry.sdk.trace.sampling import Decision
-
     _State.provider, _State.sampler, _State.drop = provider, sampler, Decision.DROP
     _State.tracer = provider.get_tracer("fermion.gateway")
     return provider
