@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import grpc
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Status, StatusCode, Tracer
 
 from serving.auth.access import API_KEY, AUTHORIZATION, AccessControl, RejectHook, credential
 from serving.auth.scopes import INFER, OPEN
@@ -27,7 +27,7 @@ from serving.observability.tracing import (
     detach,
     make_current,
     new_root,
-    start_root_span,
+    start_server_span,
 )
 
 __all__ = ["SERVICE", "Call", "CallGate", "Context", "Handler", "metadata_of"]
@@ -136,20 +136,19 @@ class CallGate:
             return await self._answer(method, kind, model, handler, request, call)
         carrier = {k: call.metadata[k] for k in _CARRIER if k in call.metadata}
         parent = PROPAGATOR.extract(carrier) if carrier else None
-        name = f"{SERVICE}/{method}"
-        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+        root = 0
         if parent is None:
             # Sampled first: a call sampled out builds no span (see TracingMiddleware).
             root, recorded = new_root()
             if not recorded:
                 return await self._answer(method, kind, model, handler, request, call)
-            span = start_root_span(
-                self._tracer, root, name, kind=SpanKind.SERVER, attributes=attributes
-            )
-        else:
-            span = self._tracer.start_span(
-                name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-            )
+        span = start_server_span(
+            self._tracer,
+            f"{SERVICE}/{method}",
+            parent=parent,
+            root=root,
+            attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
+        )
         if request_id is not None:
             span.set_attribute("fermion.request_id", request_id[:128])
         token = make_current(span, parent)

@@ -46,7 +46,7 @@ __all__ = [
     "shutdown",
     "start_batch_spans",
     "start_queue_span",
-    "start_root_span",
+    "start_server_span",
 ]
 
 #: The W3C trace-context propagator every transport uses.
@@ -133,7 +133,7 @@ class _State:
 
 #: An empty context: a root has no parent, whatever span is current (None would mean it).
 _NO_PARENT = Context()
-#: The trace id ``start_root_span`` gives the root span it starts (0: a random one).
+#: The trace id ``start_server_span`` gives the root span it starts (0: a random one).
 _PRESET_TRACE_ID: ContextVar[int] = ContextVar("fermion_preset_trace_id", default=0)
 
 
@@ -148,13 +148,13 @@ def _preset_trace_ids() -> IdGenerator:
     return PresetTraceIds()
 
 
-def new_root(name: str = "") -> tuple[int, bool]:
+def new_root() -> tuple[int, bool]:
     """A new trace id for a request that carries no trace context, and whether the
     sampler records its trace.
 
     The decision comes before any span is built: a request sampled out (most of them, at
     a low ratio) costs a random number, and its id still reaches the access log. A
-    recorded one gets its span from ``start_root_span`` with this id, which the sampler
+    recorded one gets its span from ``start_server_span`` with this id, which the sampler
     decides the same way again.
     """
     trace_id = random.getrandbits(128)
@@ -163,22 +163,27 @@ def new_root(name: str = "") -> tuple[int, bool]:
     sampler = _State.sampler
     if sampler is None or _State.tracer is None:
         return trace_id, False
-    decision = sampler.should_sample(_NO_PARENT, trace_id, name).decision
+    decision = sampler.should_sample(_NO_PARENT, trace_id, "").decision
     return trace_id, decision is not _State.drop
 
 
-def start_root_span(
+def start_server_span(
     tracer: Tracer,
-    trace_id: int,
     name: str,
     *,
-    kind: SpanKind,
+    parent: Context | None,
+    root: int,
     attributes: Mapping[str, Any],
 ) -> Span:
-    """A root span (no parent, whatever is current) in the trace ``new_root`` chose."""
-    token = _PRESET_TRACE_ID.set(trace_id)
+    """A transport's server span: a child of the incoming ``parent`` context, or without
+    one a root (whatever span is current) in the trace ``root`` that ``new_root`` chose."""
+    if parent is not None:
+        return tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
+    token = _PRESET_TRACE_ID.set(root)
     try:
-        return tracer.start_span(name, context=_NO_PARENT, kind=kind, attributes=attributes)
+        return tracer.start_span(
+            name, context=_NO_PARENT, kind=SpanKind.SERVER, attributes=attributes
+        )
     finally:
         _PRESET_TRACE_ID.reset(token)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Status, StatusCode, Tracer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -23,7 +23,7 @@ from serving.observability.tracing import (
     detach,
     make_current,
     new_root,
-    start_root_span,
+    start_server_span,
 )
 
 __all__ = ["TracingMiddleware", "route_template"]
@@ -104,15 +104,13 @@ class TracingMiddleware:
         attributes = _attributes(scope, method, path)
         if route is not None:
             attributes["http.route"] = route
-        name = f"{method} {route}" if route is not None else method
-        if parent is None:
-            span = start_root_span(
-                self._tracer, root, name, kind=SpanKind.SERVER, attributes=attributes
-            )
-        else:
-            span = self._tracer.start_span(
-                name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-            )
+        span = start_server_span(
+            self._tracer,
+            f"{method} {route}" if route is not None else method,
+            parent=parent,
+            root=root,
+            attributes=attributes,
+        )
         ctx = span.get_span_context()
         if ctx.is_valid:
             state["trace_id"] = format(ctx.trace_id, "032x")

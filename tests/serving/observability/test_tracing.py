@@ -145,8 +145,8 @@ def test_a_root_is_sampled_before_its_span_as_the_sdk_would(sampler: str) -> Non
             assert recorded is expected
             outcomes.add(recorded)
             if recorded:
-                span = tracing.start_root_span(
-                    tracer, trace_id, "root", kind=trace.SpanKind.SERVER, attributes={}
+                span = tracing.start_server_span(
+                    tracer, "root", parent=None, root=trace_id, attributes={}
                 )
                 assert span.is_recording()
                 assert span.get_span_context().trace_id == trace_id
