@@ -71,8 +71,16 @@ _ARRAY_CODES: Final = {
     "FP32": "f",
     "FP64": "d",
 }
-assert all(array(code).itemsize == np.dtype(code).itemsize for code in _ARRAY_CODES.values())
+assert all(
+    array(code).itemsize == np.dtype(code).itemsize == struct.calcsize("=" + code)
+    for code in _ARRAY_CODES.values()
+)
 _NATIVE_IS_LITTLE: Final = sys.byteorder == "little"
+#: Lists up to this long are converted by a compiled ``struct.Struct`` (see ``_packed``).
+_PACK_MAX: Final = 1 << 16
+#: Compiled converters by (array code, count); cleared when it holds this many.
+_PACKERS_MAX: Final = 256
+_packers: dict[tuple[str, int], struct.Struct] = {}
 _FLOATS: Final = frozenset({"FP16", "FP32"})
 _EXPECTS: Final = {
     **dict.fromkeys(("FP16", "FP32", "FP64"), "expected numbers"),
@@ -308,6 +316,30 @@ def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
     return out
 
 
+def _packed(code: str, values: Sequence[Any]) -> bytes | array[Any]:
+    """``values`` converted as ``array(code, values)`` converts them: the same bytes, the
+    same exceptions.
+
+    A list of a request's usual size goes through a compiled ``struct.Struct`` first,
+    which takes half the time of ``array`` (about 5 against 10 µs for 784 floats). Any
+    value it refuses (out of range, not a number) sends the list to ``array`` instead, so
+    that what is accepted, and the message of what is not, stay ``array``'s.
+    """
+    count = len(values)
+    if type(values) is not list or count > _PACK_MAX:
+        return array(code, values)
+    packer = _packers.get((code, count))
+    if packer is None:
+        if len(_packers) >= _PACKERS_MAX:
+            _packers.clear()
+        # Native order, standard sizes: the sizes of the array codes (asserted above).
+        packer = _packers[(code, count)] = struct.Struct(f"={count}{code}")
+    try:
+        return packer.pack(*values)
+    except (struct.error, TypeError, OverflowError, ValueError):
+        return array(code, values)
+
+
 def from_values(
     values: Sequence[Any],
     shape: tuple[int, ...],
@@ -346,7 +378,7 @@ def from_values(
             raise InvalidInput(f"input {name!r}: BYTES {field} must be strings") from None
         return out.reshape(shape)
     try:
-        converted = array(spec.code, values)
+        converted = _packed(spec.code, values)
     except (TypeError, OverflowError, ValueError) as e:
         raise InvalidInput(
             f"input {name!r}: {field} is not valid {spec.datatype} ({e}); "
