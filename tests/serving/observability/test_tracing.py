@@ -126,9 +126,21 @@ async def test_sampling_ratio_zero_keeps_only_sampled_parents(demo_store: ModelS
         assert [s.name for s in exporter.get_finished_spans()] == ["GET /v2/models/{model}"]
 
 
-@pytest.mark.parametrize("sampler", ["traceidratio", "parentbased_traceidratio"])
-def test_a_root_is_sampled_before_its_span_as_the_sdk_would(sampler: str) -> None:
-    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+@pytest.mark.parametrize(
+    ("sampler", "outcomes"),
+    [
+        ("traceidratio", {True, False}),
+        ("parentbased_traceidratio", {True, False}),
+        ("always_on", {True}),
+        ("parentbased_always_on", {True}),
+        ("always_off", {False}),
+        ("parentbased_always_off", {False}),
+    ],
+)
+def test_a_root_is_sampled_before_its_span_as_the_sdk_would(
+    sampler: str, outcomes: set[bool]
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 
     tracing.configure(
         TracingConfig(sampler=sampler, sample_ratio=0.5),  # type: ignore[arg-type]
@@ -136,23 +148,27 @@ def test_a_root_is_sampled_before_its_span_as_the_sdk_would(sampler: str) -> Non
     )
     tracer = tracing.current_tracer()
     assert tracer is not None
-    rule = TraceIdRatioBased(0.5)
-    outcomes = set()
+    # The SDK's rule for a root of this kind (a parentbased_ sampler defers to it).
+    rule = {"traceidratio": TraceIdRatioBased(0.5), "always_on": ALWAYS_ON}.get(
+        sampler.removeprefix("parentbased_"), ALWAYS_OFF
+    )
+    seen = set()
     with tracer.start_as_current_span("whatever is current"):  # never a root's parent
         for _ in range(200):
             trace_id, recorded = tracing.new_root()
             expected = rule.should_sample(None, trace_id, "x").decision.is_sampled()  # type: ignore[no-untyped-call]
             assert recorded is expected
-            outcomes.add(recorded)
+            seen.add(recorded)
+            span = tracing.start_server_span(
+                tracer, "root", parent=None, root=trace_id, attributes={}
+            )
+            # The span the SDK builds for it agrees: recorded, in that trace, a root.
+            assert span.is_recording() is recorded
             if recorded:
-                span = tracing.start_server_span(
-                    tracer, "root", parent=None, root=trace_id, attributes={}
-                )
-                assert span.is_recording()
                 assert span.get_span_context().trace_id == trace_id
                 assert span.parent is None  # type: ignore[attr-defined]
-                span.end()
-    assert outcomes == {True, False}
+            span.end()
+    assert seen == outcomes
     # Other roots get random ids again.
     other = tracer.start_span("other", context=trace.set_span_in_context(trace.INVALID_SPAN))
     assert other.get_span_context().trace_id not in (0, trace_id)
