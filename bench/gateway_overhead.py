@@ -1,10 +1,12 @@
 """Per-request cost of the gateway's own layers (auth, limits, tracing, metrics), in process.
 
-Drives the real ASGI app (``create_app``) with one binary-tensor request at a time,
-against a backend that answers zeros, so that only the gateway is measured: the
-middleware, the route, the codec and the batcher. Prints microseconds per request
-for each configuration (CPU time of the process, so that other load on the machine
-matters less), measured interleaved in one run so that they compare.
+Drives the real ASGI app (``create_app``) with one binary-tensor request at a time
+(a V2 JSON one where the configuration says so), against a backend that answers
+zeros, so that only the gateway is measured: the middleware, the route, the codec
+and the batcher. Prints microseconds per request for each configuration (CPU time of
+the process, so that other load on the machine matters less), measured interleaved
+in one run so that they compare. A request sampled by tracing is measured with every
+request sampled, its spans going to an in-memory exporter.
 
     python -m bench.gateway_overhead --store model_store [--requests 20000]
 """
@@ -18,9 +20,11 @@ import tempfile
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
@@ -62,17 +66,49 @@ class _ZerosBackend(Backend):
         }
 
 
-def _request(model: str, headers: dict[str, str]) -> tuple[dict[str, Any], bytes]:
-    tensor = np.zeros((1, 1, 28, 28), dtype=np.float32).tobytes()
-    header = (
-        b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32",'
-        b'"parameters":{"binary_data_size":%d}}],"outputs":[{"name":"logits",'
-        b'"parameters":{"binary_data":true}}]}' % len(tensor)
-    )
-    body = header + tensor
+class _Case(NamedTuple):
+    """One measured configuration: its config data, request headers and body kind."""
+
+    data: dict[str, Any]
+    headers: dict[str, str]
+    json: bool = False
+    #: Every request sampled by tracing (spans to an in-memory exporter).
+    traced: bool = False
+
+
+def _request(
+    model: str, headers: dict[str, str], *, json: bool = False
+) -> tuple[dict[str, Any], bytes]:
+    # Pixel-like values, as a client would send them: JSON numbers of varied digits.
+    image = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    if json:
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 1, 28, 28],
+                        "datatype": "FP32",
+                        "data": image.ravel().tolist(),
+                    }
+                ]
+            }
+        )
+        framing = [(b"content-type", b"application/json")]
+    else:
+        tensor = image.tobytes()
+        header = (
+            b'{"inputs":[{"name":"input","shape":[1,1,28,28],"datatype":"FP32",'
+            b'"parameters":{"binary_data_size":%d}}],"outputs":[{"name":"logits",'
+            b'"parameters":{"binary_data":true}}]}' % len(tensor)
+        )
+        body = header + tensor
+        framing = [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(len(header)).encode()),
+        ]
     raw = [
-        (b"content-type", b"application/octet-stream"),
-        (b"inference-header-content-length", str(len(header)).encode()),
+        *framing,
         (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode()) for k, v in headers.items()),
     ]
@@ -93,12 +129,11 @@ def _request(model: str, headers: dict[str, str]) -> tuple[dict[str, Any], bytes
     return scope, body
 
 
-async def _measure(
-    config: FermionConfig, store: ModelStore, headers: dict[str, str], n: int
-) -> list[float]:
-    app = create_app(config, store=store, backend=_ZerosBackend())
+async def _measure(config: FermionConfig, store: ModelStore, case: _Case, n: int) -> list[float]:
+    exporter = InMemorySpanExporter() if case.traced else None
+    app = create_app(config, store=store, backend=_ZerosBackend(), span_exporter=exporter)
     model = store.models()[0]
-    scope, body = _request(model, headers)
+    scope, body = _request(model, case.headers, json=case.json)
     statuses: list[int] = []
 
     async def receive() -> dict[str, Any]:
@@ -115,18 +150,20 @@ async def _measure(
         for _ in range(200):  # warm-up
             await app(dict(scope), receive, send)
         for _ in range(5):
+            if exporter is not None:
+                exporter.clear()
             started = time.process_time()
             for _ in range(n // 5):
                 await app(dict(scope), receive, send)
             rounds.append((time.process_time() - started) / (n // 5) * 1e6)
+    if exporter is not None and not exporter.get_finished_spans():
+        raise RuntimeError("tracing sampled every request but no span was exported")
     if set(statuses) != {200}:
         raise RuntimeError(f"unexpected statuses {sorted(set(statuses))}")
     return rounds
 
 
-def _configs(
-    keys_file: Path, store: ModelStore
-) -> dict[str, tuple[dict[str, Any], dict[str, str]]]:
+def _configs(keys_file: Path, store: ModelStore) -> dict[str, _Case]:
     from serving.auth import create_key
 
     key = create_key(keys_file, "bench", ["infer:*"], replace=True)
@@ -149,15 +186,19 @@ def _configs(
                 "shadow": {"version": versions[-2], "percent": 1},
             }
         }
+    sampled = {"exporter": "console", "sample_ratio": 1.0}  # (the exporter is replaced)
     return {
-        "metrics off (all off)": ({"metrics": {"enabled": False}}, {}),
-        "default (metrics on)": ({}, {}),
-        "+ API key auth": ({"auth": auth}, {"x-api-key": key}),
-        "+ auth + rate limit": ({"auth": auth, "limits": rate}, {"x-api-key": key}),
-        "+ tracing (sampled out)": ({"tracing": sampled_out}, {}),
-        "+ deadline (10 s)": ({"limits": {"default_timeout_ms": 10000}}, {}),
-        "+ 2 priority levels": ({"batching": {"priority_levels": 2}}, {}),
-        "guarded (tail_bench's, sampled out)": (guarded, {"x-api-key": key}),
+        "metrics off (all off)": _Case({"metrics": {"enabled": False}}, {}),
+        "default (metrics on)": _Case({}, {}),
+        "+ API key auth": _Case({"auth": auth}, {"x-api-key": key}),
+        "+ auth + rate limit": _Case({"auth": auth, "limits": rate}, {"x-api-key": key}),
+        "+ tracing (sampled out)": _Case({"tracing": sampled_out}, {}),
+        "+ tracing (every request sampled)": _Case({"tracing": sampled}, {}, traced=True),
+        "+ deadline (10 s)": _Case({"limits": {"default_timeout_ms": 10000}}, {}),
+        "+ 2 priority levels": _Case({"batching": {"priority_levels": 2}}, {}),
+        "guarded (tail_bench's, sampled out)": _Case(guarded, {"x-api-key": key}),
+        "default, JSON body": _Case({}, {}, json=True),
+        "guarded, JSON body": _Case(guarded, {"x-api-key": key}, json=True),
     }
 
 
@@ -175,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(args.store)
     with tempfile.TemporaryDirectory() as tmp:
         if args.defaults_only:
-            rounds = asyncio.run(_measure(FermionConfig(), store, {}, args.requests))
+            rounds = asyncio.run(_measure(FermionConfig(), store, _Case({}, {}), args.requests))
             print(f"defaults: {statistics.median(rounds):.1f} µs/request")
             return 0
         configs = _configs(Path(tmp) / "keys.json", store)
         results: dict[str, list[float]] = {name: [] for name in configs}
         for _ in range(3):  # interleave the configurations
-            for name, (data, headers) in configs.items():
-                config = FermionConfig.model_validate(data)
-                results[name] += asyncio.run(_measure(config, store, headers, args.requests // 3))
+            for name, case in configs.items():
+                config = FermionConfig.model_validate(case.data)
+                results[name] += asyncio.run(_measure(config, store, case, args.requests // 3))
     base = statistics.median(results["metrics off (all off)"])
     print(f"{'configuration':40} {'µs/request':>11} {'vs all off':>11}")
     for name, rounds in results.items():
