@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from array import array
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ _VALUE_LISTS: list[list[Any]] = [
 ]
 
 
-def _outcome(convert: Any, code: str, values: list[Any]) -> tuple[str, Any]:
+def _outcome(convert: Any, code: str, values: Sequence[Any]) -> tuple[str, Any]:
     try:
         return "ok", bytes(convert(code, values))
     except Exception as e:
@@ -50,11 +51,27 @@ def test_packed_converts_exactly_as_array_does(code: str, values: list[Any]) -> 
     assert _outcome(_packed, code, values * 300) == _outcome(array, code, values * 300)
 
 
+@pytest.mark.parametrize("values", _VALUE_LISTS[1:8], ids=range(1, 8))
+def test_packed_converts_a_grpc_contents_field_as_array_does(values: list[Any]) -> None:
+    from serving.grpc._proto import grpc_service_pb2 as pb
+
+    contents = pb.InferTensorContents()
+    contents.fp64_contents.extend(float(v) for v in values if abs(float(v)) < 1e300)
+    contents.int64_contents.extend(v for v in values if type(v) is int and -(2**63) <= v < 2**63)
+    for field in (contents.fp64_contents, contents.int64_contents):
+        for code in sorted(set(_ARRAY_CODES.values())):
+            assert _outcome(_packed, code, field) == _outcome(array, code, field)
+
+
 def test_packed_takes_every_sequence_and_any_length() -> None:
     long = [0.25] * (tensors._PACK_MAX + 1)
     assert bytes(_packed("f", long)) == array("f", long).tobytes()
     assert bytes(_packed("d", (1.0, 2.0))) == array("d", (1.0, 2.0)).tobytes()
     assert bytes(_packed("q", range(5))) == array("q", range(5)).tobytes()
+    # Typed buffers go to array as they are (array's own rules for them).
+    assert bytes(_packed("d", array("d", [1.5, 2.5]))) == array("d", [1.5, 2.5]).tobytes()
+    buffer = np.arange(4, dtype=np.int64)
+    assert bytes(_packed("q", cast(Sequence[Any], buffer))) == array("q", buffer).tobytes()
 
 
 def test_packed_keeps_a_bounded_cache_of_converters() -> None:
