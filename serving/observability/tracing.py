@@ -230,32 +230,24 @@ def _exporter(config: TracingConfig) -> SpanExporter:
     return OTLPSpanExporter(endpoint=config.endpoint or _HTTP_DEFAULT, headers=dict(config.headers))
 
 
-def _sampler(config: TracingConfig) -> Sampler:
-    from opentelemetry.sdk.trace.sampling import (
-        ALWAYS_OFF,
-        ALWAYS_ON,
-        ParentBased,
-        TraceIdRatioBased,
-    )
+def _root_sampler(config: TracingConfig) -> Sampler:
+    """What ``config``'s sampler decides for a root (a ``parentbased_`` one defers to it)."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 
-    root: Sampler = {
+    return {
         "always_on": ALWAYS_ON,
         "always_off": ALWAYS_OFF,
         "traceidratio": TraceIdRatioBased(config.sample_ratio),
     }.get(config.sampler.removeprefix("parentbased_"), ALWAYS_ON)
-    return ParentBased(root) if config.sampler.startswith("parentbased_") else root
 
 
-def _root_bound(config: TracingConfig) -> int:
-    """``_State.root_bound`` for ``config``'s sampler (as ``_sampler`` builds it)."""
-    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+def _root_bound(root: Sampler) -> int:
+    """``_State.root_bound`` for the root sampler ``_root_sampler`` built."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, TraceIdRatioBased
 
-    kind = config.sampler.removeprefix("parentbased_")
-    if kind == "always_off":
-        return 0
-    if kind == "traceidratio":
-        return TraceIdRatioBased.get_bound_for_rate(config.sample_ratio)
-    return _TRACE_ID_LIMIT + 1
+    if isinstance(root, TraceIdRatioBased):
+        return root.bound
+    return 0 if root is ALWAYS_OFF else _TRACE_ID_LIMIT + 1
 
 
 def configure(
@@ -273,8 +265,10 @@ def configure(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased
 
-    sampler = _sampler(config)
+    root = _root_sampler(config)
+    sampler = ParentBased(root) if config.sampler.startswith("parentbased_") else root
     provider = TracerProvider(
         # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
         resource=Resource.create({"service.name": config.service_name}),
@@ -291,7 +285,7 @@ def configure(
         processor = BatchSpanProcessor(_exporter(config), max_export_batch_size=size)
         provider.add_span_processor(processor)
     _State.provider = provider
-    _State.root_bound = _root_bound(config)
+    _State.root_bound = _root_bound(root)
     _State.tracer = provider.get_tracer("fermion.gateway")
     return provider
 
