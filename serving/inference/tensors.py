@@ -76,8 +76,10 @@ assert all(
     for code in _ARRAY_CODES.values()
 )
 _NATIVE_IS_LITTLE: Final = sys.byteorder == "little"
-#: Lists up to this long are converted by a compiled ``struct.Struct`` (see ``_packed``).
+#: Sequences up to this long are converted by a compiled ``struct.Struct`` (``_packed``).
 _PACK_MAX: Final = 1 << 16
+#: Typed buffers: ``array`` copies them as they are, never through Python numbers.
+_BUFFERS: Final = (array, np.ndarray, bytes, bytearray)
 #: Compiled converters by (array code, count); cleared when it holds this many.
 _PACKERS_MAX: Final = 256
 _packers: dict[tuple[str, int], struct.Struct] = {}
@@ -329,7 +331,7 @@ def _packed(code: str, values: Sequence[Any]) -> bytes | array[Any]:
     long sequences go to ``array`` directly.
     """
     count = len(values)
-    if count > _PACK_MAX or isinstance(values, array | np.ndarray | bytes | bytearray):
+    if count > _PACK_MAX or isinstance(values, _BUFFERS):
         return array(code, values)
     packer = _packers.get((code, count))
     if packer is None:
