@@ -16,7 +16,7 @@ sending a batch to having its outputs back on the gateway's event loop (uvloop),
 For each: p50 and p99 of the round trip, and the CPU time of this (gateway) process per
 call, all of its threads (``time.process_time``). Rounds interleave the first two; the
 ratios at the end are against ``fermion ray``. The replica's compute alone is printed
-beside them (``ModelReplica.run`` in a replica, timed there).
+beside them (``ReplicaDeployment.infer`` timed in a Ray worker, no hop).
 """
 
 from __future__ import annotations
@@ -93,7 +93,15 @@ async def _run(
         spec = manifest.inputs[0]
         rng = np.random.default_rng(0)
         inputs = {spec.name: rng.random((1, *spec.shape[1:]), dtype=np.float32)}
-        args = (str(store.root.resolve()), manifest.model_dump_json(), ["onnx"], 1, None)
+        # The replica's arguments as RayBackend binds them (tracing off).
+        executor = config.executor_for(model.name)
+        args = (
+            str(store.root.resolve()),
+            manifest.model_dump_json(),
+            list(executor.prefer),
+            executor.intra_op_threads,
+            None,
+        )
         actor_class = ray.remote(num_cpus=0)(ReplicaDeployment)
         actor: Any = actor_class.remote(*args)
         await actor.describe.remote()
