@@ -35,13 +35,18 @@ def capturing(store: ModelStore, tmp: Path, folder: Path) -> RunningServer:
 
 
 def captured(folder: Path, at_least: int) -> list[dict[str, Any]]:
-    """The records in ``folder`` once there are ``at_least`` (the writer is asynchronous)."""
+    """The records in ``folder`` once there are ``at_least`` (the writer is asynchronous).
+
+    A read can land while the writer's thread is part way through a record, so only
+    lines that end in a newline count: the text after the last one is still being written.
+    """
     deadline = time.monotonic() + 10
     while True:
         lines = [
             json.loads(line)
             for file in folder.glob("capture-*.jsonl")
-            for line in file.read_text().splitlines()
+            for line in file.read_text().split("\n")[:-1]
+            if line
         ]
         if len(lines) >= at_least or time.monotonic() > deadline:
             return sorted(lines, key=lambda r: r["ts"])
