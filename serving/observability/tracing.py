@@ -14,7 +14,7 @@ import random
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar, Token
+from contextvars import Token
 from typing import TYPE_CHECKING, Any, get_args
 
 from opentelemetry import context, trace
@@ -23,11 +23,11 @@ from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
+from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
-    from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.sdk.trace.sampling import Sampler
 
 __all__ = [
@@ -60,6 +60,8 @@ SHUTDOWN_WAIT_S = 1.0
 _SAMPLERS = frozenset(get_args(TracingConfig.model_fields["sampler"].annotation))
 _HTTP_DEFAULT = "http://127.0.0.1:4318/v1/traces"
 _GRPC_DEFAULT = "http://127.0.0.1:4317"
+#: The instrumentation scope of the gateway's spans.
+_SCOPE = "fermion.gateway"
 
 
 def _env(environ: Mapping[str, str], *names: str) -> str | None:
@@ -136,23 +138,6 @@ class _State:
 _TRACE_ID_LIMIT = (1 << 64) - 1
 
 
-#: An empty context: a root has no parent, whatever span is current (None would mean it).
-_NO_PARENT = Context()
-#: The trace id ``start_server_span`` gives the root span it starts (0: a random one).
-_PRESET_TRACE_ID: ContextVar[int] = ContextVar("fermion_preset_trace_id", default=0)
-
-
-def _preset_trace_ids() -> IdGenerator:
-    """The SDK's random ids, except the trace id of a root span a transport chose first."""
-    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-
-    class PresetTraceIds(RandomIdGenerator):
-        def generate_trace_id(self) -> int:
-            return _PRESET_TRACE_ID.get() or super().generate_trace_id()
-
-    return PresetTraceIds()
-
-
 def new_root() -> tuple[int, bool]:
     """A new trace id for a request that carries no trace context, and whether the
     sampler records its trace.
@@ -167,9 +152,13 @@ def new_root() -> tuple[int, bool]:
         trace_id = random.getrandbits(128)
     if _State.tracer is None:
         return trace_id, False
+    return trace_id, _root_sampled(trace_id)
+
+
+def _root_sampled(trace_id: int) -> bool:
     # The configured sampler's own rule for a root, without building its SamplingResult
     # (a tenth of the cost; the test holds it to the SDK's decision).
-    return trace_id, (trace_id & _TRACE_ID_LIMIT) < _State.root_bound
+    return (trace_id & _TRACE_ID_LIMIT) < _State.root_bound
 
 
 def start_server_span(
@@ -182,15 +171,15 @@ def start_server_span(
 ) -> Span:
     """A transport's server span: a child of the incoming ``parent`` context, or without
     one a root (whatever span is current) in the trace ``root`` that ``new_root`` chose."""
-    if parent is not None:
-        return tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
-    token = _PRESET_TRACE_ID.set(root)
-    try:
-        return tracer.start_span(
-            name, context=_NO_PARENT, kind=SpanKind.SERVER, attributes=attributes
+    if parent is None and isinstance(tracer, SlotTracer):
+        sampled = _root_sampled(root)
+        return tracer.start_root(
+            name, root, sampled=sampled, kind=SpanKind.SERVER, attributes=attributes
         )
-    finally:
-        _PRESET_TRACE_ID.reset(token)
+    # A remote parent: the sampler decides. (Any other tracer is the SDK's no-op one,
+    # under OTEL_SDK_DISABLED.)
+    context = parent if parent is not None else Context()
+    return tracer.start_span(name, context=context, kind=SpanKind.SERVER, attributes=attributes)
 
 
 def current_tracer() -> Tracer | None:
@@ -263,30 +252,43 @@ def configure(
     if exporter is None and config.exporter == "none":
         return None
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import Tracer as SdkTracer
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     root = _root_sampler(config)
     sampler = ParentBased(root) if config.sampler.startswith("parentbased_") else root
+    resource = Resource.create({"service.name": config.service_name})
     provider = TracerProvider(
         # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
-        resource=Resource.create({"service.name": config.service_name}),
+        resource=resource,
         sampler=sampler,
         shutdown_on_exit=False,  # shutdown() below bounds the wait; an atexit hook would not
-        id_generator=_preset_trace_ids(),
     )
+    processor: SpanProcessor
     if exporter is not None or config.exporter == "console":
-        provider.add_span_processor(SimpleSpanProcessor(exporter or _exporter(config)))
+        processor = SimpleSpanProcessor(exporter or _exporter(config))
     else:
         # The exporter encodes a batch holding the GIL: the SDK's 512 spans stall the
         # event loop for ~20 ms at a time; EXPORT_BATCH spans, a few ms (more often).
         size = None if os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") else EXPORT_BATCH
         processor = BatchSpanProcessor(_exporter(config), max_export_batch_size=size)
-        provider.add_span_processor(processor)
+    provider.add_span_processor(processor)  # its shutdown flushes and stops the processor
+    sdk_tracer = provider.get_tracer(_SCOPE)
+    tracer: Tracer = sdk_tracer
+    if isinstance(sdk_tracer, SdkTracer):  # else OTEL_SDK_DISABLED: the SDK's no-op tracer
+        tracer = SlotTracer(
+            sampler=sampler,
+            resource=resource,
+            processor=processor,
+            scope=InstrumentationScope(_SCOPE, ""),  # as the SDK's get_tracer names it
+            limits=SpanLimits(),
+        )
     _State.provider = provider
     _State.root_bound = _root_bound(root)
-    _State.tracer = provider.get_tracer("fermion.gateway")
+    _State.tracer = tracer
     return provider
 
 

@@ -142,9 +142,10 @@ def test_a_root_is_sampled_before_its_span_as_the_sdk_would(
 ) -> None:
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, TraceIdRatioBased
 
+    exporter = InMemorySpanExporter()
     tracing.configure(
         TracingConfig(sampler=sampler, sample_ratio=0.5),  # type: ignore[arg-type]
-        exporter=InMemorySpanExporter(),
+        exporter=exporter,
     )
     tracer = tracing.current_tracer()
     assert tracer is not None
@@ -162,12 +163,17 @@ def test_a_root_is_sampled_before_its_span_as_the_sdk_would(
             span = tracing.start_server_span(
                 tracer, "root", parent=None, root=trace_id, attributes={}
             )
-            # The span the SDK builds for it agrees: recorded, in that trace, a root.
+            # Its span agrees: recorded (and exported), in that trace, a root.
             assert span.is_recording() is recorded
-            if recorded:
-                assert span.get_span_context().trace_id == trace_id
-                assert span.parent is None  # type: ignore[attr-defined]
+            assert span.get_span_context().trace_id == trace_id
+            assert span.get_span_context().trace_flags.sampled is recorded
+            exported = len(exporter.get_finished_spans())
             span.end()
+            finished = exporter.get_finished_spans()
+            assert len(finished) == exported + recorded
+            if recorded:
+                assert finished[-1].name == "root" and finished[-1].parent is None
+                assert finished[-1].context.trace_id == trace_id
     assert seen == outcomes
     # Other roots get random ids again.
     other = tracer.start_span("other", context=trace.set_span_in_context(trace.INVALID_SPAN))
