@@ -160,7 +160,11 @@ class SlotTracer(trace.Tracer):
 
 
 class SlotSpan(trace.Span):
-    """A recording span kept in plain slots; ``end`` hands a ``ReadableSpan`` on."""
+    """A recording span kept in plain slots; ``end`` hands a ``ReadableSpan`` on.
+
+    Unlike the SDK's span it takes no lock: each of Fermion's spans is started, changed
+    and ended by one thread (the gateway's event loop, or a Ray replica's call).
+    """
 
     __slots__ = (
         "_attributes",
@@ -195,7 +199,6 @@ class SlotSpan(trace.Span):
         self._kind = kind
         self._attributes: dict[str, AttributeValue] = {}
         self._dropped = 0
-        limits = tracer.limits
         # Bounded lists (which count what they drop) only where there is something to bound.
         self._events: BoundedList[Event] | tuple[()] = ()
         self._links: BoundedList[Link] | tuple[()] = ()
@@ -270,7 +273,7 @@ class SlotSpan(trace.Span):
             immutable=True,
             max_value_len=limits.max_attribute_length,
         )
-        if not self._events:
+        if isinstance(self._events, tuple):  # the first event
             self._events = self._tracer.bounded_list(limits.max_events)
         # A bounded list: past its limit the oldest event goes, and is counted as dropped.
         self._events.append(self._tracer.event(name, bounded, timestamp or time_ns()))

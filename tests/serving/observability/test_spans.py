@@ -99,6 +99,7 @@ def _calls(tracer: Tracer) -> None:
             "fermion.route", record_exception=False, set_status_on_exception=False
         ):
             pass
+        server.add_event("fermion.retry", {"fermion.attempt": 1, "fermion.why": "overloaded"})
         server.record_exception(KeyError("k"), {"fermion.extra": 1}, escaped=True)
         server.set_status(StatusCode.UNSET)
         server.set_status(Status(StatusCode.ERROR, "boom"))
@@ -165,7 +166,7 @@ def _no_tracer() -> Iterator[None]:
         {},
         {
             "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "3",
-            "OTEL_SPAN_EVENT_COUNT_LIMIT": "1",
+            "OTEL_SPAN_EVENT_COUNT_LIMIT": "1",  # the server span's first event is dropped
             "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "8",
         },
         {
@@ -173,8 +174,18 @@ def _no_tracer() -> Iterator[None]:
             "OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT": "2",
             "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT": "5",
         },
+        {
+            "OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT": "0",
+            "OTEL_SPAN_EVENT_COUNT_LIMIT": "0",
+            "OTEL_SPAN_LINK_COUNT_LIMIT": "0",
+        },
     ],
-    ids=["default limits", "few attributes and events", "few links, short values"],
+    ids=[
+        "default limits",
+        "few attributes and events",
+        "few links, short values",
+        "nothing kept",
+    ],
 )
 @pytest.mark.parametrize(
     ("name", "sampler"),
