@@ -6,7 +6,10 @@ zeros, so that only the gateway is measured: the middleware, the route, the code
 and the batcher. Prints microseconds per request for each configuration (CPU time of
 the process, so that other load on the machine matters less), measured interleaved
 in one run so that they compare. A request sampled by tracing is measured with every
-request sampled, its spans going to an in-memory exporter.
+request sampled, its spans going to an in-memory exporter; those spans are then sent
+through the SDK's OTLP/HTTP exporter to a loopback sink, 64 at a time as the gateway's
+batch processor sends them, and the exporter thread's CPU per sampled request is
+printed too (off the request path, but holding the GIL).
 
     python -m bench.gateway_overhead --store model_store [--requests 20000]
 """
@@ -18,19 +21,22 @@ import asyncio
 import statistics
 import tempfile
 import time
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench._otlp import span_sink
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.http.app import create_app
 from serving.inference.backends import Backend
+from serving.observability.tracing import EXPORT_BATCH
 
 __all__ = ["main"]
 
@@ -129,7 +135,10 @@ def _request(
     return scope, body
 
 
-async def _measure(config: FermionConfig, store: ModelStore, case: _Case, n: int) -> list[float]:
+async def _measure(
+    config: FermionConfig, store: ModelStore, case: _Case, n: int
+) -> tuple[list[float], float]:
+    """CPU µs per request of each of five rounds, and the spans each request exported."""
     exporter = InMemorySpanExporter() if case.traced else None
     app = create_app(config, store=store, backend=_ZerosBackend(), span_exporter=exporter)
     model = store.models()[0]
@@ -156,11 +165,39 @@ async def _measure(config: FermionConfig, store: ModelStore, case: _Case, n: int
             for _ in range(n // 5):
                 await app(dict(scope), receive, send)
             rounds.append((time.process_time() - started) / (n // 5) * 1e6)
-    if exporter is not None and not exporter.get_finished_spans():
-        raise RuntimeError("tracing sampled every request but no span was exported")
+    spans_per_request = 0.0
+    if exporter is not None:
+        spans = exporter.get_finished_spans()  # the last round's
+        if not spans:
+            raise RuntimeError("tracing sampled every request but no span was exported")
+        spans_per_request = len(spans) / (n // 5)
+        _Spans.last = spans
     if set(statuses) != {200}:
         raise RuntimeError(f"unexpected statuses {sorted(set(statuses))}")
-    return rounds
+    return rounds, spans_per_request
+
+
+class _Spans:
+    #: The spans of the last traced round.
+    last: tuple[ReadableSpan, ...] = ()
+
+
+def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
+    """CPU µs of this thread per span to export ``spans`` over OTLP/HTTP, 64 a time."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    batch = list(spans[-EXPORT_BATCH:])
+    with span_sink() as url:
+        exporter = OTLPSpanExporter(endpoint=url)
+        exporter.export(batch)  # the connection is opened once
+        started = time.thread_time()
+        for _ in range(batches):
+            if exporter.export(batch) is not SpanExportResult.SUCCESS:
+                raise RuntimeError("the loopback sink refused an export")
+        used = time.thread_time() - started
+        exporter.shutdown()  # type: ignore[no-untyped-call]
+    return used / (batches * len(batch)) * 1e6
 
 
 def _configs(keys_file: Path, store: ModelStore) -> dict[str, _Case]:
@@ -216,20 +253,29 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(args.store)
     with tempfile.TemporaryDirectory() as tmp:
         if args.defaults_only:
-            rounds = asyncio.run(_measure(FermionConfig(), store, _Case({}, {}), args.requests))
+            rounds, _ = asyncio.run(_measure(FermionConfig(), store, _Case({}, {}), args.requests))
             print(f"defaults: {statistics.median(rounds):.1f} µs/request")
             return 0
         configs = _configs(Path(tmp) / "keys.json", store)
         results: dict[str, list[float]] = {name: [] for name in configs}
+        spans_per_request = 0.0
         for _ in range(3):  # interleave the configurations
             for name, case in configs.items():
                 config = FermionConfig.model_validate(case.data)
-                results[name] += asyncio.run(_measure(config, store, case, args.requests // 3))
+                rounds, spans = asyncio.run(_measure(config, store, case, args.requests // 3))
+                results[name] += rounds
+                spans_per_request = max(spans_per_request, spans)
     base = statistics.median(results["metrics off (all off)"])
     print(f"{'configuration':40} {'µs/request':>11} {'vs all off':>11}")
     for name, rounds in results.items():
         median = statistics.median(rounds)
         print(f"{name:40} {median:11.1f} {median - base:+10.1f}")
+    per_span = _export_cpu_us(_Spans.last)
+    print(
+        f"OTLP/HTTP export of a sampled request's {spans_per_request:.0f} spans, on the "
+        f"exporter's thread: {per_span * spans_per_request:.1f} µs "
+        f"({per_span:.1f} µs a span, {EXPORT_BATCH} spans an export)"
+    )
     return 0
 
 

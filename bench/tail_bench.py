@@ -30,13 +30,11 @@ time), and DIR gets the records and ``timeline.svg``.
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from bench._otlp import SpanSink, span_sink
 from bench._payloads import Payload, binary_payload, check_answer, json_payload
 from bench._procs import (
     ServerProcess,
@@ -160,37 +159,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- configuration --------------------------------------------------------------------
-
-
-class _SpanSink(http.server.BaseHTTPRequestHandler):
-    """Answers every OTLP/HTTP export with 200 (the spans are counted, then dropped)."""
-
-    received = 0
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", "0"))
-        self.rfile.read(length)
-        type(self).received += 1
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@contextmanager
-def _span_sink() -> Iterator[str]:
-    """An OTLP/HTTP traces endpoint on loopback, for the measured configuration."""
-    server = http.server.ThreadingHTTPServer((_HOST, 0), _SpanSink)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{_HOST}:{server.server_address[1]}/v1/traces"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _config(
@@ -570,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         "features": note,
         "cores": os.cpu_count(),
     }
-    with tempfile.TemporaryDirectory(prefix="fermion-tail-") as tmp, _span_sink() as traces:
+    with tempfile.TemporaryDirectory(prefix="fermion-tail-") as tmp, span_sink() as traces:
         work = Path(tmp)
         files = {k: work / f"body.{k}" for k in payloads}
         for kind, path in files.items():
@@ -604,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                     ray_passes = _passes([*local_json, *rays], model, payloads, files, args, wrk)
         if args.probe is not None:
             report += _probe_cells(args, clis, config, model, payloads, files, work, wrk)
-        record["span_exports_received"] = _SpanSink.received
+        record["span_exports_received"] = SpanSink.received
     mine = _median_ratios(passes, "fermion") | _ray_only(_median_ratios(ray_passes, "fermion"))
     base = None
     if args.base:
