@@ -137,8 +137,8 @@ def _request(
 
 async def _measure(
     config: FermionConfig, store: ModelStore, case: _Case, n: int
-) -> tuple[list[float], float]:
-    """CPU µs per request of each of five rounds, and the spans each request exported."""
+) -> tuple[list[float], tuple[ReadableSpan, ...]]:
+    """CPU µs per request of each of five rounds, and the spans the last round exported."""
     exporter = InMemorySpanExporter() if case.traced else None
     app = create_app(config, store=store, backend=_ZerosBackend(), span_exporter=exporter)
     model = store.models()[0]
@@ -165,21 +165,12 @@ async def _measure(
             for _ in range(n // 5):
                 await app(dict(scope), receive, send)
             rounds.append((time.process_time() - started) / (n // 5) * 1e6)
-    spans_per_request = 0.0
-    if exporter is not None:
-        spans = exporter.get_finished_spans()  # the last round's
-        if not spans:
-            raise RuntimeError("tracing sampled every request but no span was exported")
-        spans_per_request = len(spans) / (n // 5)
-        _Spans.last = spans
+    spans = exporter.get_finished_spans() if exporter is not None else ()
+    if exporter is not None and not spans:
+        raise RuntimeError("tracing sampled every request but no span was exported")
     if set(statuses) != {200}:
         raise RuntimeError(f"unexpected statuses {sorted(set(statuses))}")
-    return rounds, spans_per_request
-
-
-class _Spans:
-    #: The spans of the last traced round.
-    last: tuple[ReadableSpan, ...] = ()
+    return rounds, spans
 
 
 def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
@@ -258,19 +249,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         configs = _configs(Path(tmp) / "keys.json", store)
         results: dict[str, list[float]] = {name: [] for name in configs}
-        spans_per_request = 0.0
+        traced: tuple[ReadableSpan, ...] = ()
         for _ in range(3):  # interleave the configurations
             for name, case in configs.items():
                 config = FermionConfig.model_validate(case.data)
                 rounds, spans = asyncio.run(_measure(config, store, case, args.requests // 3))
                 results[name] += rounds
-                spans_per_request = max(spans_per_request, spans)
+                traced = spans or traced
     base = statistics.median(results["metrics off (all off)"])
     print(f"{'configuration':40} {'µs/request':>11} {'vs all off':>11}")
     for name, rounds in results.items():
         median = statistics.median(rounds)
         print(f"{name:40} {median:11.1f} {median - base:+10.1f}")
-    per_span = _export_cpu_us(_Spans.last)
+    spans_per_request = len(traced) / (args.requests // 3 // 5)  # one round's requests
+    per_span = _export_cpu_us(traced)
     print(
         f"OTLP/HTTP export of a sampled request's {spans_per_request:.0f} spans, on the "
         f"exporter's thread: {per_span * spans_per_request:.1f} µs "
