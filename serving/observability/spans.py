@@ -14,7 +14,6 @@ would have given it, under the same ``OTEL_SPAN_*`` limits.
 
 from __future__ import annotations
 
-import random
 import traceback
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -25,7 +24,6 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.trace import (
-    INVALID_SPAN_ID,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -39,6 +37,7 @@ from opentelemetry.trace.span import TraceState
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Event, SpanLimits, SpanProcessor
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
     from opentelemetry.sdk.trace.sampling import Sampler
     from opentelemetry.sdk.util import BoundedList
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -48,25 +47,24 @@ __all__ = ["SlotSpan", "SlotTracer"]
 
 #: Attribute value types stored without validation (the API accepts them as they are).
 _PLAIN = frozenset({str, bool, int, float})
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _EMPTY_STATE = TraceState()
 
 
-def _span_id() -> int:
-    span_id = random.getrandbits(64)
-    while span_id == INVALID_SPAN_ID:  # pragma: no cover - one chance in 2**64
-        span_id = random.getrandbits(64)
-    return span_id
+def _flags(sampled: bool, random_id: bool) -> TraceFlags:
+    """As the SDK sets them: sampled or not, and W3C's flag for a random trace id."""
+    flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
+    return TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID if random_id else flags)
 
 
 class SlotTracer(trace.Tracer):
-    """Starts ``SlotSpan``s for one provider's sampler, resource, limits and processor."""
+    """Starts ``SlotSpan``s for one provider's sampler, id generator, resource, limits and
+    processor."""
 
     def __init__(
         self,
         *,
         sampler: Sampler,
+        ids: IdGenerator,
         resource: Resource,
         processor: SpanProcessor,
         scope: InstrumentationScope,
@@ -77,6 +75,9 @@ class SlotTracer(trace.Tracer):
         from opentelemetry.sdk.util import BoundedList
 
         self.sampler = sampler
+        self.ids = ids
+        #: Whether a root's trace id is random: W3C's flag on the roots, as the SDK sets it.
+        self.random_roots = ids.is_trace_id_random()
         self.resource = resource
         self.processor = processor
         self.scope = scope
@@ -96,9 +97,10 @@ class SlotTracer(trace.Tracer):
     ) -> trace.Span:
         """A root span in trace ``trace_id``, recorded when ``sampled``: the sampler's
         decision for that trace, which the caller has already made."""
+        flags = _flags(sampled, self.random_roots)
+        ctx = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, _EMPTY_STATE)
         if not sampled:
-            return NonRecordingSpan(SpanContext(trace_id, _span_id(), False, _NOT_SAMPLED))
-        ctx = SpanContext(trace_id, _span_id(), False, _SAMPLED, _EMPTY_STATE)
+            return NonRecordingSpan(ctx)
         return SlotSpan(self, name, ctx, None, kind, attributes, ())
 
     def start_span(
@@ -124,15 +126,17 @@ class SlotTracer(trace.Tracer):
         parent = parent_span.get_span_context()
         if isinstance(parent_span, SlotSpan) and parent_span.is_recording():
             flags, state = parent.trace_flags, parent.trace_state
-            ctx = SpanContext(parent.trace_id, _span_id(), False, flags, state)
+            ctx = SpanContext(parent.trace_id, self.ids.generate_span_id(), False, flags, state)
             return SlotSpan(self, name, ctx, parent, kind, attributes, links or (), start_time)
-        remote = parent if parent.is_valid else None
-        trace_id = parent.trace_id if remote is not None else random.getrandbits(128) or 1
+        if parent.is_valid:
+            remote: SpanContext | None = parent
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+        else:
+            remote, trace_id, random_id = None, self.ids.generate_trace_id(), self.random_roots
         result = self.sampler.should_sample(context, trace_id, name, kind, attributes, links)
         sampled: bool = result.decision.is_sampled()  # type: ignore[no-untyped-call]
-        ctx = SpanContext(
-            trace_id, _span_id(), False, _SAMPLED if sampled else _NOT_SAMPLED, result.trace_state
-        )
+        flags = _flags(sampled, random_id)
+        ctx = SpanContext(trace_id, self.ids.generate_span_id(), False, flags, result.trace_state)
         if not result.decision.is_recording():  # type: ignore[no-untyped-call]
             return NonRecordingSpan(ctx)
         return SlotSpan(self, name, ctx, remote, kind, result.attributes, links or (), start_time)

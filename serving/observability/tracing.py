@@ -281,6 +281,7 @@ def configure(
     if isinstance(sdk_tracer, SdkTracer):  # else OTEL_SDK_DISABLED: the SDK's no-op tracer
         tracer = SlotTracer(
             sampler=sampler,
+            ids=provider.id_generator,
             resource=resource,
             processor=processor,
             scope=InstrumentationScope(_SCOPE, ""),  # as the SDK's get_tracer names it

@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 from opentelemetry import context, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
@@ -51,6 +53,7 @@ def _slots(sampler: Sampler) -> tuple[SlotTracer, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     tracer = SlotTracer(
         sampler=sampler,
+        ids=RandomIdGenerator(),
         resource=Resource.create({"service.name": _SERVICE}),
         processor=SimpleSpanProcessor(exporter),
         scope=InstrumentationScope("fermion.gateway"),
@@ -108,11 +111,20 @@ def _calls(tracer: Tracer) -> None:
     server.end()
     server.set_attribute("after.end", 1)  # ignored: the span is exported already
     server.end()  # a second end exports nothing more
+    # A root: a trace of its own, whatever span is current.
+    with tracer.start_as_current_span("fermion.background", context=Context()) as root:
+        tracer.start_span("fermion.background.step").end()
+        root.set_attribute("fermion.rows", 1)
 
 
 def _view(spans: tuple[ReadableSpan, ...]) -> list[dict[str, Any]]:
-    """Each span as what an exporter reads, ids replaced by their place in ``spans``."""
+    """Each span as what an exporter reads, ids replaced by their place in ``spans`` (a
+    new trace's id by the order it first appears in)."""
     ids = {s.context.span_id: i for i, s in enumerate(spans) if s.context is not None}
+    traces = {_REMOTE.trace_id: "remote"}
+    for s in spans:
+        assert s.context is not None
+        traces.setdefault(s.context.trace_id, f"trace {len(traces)}")
 
     def ref(ctx: trace.SpanContext | None) -> Any:
         if ctx is None:
@@ -127,7 +139,7 @@ def _view(spans: tuple[ReadableSpan, ...]) -> list[dict[str, Any]]:
             {
                 "name": s.name,
                 "kind": s.kind,
-                "trace": s.context.trace_id,
+                "trace": traces[s.context.trace_id],
                 "flags": s.context.trace_flags,
                 "state": s.context.trace_state,
                 "parent": ref(s.parent),
@@ -201,8 +213,25 @@ def test_configured_spans_export_what_the_sdk_exports(
     for kind, (tracer, exporter) in (("sdk", _sdk(sampler)), ("slots", _configured(name))):
         _calls(tracer)
         made[kind] = _view(exporter.get_finished_spans())
-    assert len(made["sdk"]) == 5
+    # The root and its child only where the sampler records new traces.
+    assert len(made["sdk"]) == (7 if name == "always_on" else 5)
     assert made["slots"] == made["sdk"]
+
+
+def test_a_transports_root_carries_the_flags_the_sdk_gives_a_root() -> None:
+    sdk_tracer, _ = _sdk(ALWAYS_ON)
+    expected = sdk_tracer.start_span("root", context=Context()).get_span_context().trace_flags
+    tracer, exporter = _configured("always_on")
+    trace_id, recorded = tracing.new_root()
+    span = tracing.start_server_span(tracer, "root", parent=None, root=trace_id, attributes={})
+    assert recorded and span.get_span_context().trace_flags == expected
+    token = tracing.make_current(span)
+    try:  # what goes downstream says the same
+        assert tracing.inject_context()["traceparent"].endswith(f"-{expected:02x}")
+    finally:
+        tracing.detach(token)
+    span.end()
+    assert exporter.get_finished_spans()[0].context.trace_flags == expected
 
 
 def test_a_child_of_a_recording_slot_span_skips_the_sampler() -> None:
