@@ -6,8 +6,12 @@ One request at a time (c=1), one sample of the demo model, no HTTP: the time fro
 sending a batch to having its outputs back on the gateway's event loop (uvloop), for
 
 - ``fermion ray``: ``RayBackend.infer_batch``, the path Fermion's backend ``ray`` takes
-  (Ray Serve's handle, its router on the gateway's loop, Serve's gRPC channel to the
-  replica, ``infer`` on the replica's loop);
+  for a deployment of a fixed replica count: Fermion's own channel to the replica
+  (``serving/inference/backends/channel.py``: a TCP connection per batch in flight, the
+  batch's tensors as raw bytes, ``infer`` on a thread of the replica);
+- ``fermion ray, serve handle``: the same backend and replica through Ray Serve's handle,
+  the path of autoscaling deployments and of ``ray.channel: false`` (its router on the
+  gateway's loop, Serve's gRPC channel to the replica, ``infer`` on the replica's loop);
 - ``ray actor``: a plain Ray actor holding the same ``ReplicaDeployment``, called with
   ``actor.infer.remote`` (Ray's own task RPC, no Serve);
 - ``ray compiled graph``: that actor behind a Ray compiled graph (``experimental_compile``,
@@ -110,11 +114,28 @@ async def _run(
         async def fermion_ray() -> Any:
             return await backend.infer_batch(model.name, model.version, inputs)
 
+        deployment = backend._deployments[(model.name, model.version)]
+        if not deployment.channels:
+            raise RuntimeError("the replica offers no channel: fermion ray would be the handle")
+
+        async def serve_handle() -> Any:
+            # The same deployment with its channels set aside: Serve's handle carries it.
+            channels, deployment.channels = deployment.channels, {}
+            deployment.use_channel = False  # and the refresh leaves them aside
+            try:
+                return await backend.infer_batch(model.name, model.version, inputs)
+            finally:
+                deployment.channels, deployment.use_channel = channels, True
+
         async def actor_call() -> Any:
             return await actor.infer.remote(inputs)
 
         for _ in range(rounds):
-            for name, call in (("fermion ray", fermion_ray), ("ray actor", actor_call)):
+            for name, call in (
+                ("fermion ray", fermion_ray),
+                ("fermion ray, serve handle", serve_handle),
+                ("ray actor", actor_call),
+            ):
                 results.setdefault(name, []).append(await _measure(call, requests))
         compute_us = await compute.remote(args, inputs, requests)
         results["replica compute"] = [{"p50_ms": compute_us / 1e3}]

@@ -193,6 +193,11 @@ class RayDeploymentConfig(_Strict):
     #: Batches one replica accepts at once. None: the version's
     #: ``batching.max_concurrent_batches`` + 1 (a gateway's batches in flight, plus one).
     max_ongoing_requests: int | None = Field(default=None, ge=1)
+    #: How often Serve's controller checks each replica. A replica that died is
+    #: replaced only once a check finds it (a batch on a dead replica's channel is
+    #: retried through Serve's handle, which waits for the replacement), so this bounds
+    #: how long a kill leaves a version without replicas; Serve's own default is 10 s.
+    health_check_period_s: float = Field(default=2.0, gt=0)
     autoscaling: RayAutoscalingConfig = Field(default_factory=RayAutoscalingConfig)
 
 
@@ -216,6 +221,11 @@ class RayBackendConfig(_Strict):
     #: Longest wait for one batch's answer, retry and a replica started from zero included;
     #: past it the batch's requests get 503.
     request_timeout_s: float = Field(default=30.0, gt=0)
+    #: Batches of a deployment with a fixed replica count go over Fermion's own channel
+    #: to its replicas (a TCP port per replica, on its node's address) instead of Ray
+    #: Serve's handle; autoscaling deployments always use the handle. False: always the
+    #: handle (e.g. where gateways cannot reach the nodes' ports).
+    channel: bool = True
     #: Every model's deployment, unless ``models.<name>.ray`` replaces it.
     deployment: RayDeploymentConfig = Field(default_factory=RayDeploymentConfig)
 

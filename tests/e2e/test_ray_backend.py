@@ -429,6 +429,13 @@ def test_load_and_unload_while_another_model_serves(
             assert (await http.post("/v2/repository/models/other/load")).status_code == 200
             index = (await http.post("/v2/repository/index")).json()
             assert {"name": "other", "version": "1", "state": "READY"} in index
+            # A fixed replica count: its batches take Fermion's channel, and digits'
+            # (autoscaling) Serve's handle, so the equality below holds across the two.
+            config = (await http.get("/v2/models/other/config")).json()["artifact"]
+            assert config["transport"] == "channel"
+            digits = (await http.get("/v2/models/digits/versions/1/config")).json()["artifact"]
+            assert digits["transport"] == "serve handle"
+            assert f"of {NAMESPACE}.other.1 at " in ray_server.log(), "the channel was opened"
             other = _logits(await http.post("/v2/models/other/infer", json=_body(x)))
             digits_v1 = _logits(
                 await http.post("/v2/models/digits/versions/1/infer", json=_body(x))
@@ -527,6 +534,8 @@ def test_a_batch_whose_replica_is_killed_while_computing_it_is_retried_and_answe
             )
             log = ray_server.log()[log_before:]
             assert log.count("retrying the batch once on another replica") == 1, log
+            # The batch was on the replica's channel: the channel is dropped with it.
+            assert f"of {NAMESPACE}.slow.1 dropped" in log, log
             assert replica not in _replicas("slow", 1)  # answered by the replacement
         finally:
             http.post("/v2/repository/models/slow/unload", timeout=90)

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import secrets
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -32,6 +35,14 @@ from model_store.store import ModelStore
 from serving.config import FermionConfig, RayDeploymentConfig, TracingConfig
 from serving.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from serving.inference.backends import Backend
+from serving.inference.backends.channel import (
+    ChannelError,
+    ChannelGone,
+    ChannelServer,
+    ChannelUnreachable,
+    FrameError,
+    ReplicaChannel,
+)
 from serving.inference.batcher import batch_deadline_ns
 from serving.inference.executors import ExecutorOptions
 from serving.inference.replica import ModelReplica, needs_gpu, preference_order
@@ -50,6 +61,10 @@ _MIN_RETRY_S = 0.05
 _POLL_S = 0.2
 #: How often the running replicas of every deployment are counted (for /metrics).
 _REPLICA_COUNT_S = 5.0
+#: How often the gateway reads which replicas offer a channel (see ``channel``).
+_CHANNEL_REFRESH_S = 1.0
+#: The detached actor of a namespace that keeps its leases and replicas' channels.
+_LEASES_ACTOR = "fermion-app-leases"
 #: The replica's side of Ray Serve's throughput-optimized data path (see ``_fast_handle``):
 #: a batch runs on the replica's own event loop, not behind a hop to a user-code thread
 #: and another to a thread pool (each replica computes one batch at a time, on the CPUs
@@ -67,7 +82,12 @@ class ReplicaDeployment:
     """What runs inside one Ray Serve replica: one model version, loaded and warmed up.
 
     The constructor returns (and Serve reports the replica healthy) only after the
-    artifact was verified, loaded and a warm-up batch ran.
+    artifact was verified, loaded and a warm-up batch ran. With ``channel_json``
+    (``{"namespace": ..., "app": ...}``) the replica also listens on a channel of
+    Fermion's own (``backends.channel``) on its node's address, and offers it to the
+    gateways through the namespace's :class:`AppLeases` actor, with a token only
+    the cluster's members can read there. A replica computes one batch at a time,
+    whichever path it came by.
     """
 
     def __init__(
@@ -77,6 +97,7 @@ class ReplicaDeployment:
         prefer: list[str],
         intra_op_threads: int,
         tracing_json: str | None = None,
+        channel_json: str | None = None,
     ) -> None:
         manifest = ModelManifest.model_validate_json(manifest_json)
         options = ExecutorOptions(intra_op_threads=intra_op_threads)
@@ -90,20 +111,59 @@ class ReplicaDeployment:
         self._replica = ModelReplica(
             ModelStore(store_root), manifest, prefer=prefer, options=options
         )
+        self._lock = threading.Lock()
+        self._channel: ChannelServer | None = None
+        self._offer: tuple[Any, str, str] | None = None
+        if channel_json is not None:
+            self._open_channel(json.loads(channel_json))
+
+    def _open_channel(self, where: dict[str, str]) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # not in a Serve replica (a plain actor): any unique name
+            replica = uuid.uuid4().hex
+        token = secrets.token_urlsafe(32)
+        try:
+            host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+            server = ChannelServer(self.infer, host=host, token=token)
+            leases = ray.get_actor(_LEASES_ACTOR, namespace=where["namespace"])
+        except Exception as e:  # the gateways keep Serve's handle for this replica
+            log.warning("ray: replica %s offers no channel: %s", replica, e)
+            return
+        server.start()
+        self._channel = server
+        # Not waited for: the actor runs its calls in order, before any gateway's read.
+        leases.offer_channel.remote(where["app"], replica, server.address, token)
+        self._offer = (leases, where["app"], replica)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: withdraw the channel; batches in progress finish."""
+        offer, self._offer = getattr(self, "_offer", None), None
+        if offer is not None:
+            leases, app, replica = offer
+            with contextlib.suppress(Exception):
+                leases.withdraw_channel.remote(app, replica)
+        channel, self._channel = getattr(self, "_channel", None), None
+        if channel is not None:
+            channel.close()
 
     def infer(
         self, inputs: dict[str, np.ndarray], carrier: dict[str, str] | None = None
     ) -> dict[str, np.ndarray]:
         """Compute one batch; ``carrier`` holds the gateway's trace context (W3C headers)."""
-        tracer = tracing.current_tracer()
-        if tracer is None or not carrier:
-            return self._replica.run(inputs)
-        parent = tracing.extract_context(carrier)
-        with tracer.start_as_current_span(
-            "fermion.replica.execute", context=parent, attributes=self._attributes
-        ) as span:
-            span.set_attribute("fermion.batch.rows", _rows(inputs))
-            return self._replica.run(inputs)
+        with self._lock:
+            tracer = tracing.current_tracer()
+            if tracer is None or not carrier:
+                return self._replica.run(inputs)
+            parent = tracing.extract_context(carrier)
+            with tracer.start_as_current_span(
+                "fermion.replica.execute", context=parent, attributes=self._attributes
+            ) as span:
+                span.set_attribute("fermion.batch.rows", _rows(inputs))
+                return self._replica.run(inputs)
 
     def describe(self) -> dict[str, Any]:
         """The artifact this replica chose, and its load and warm-up times."""
@@ -128,11 +188,29 @@ class AppLeases:
     atomic across the gateways of the cluster. An application whose last lease was
     given back is marked as being deleted until its deleter says it is gone; a
     gateway that takes a lease on it meanwhile waits for it to go, then deploys it anew.
+
+    It also keeps the channels the application's replicas offer (address and token,
+    per replica), for the gateways to read.
     """
 
     def __init__(self) -> None:
         self._holders: dict[str, set[str]] = {}
         self._deleting: set[str] = set()
+        self._channels: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def offer_channel(self, app: str, replica: str, address: str, token: str) -> None:
+        """A replica of ``app`` listens at ``address`` for connections showing ``token``."""
+        self._channels.setdefault(app, {})[replica] = (address, token)
+
+    def withdraw_channel(self, app: str, replica: str) -> None:
+        """The replica stopped (or a gateway found it gone)."""
+        offered = self._channels.get(app)
+        if offered is not None:
+            offered.pop(replica, None)
+
+    def channels(self, app: str) -> dict[str, tuple[str, str]]:
+        """The channels the replicas of ``app`` offer, by replica."""
+        return dict(self._channels.get(app, {}))
 
     def take(self, app: str, holder: str) -> bool:
         """Count ``holder`` as a user of ``app``; True when its last user is deleting it."""
@@ -150,6 +228,7 @@ class AppLeases:
                 return False
             del self._holders[app]
         self._deleting.add(app)
+        self._channels.pop(app, None)
         return True
 
     def deleted(self, app: str) -> None:
@@ -172,6 +251,16 @@ class _Deployment:
     handle: DeploymentHandle[Any]
     #: The handle of the hot path, bound to ``infer``, made once (see ``_fast_handle``).
     infer: DeploymentHandle[Any]
+    #: Whether its replicas' channels carry its batches (see ``RayBackend._call``).
+    use_channel: bool = False
+    #: Batches one replica takes at once over its channel (its ``max_ongoing_requests``).
+    channel_limit: int = 1
+    #: The open channels, by replica.
+    channels: dict[str, ReplicaChannel] = field(default_factory=dict)
+    #: Replicas whose channel failed, not to be reopened while still offered.
+    dead: set[str] = field(default_factory=set)
+    #: Where the next pick starts among equally loaded channels.
+    turn: int = 0
 
 
 def _fast_handle(deployment: str, app: str) -> DeploymentHandle[Any]:
@@ -216,6 +305,7 @@ class RayBackend(Backend):
         self._leases: Any = None
         self._replica_counts: dict[tuple[str, int], int] = {}
         self._counting: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
 
     # -- cluster ---------------------------------------------------------------------------
 
@@ -226,6 +316,7 @@ class RayBackend(Backend):
             asyncio.wait_for(asyncio.to_thread(self._connect), timeout)
         )
         self._counting = asyncio.create_task(self._count_replicas_forever())
+        self._refreshing = asyncio.create_task(self._refresh_channels_forever())
 
     async def _count_replicas_forever(self) -> None:
         """Count each deployment's RUNNING replicas every few seconds, off the event loop."""
@@ -295,7 +386,7 @@ class RayBackend(Backend):
         self._leases = (
             ray.remote(AppLeases)
             .options(
-                name="fermion-app-leases",
+                name=_LEASES_ACTOR,
                 namespace=rc.namespace,
                 lifetime="detached",
                 get_if_exists=True,
@@ -326,10 +417,11 @@ class RayBackend(Backend):
                 await self._connecting
             except Exception as e:  # nothing to release if the cluster never came up
                 log.warning("ray: cluster was not up: %s", e)
-        if self._counting is not None:
-            self._counting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._counting
+        for task in (self._counting, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for name, version in list(self._deployments):
             await self.unload(name, version)
         if self._connected:
@@ -356,8 +448,26 @@ class RayBackend(Backend):
         handle, info = await asyncio.to_thread(self._deploy, manifest, settings, deadline)
         key = (manifest.name, manifest.version)
         fast = _fast_handle(info["deployment"], info["application"])
-        self._deployments[key] = _Deployment(info["application"], handle, fast)
+        deployment = _Deployment(
+            info["application"],
+            handle,
+            fast,
+            use_channel=info["transport"] == "channel",
+            channel_limit=info["max_ongoing_requests"],
+        )
+        self._deployments[key] = deployment
+        if deployment.use_channel:
+            with contextlib.suppress(Exception):  # Serve's handle serves until the next read
+                await self._refresh_channels(deployment)
         return info
+
+    def _uses_channel(self, options: dict[str, Any]) -> bool:
+        """Whether a deployment's batches go over its replicas' channels.
+
+        Only with a fixed replica count: Serve's autoscaler counts the requests its
+        own handles route, so an autoscaling deployment keeps Serve's handle.
+        """
+        return self._ray_config.channel and "autoscaling_config" not in options
 
     def _deployment_options(
         self, manifest: ModelManifest, settings: RayDeploymentConfig
@@ -377,6 +487,7 @@ class RayBackend(Backend):
             "max_ongoing_requests": settings.max_ongoing_requests
             or batching.max_concurrent_batches + 1,
             "graceful_shutdown_wait_loop_s": 0.5,
+            "health_check_period_s": settings.health_check_period_s,
             "graceful_shutdown_timeout_s": 10.0,
             "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
         }
@@ -433,12 +544,14 @@ class RayBackend(Backend):
             handle = serve.get_app_handle(app)
         else:
             executor = self._config.executor_for(manifest.name)
+            where = {"namespace": self._ray_config.namespace, "app": app}
             bound = serve.deployment(**options)(ReplicaDeployment).bind(
                 str(self._store.root.resolve()),
                 manifest.model_dump_json(),
                 list(executor.prefer),
                 executor.intra_op_threads,
                 _replica_tracing(self._config.tracing),
+                json.dumps(where) if self._uses_channel(options) else None,
             )
             # Not serve.run: it waits for RUNNING with no deadline; this load has one.
             target = serve.RunTarget(bound, name=app, route_prefix=None)
@@ -465,6 +578,7 @@ class RayBackend(Backend):
             or {"num_replicas": options.get("num_replicas")},
             "resources": options["ray_actor_options"],
             "max_ongoing_requests": options["max_ongoing_requests"],
+            "transport": "channel" if self._uses_channel(options) else "serve handle",
             **described,
         }
         return handle, info
@@ -491,6 +605,9 @@ class RayBackend(Backend):
         deployment = self._deployments.pop((name, version), None)
         if deployment is None:
             return
+        for channel in deployment.channels.values():
+            channel.close()
+        deployment.channels.clear()
         deadline = time.monotonic() + self._ray_config.load_timeout_s
         await asyncio.to_thread(self._release, deployment.app, deadline)
 
@@ -510,6 +627,63 @@ class RayBackend(Backend):
 
         while app in serve.status().applications and time.monotonic() < deadline:
             time.sleep(_POLL_S)
+
+    # -- channels ----------------------------------------------------------------------------
+
+    async def _refresh_channels_forever(self) -> None:
+        """Follow which replicas offer a channel, every ``_CHANNEL_REFRESH_S``."""
+        if self._connecting is not None:
+            with contextlib.suppress(Exception):  # the loads report a cluster that failed
+                await asyncio.shield(self._connecting)
+        while self._connected:
+            for deployment in list(self._deployments.values()):
+                if not deployment.use_channel:
+                    continue
+                try:
+                    await self._refresh_channels(deployment)
+                except Exception as e:  # a busy actor: keep the channels as they are
+                    log.debug("ray: cannot read the channels of %s: %s", deployment.app, e)
+            await asyncio.sleep(_CHANNEL_REFRESH_S)
+
+    async def _refresh_channels(self, deployment: _Deployment) -> None:
+        offered: dict[str, tuple[str, str]] = await self._leases.channels.remote(deployment.app)
+        for replica in list(deployment.channels):
+            if replica not in offered:  # withdrawn: the replica stopped
+                deployment.channels.pop(replica).close()
+        deployment.dead &= offered.keys()
+        for replica, (address, token) in offered.items():
+            if replica in deployment.channels or replica in deployment.dead:
+                continue
+            channel = ReplicaChannel(replica, address, token, deployment.channel_limit)
+            deployment.channels[replica] = channel
+            log.info("ray: channel to replica %s of %s at %s", replica, deployment.app, address)
+
+    def _pick_channel(self, deployment: _Deployment) -> ReplicaChannel | None:
+        """The open channel with the fewest batches in flight, under its limit; None: none."""
+        channels = list(deployment.channels.values())
+        if not channels:
+            return None
+        deployment.turn += 1
+        best: ReplicaChannel | None = None
+        for i in range(len(channels)):
+            channel = channels[(deployment.turn + i) % len(channels)]
+            if channel.in_flight < channel.limit and (
+                best is None or channel.in_flight < best.in_flight
+            ):
+                best = channel
+        return best
+
+    def _drop_channel(self, deployment: _Deployment, channel: ReplicaChannel, why: str) -> None:
+        """Stop using a replica's channel that failed, and tell the other gateways."""
+        if deployment.channels.get(channel.replica) is channel:
+            del deployment.channels[channel.replica]
+        deployment.dead.add(channel.replica)
+        channel.close()
+        log.info(
+            "ray: channel to replica %s of %s dropped: %s", channel.replica, deployment.app, why
+        )
+        with contextlib.suppress(Exception):
+            self._leases.withdraw_channel.remote(deployment.app, channel.replica)
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -551,6 +725,24 @@ class RayBackend(Backend):
         deadline: float,
     ) -> dict[str, np.ndarray]:
         carrier = tracing.inject_context()
+        while (channel := self._pick_channel(deployment)) is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await channel.call(inputs, carrier)
+            except TimeoutError:
+                self._timed_out(name, version)
+            except ChannelUnreachable as e:  # nothing was sent: try the next path now
+                self._drop_channel(deployment, channel, str(e))
+            except ChannelGone as e:
+                self._drop_channel(deployment, channel, str(e))
+                raise _ReplicaGone(f"replica unavailable: {e}") from None
+            except ChannelError as e:
+                raise InferenceFailed(
+                    f"inference failed on a replica of model {name} version {version}: {e}"
+                ) from None
+            except FrameError as e:  # a tensor the channel cannot carry: Serve pickles it
+                log.debug("ray: batch goes by Serve's handle: %s", e)
+                break
         response = (
             deployment.infer.remote(inputs, carrier) if carrier else deployment.infer.remote(inputs)
         )
@@ -560,15 +752,7 @@ class RayBackend(Backend):
                 return outputs
         except TimeoutError:
             response.cancel()  # type: ignore[no-untyped-call]
-            requested = batch_deadline_ns.get()
-            if requested is not None and time.perf_counter_ns() >= requested:
-                raise DeadlineExceeded(
-                    f"deadline passed while model {name} version {version} computed the batch"
-                ) from None
-            raise Overloaded(
-                f"no replica of model {name} version {version} answered within "
-                f"{self._ray_config.request_timeout_s:g}s"
-            ) from None
+            self._timed_out(name, version)
         except self._gone_errors as e:
             raise _ReplicaGone(f"replica unavailable: {_first_line(e)}") from None
         except self._task_error as e:
@@ -586,6 +770,18 @@ class RayBackend(Backend):
             raise InferenceFailed(
                 f"inference failed on a replica of model {name} version {version}: {_first_line(e)}"
             ) from None
+
+    def _timed_out(self, name: str, version: int) -> NoReturn:
+        """Raise what a batch whose wait for a replica ended gets."""
+        requested = batch_deadline_ns.get()
+        if requested is not None and time.perf_counter_ns() >= requested:
+            raise DeadlineExceeded(
+                f"deadline passed while model {name} version {version} computed the batch"
+            ) from None
+        raise Overloaded(
+            f"no replica of model {name} version {version} answered within "
+            f"{self._ray_config.request_timeout_s:g}s"
+        ) from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import threading
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from model_store.store import ModelStore
 from serving.config import ConfigError, load_config
 from serving.errors import InferenceFailed, ModelNotReady
+from serving.inference.backends.channel import ChannelServer, encode
 from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
 from serving.inference.batcher import batch_deadline_ns
 
@@ -56,6 +60,7 @@ def test_deployment_shape_follows_the_config(demo_store: ModelStore) -> None:
             "ray.deployment": {
                 "num_cpus": 0.5,
                 "memory_mb": 256,
+                "health_check_period_s": 0.5,
                 "autoscaling": {"min_replicas": 0, "max_replicas": 3, "upscale_delay_s": 1},
             },
         },
@@ -66,6 +71,7 @@ def test_deployment_shape_follows_the_config(demo_store: ModelStore) -> None:
     assert options["name"] == "digits-v1"
     # One gateway's batches in flight, plus one: never Serve's default of 5.
     assert options["max_ongoing_requests"] == 4
+    assert options["health_check_period_s"] == 0.5
     actor = options["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"], actor["memory"]) == (0.5, 0.0, 256 * 1024 * 1024)
     # Batches larger than gRPC's default 4 MB message limit reach the replica.
@@ -247,3 +253,210 @@ def test_no_retry_when_the_batch_deadline_leaves_no_time(demo_store: ModelStore)
     with pytest.raises(ModelNotReady, match="no time was left to retry"):
         asyncio.run(infer_near_the_deadline())
     assert len(handle.calls) == 1
+
+
+# -- Fermion's channel to the replicas --------------------------------------------------------
+# A real ChannelServer on loopback stands for a replica's (backends.channel); the handle is
+# the scripted fake above, and AppLeases runs in this process behind ``_LocalActor``.
+
+
+_T = TypeVar("_T")
+
+
+class _LocalActor:
+    """An object's methods called as a Ray actor's are: ``actor.method.remote(...)``, awaited."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, method: str) -> Any:
+        target = getattr(self._target, method)
+
+        class _Method:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(target(*args))
+                return future
+
+        return _Method()
+
+
+def _doubler(
+    inputs: dict[str, np.ndarray], carrier: dict[str, str] | None
+) -> dict[str, np.ndarray]:
+    if "fail" in inputs:
+        raise ValueError("bad rank on the replica")
+    return {"logits": inputs["input"] * 2}
+
+
+@pytest.fixture()
+def channel_server() -> Generator[ChannelServer, None, None]:
+    server = ChannelServer(_doubler, host="127.0.0.1", token="t0ken")
+    server.start()
+    yield server
+    server.close()
+
+
+def _channel_backend(
+    handle: _ScriptedHandle, store: ModelStore, offered: dict[str, str]
+) -> tuple[RayBackend, _Deployment]:
+    """``_backend_on``, its deployment using channels, ``offered`` (replica: address) in
+    the namespace's AppLeases."""
+    backend = _backend_on(handle, store)
+    deployment = backend._deployments[("digits", 1)]
+    deployment.use_channel = True
+    deployment.channel_limit = 2
+    leases = AppLeases()
+    for replica, address in offered.items():
+        leases.offer_channel(deployment.app, replica, address, "t0ken")
+    backend._leases = _LocalActor(leases)
+    return backend, deployment
+
+
+async def _closed(deployment: _Deployment, result: _T) -> _T:
+    """``result``, after the deployment's channels closed (as ``unload`` closes them)."""
+    for channel in deployment.channels.values():
+        channel.close()
+    await asyncio.sleep(0)  # the connections' closes run before the loop ends
+    return result
+
+
+def test_a_batch_goes_over_the_replicas_channel_not_serves_handle(
+    demo_store: ModelStore, channel_server: ChannelServer
+) -> None:
+    handle = _ScriptedHandle()
+    backend, deployment = _channel_backend(handle, demo_store, {"r1": channel_server.address})
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        return await _closed(deployment, await backend.infer_batch("digits", 1, _INPUTS))
+
+    outputs = asyncio.run(go())
+    np.testing.assert_array_equal(outputs["logits"], _INPUTS["input"] * 2)
+    assert handle.calls == []
+
+
+def test_a_channel_at_its_limit_leaves_the_batch_to_serves_handle(
+    demo_store: ModelStore, channel_server: ChannelServer
+) -> None:
+    handle = _ScriptedHandle(_OUTPUTS)
+    backend, deployment = _channel_backend(handle, demo_store, {"r1": channel_server.address})
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        deployment.channels["r1"].in_flight = deployment.channel_limit
+        return await _closed(deployment, await backend.infer_batch("digits", 1, _INPUTS))
+
+    assert asyncio.run(go()) is _OUTPUTS
+    assert len(handle.calls) == 1
+
+
+def test_a_batch_whose_replica_dies_on_the_channel_is_retried_once_and_the_channel_dropped(
+    demo_store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def die_mid_batch() -> None:  # answers the hello, reads the batch, closes
+        conn, _ = listener.accept()
+        with conn:
+            for answer in (True, False):
+                (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
+                conn.recv(n, socket.MSG_WAITALL)
+                if answer:
+                    conn.sendall(b"".join(bytes(p) for p in encode({}, ok=True)))
+
+    thread = threading.Thread(target=die_mid_batch, daemon=True)
+    thread.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    handle = _ScriptedHandle(_OUTPUTS)
+    backend, deployment = _channel_backend(handle, demo_store, {"dying": address})
+    leases: AppLeases = backend._leases._target
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        outputs = await backend.infer_batch("digits", 1, _INPUTS)
+        assert leases.channels(deployment.app) == {}, "withdrawn for the other gateways"
+        # Read before the withdrawal reached the actor: still offered, not reopened.
+        leases.offer_channel(deployment.app, "dying", address, "t0ken")
+        await backend._refresh_channels(deployment)
+        await asyncio.sleep(0)  # the dropped connection's close runs
+        return outputs
+
+    try:
+        with caplog.at_level("INFO", logger="fermion.backends.ray"):
+            assert asyncio.run(go()) is _OUTPUTS
+    finally:
+        thread.join(5)
+        listener.close()
+    assert len(handle.calls) == 1, "retried once, by Serve's handle"
+    assert caplog.text.count("retrying the batch once on another replica") == 1
+    assert deployment.channels == {}
+    assert deployment.dead == {"dying"}
+
+
+def test_an_unreachable_channel_is_dropped_and_the_batch_goes_by_the_handle_unretried(
+    demo_store: ModelStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # nothing listens after the block
+    handle = _ScriptedHandle(_OUTPUTS)
+    backend, deployment = _channel_backend(handle, demo_store, {"gone": address})
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        return await _closed(deployment, await backend.infer_batch("digits", 1, _INPUTS))
+
+    with caplog.at_level("INFO", logger="fermion.backends.ray"):
+        assert asyncio.run(go()) is _OUTPUTS
+    assert len(handle.calls) == 1
+    assert "retrying" not in caplog.text, "nothing had been sent: no retry spent"
+    assert "channel to replica gone of fermion.digits.1 dropped" in caplog.text
+    assert deployment.channels == {}
+
+
+def test_a_model_error_over_the_channel_is_a_500_and_not_retried(
+    demo_store: ModelStore, channel_server: ChannelServer
+) -> None:
+    handle = _ScriptedHandle(_OUTPUTS)
+    backend, deployment = _channel_backend(handle, demo_store, {"r1": channel_server.address})
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        try:
+            return await backend.infer_batch("digits", 1, {**_INPUTS, "fail": np.zeros(1)})
+        finally:
+            await _closed(deployment, None)
+
+    with pytest.raises(InferenceFailed, match="bad rank on the replica") as raised:
+        asyncio.run(go())
+    assert raised.value.status_code == 500
+    assert handle.calls == []
+    assert list(deployment.channels) == ["r1"], "a model error says nothing against the replica"
+
+
+def test_channels_follow_what_the_replicas_offer_and_withdraw(
+    demo_store: ModelStore, channel_server: ChannelServer
+) -> None:
+    backend, deployment = _channel_backend(
+        _ScriptedHandle(), demo_store, {"r1": channel_server.address}
+    )
+    leases: AppLeases = backend._leases._target
+
+    async def go() -> None:
+        await backend._refresh_channels(deployment)
+        assert list(deployment.channels) == ["r1"]
+        first = deployment.channels["r1"]
+        leases.offer_channel(deployment.app, "r2", channel_server.address, "t0ken")
+        await backend._refresh_channels(deployment)
+        assert sorted(deployment.channels) == ["r1", "r2"]
+        assert deployment.channels["r1"] is first, "an open channel is kept"
+        leases.withdraw_channel(deployment.app, "r1")  # the replica stopped
+        await backend._refresh_channels(deployment)
+        assert list(deployment.channels) == ["r2"]
+        assert first._closed
+        await _closed(deployment, None)
+
+    asyncio.run(go())
+    assert leases.give_back(deployment.app, "nobody") is True
+    assert leases.channels(deployment.app) == {}, "a deleted application's channels go"

@@ -1,0 +1,374 @@
+"""Fermion's channel to a replica: its frames, and a real server and client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import numpy as np
+import orjson
+import pytest
+import uvloop
+
+from serving.inference.backends.channel import (
+    ChannelError,
+    ChannelGone,
+    ChannelServer,
+    ChannelUnreachable,
+    FrameError,
+    ReplicaChannel,
+    decode,
+    encode,
+)
+
+TOKEN = "s3cret-token"
+_T = TypeVar("_T")
+
+
+def _payload(parts: list[bytes | memoryview]) -> bytes:
+    """A frame's payload (its length prefix checked and cut off)."""
+    frame = b"".join(bytes(p) for p in parts)
+    (length,) = struct.unpack_from("<Q", frame)
+    assert length == len(frame) - 8
+    return frame[8:]
+
+
+def _raw_payload(header: Any, body: bytes = b"") -> bytes:
+    head = orjson.dumps(header)
+    return struct.pack("<I", len(head)) + head + body
+
+
+# -- frames ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(6, dtype=np.float64).reshape(2, 3),
+        np.array([1.5, -2.0], np.float16),
+        np.array([-(2**62), 2**62], np.int64),
+        np.array([0, 255], np.uint8),
+        np.array([-128, 127], np.int8),
+        np.array([True, False, True]),
+        np.array([1 + 2j], np.complex64),
+        np.zeros((0, 3), np.float32),
+        np.array(3.5, dtype=np.float32),  # 0-d
+        np.arange(20, dtype=np.int32).reshape(4, 5)[:, ::2],  # not contiguous
+        np.arange(4, dtype=">f4"),  # big-endian: sent little-endian, same values
+        np.array(["a", "ünï", ""], dtype=object).reshape(3, 1),
+        np.array([b"\x00\xff", b""], dtype=object),
+        np.array(["x", "yz"]),  # numpy str: sent as str elements
+    ],
+    ids=lambda v: f"{v.dtype}{list(v.shape)}",
+)
+def test_a_tensor_comes_back_equal(value: np.ndarray) -> None:
+    meta, tensors = decode(
+        _payload(encode({"t": value, "u": np.ones(2, np.float32)}, c={"k": "v"}))
+    )
+    assert meta == {"c": {"k": "v"}}
+    assert list(tensors) == ["t", "u"]
+    got = tensors["t"]
+    assert got.shape == value.shape
+    if value.dtype.kind in "OU":
+        assert got.dtype == object
+        assert got.tolist() == value.astype(object).tolist()
+    else:
+        assert got.dtype == value.dtype.newbyteorder("<")
+        np.testing.assert_array_equal(got, value)
+
+
+def test_decoded_tensors_are_views_of_the_frame_not_copies() -> None:
+    payload = bytearray(_payload(encode({"x": np.arange(1000, dtype=np.float32)})))
+    _, tensors = decode(payload)
+    payload[-4:] = np.float32(-1).tobytes()
+    assert tensors["x"][-1] == -1
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [
+        ({"x": np.array(["a", b"b"], dtype=object)}, "only bytes or only str"),
+        ({"x": np.array([1, None], dtype=object)}, "only bytes or only str"),
+        ({"x": np.array(["2024-01-01"], dtype="datetime64[D]")}, "cannot cross"),
+    ],
+    ids=["mixed", "none", "datetime"],
+)
+def test_a_tensor_the_channel_cannot_carry_is_refused_on_encoding(
+    tensors: dict[str, np.ndarray], match: str
+) -> None:
+    with pytest.raises(FrameError, match=match):
+        encode(tensors)
+
+
+_F4 = np.arange(4, dtype="<f4").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b"\x01", "shorter than its header length"),
+        (struct.pack("<I", 99) + b"{}", "runs past the payload"),
+        (struct.pack("<I", 3) + b"{x}", "not JSON"),
+        (_raw_payload([1, 2]), "not an object"),
+        (_raw_payload({"t": {}}), "not an object with a tensor list"),
+        (_raw_payload({"t": [["x", "<f4", [4]]]}, _F4), "not \\[name, dtype, shape, nbytes\\]"),
+        (_raw_payload({"t": [["x", "<f4", [-4], 16]]}, _F4), "bad tensor spec"),
+        (_raw_payload({"t": [["x", "<f4", [4.0], 16]]}, _F4), "bad tensor spec"),
+        (_raw_payload({"t": [["x", "<f4", [4], True]]}, _F4), "bad tensor spec"),
+        (_raw_payload({"t": [[1, "<f4", [4], 16]]}, _F4), "bad tensor spec"),
+        (_raw_payload({"t": [["x", "<f4", [4], 32]]}, _F4), "runs past the payload"),
+        (_raw_payload({"t": [["x", "<f4", [5], 16]]}, _F4), "16 bytes for shape"),
+        (_raw_payload({"t": [["x", "<f4", [2], 8]]}, _F4), "8 bytes left over"),
+        (_raw_payload({"t": [["x", ">f4", [4], 16]]}, _F4), "not a little-endian number"),
+        (_raw_payload({"t": [["x", "|O8", [2], 16]]}, _F4), "not a little-endian number"),
+        (_raw_payload({"t": [["x", "<V16", [1], 16]]}, _F4), "not a little-endian number"),
+        (_raw_payload({"t": [["x", "<f3", [1], 3]]}, b"abc"), "unknown dtype"),
+        (_raw_payload({"t": [["x", "str", [2], 5]]}, struct.pack("<I", 1) + b"a"), "ends after 1"),
+        (_raw_payload({"t": [["x", "str", [1], 5]]}, struct.pack("<I", 9) + b"a"), "runs past"),
+        (_raw_payload({"t": [["x", "str", [1], 6]]}, struct.pack("<I", 1) + b"ab"), "left over"),
+        (_raw_payload({"t": [["x", "str", [1], 5]]}, struct.pack("<I", 1) + b"\xff"), "UTF-8"),
+    ],
+)
+def test_a_bad_frame_is_a_frame_error_never_a_crash(payload: bytes, match: str) -> None:
+    with pytest.raises(FrameError, match=match):
+        decode(payload)
+
+
+# -- a server and a client over loopback -----------------------------------------------------
+
+Runner = Callable[[Coroutine[Any, Any, _T]], _T]
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def run(request: pytest.FixtureRequest) -> Runner[Any]:
+    """Runs a coroutine on the gateway's loop (uvloop), or asyncio's own."""
+    runner: Runner[Any] = uvloop.run if request.param == "uvloop" else asyncio.run
+    return runner
+
+
+class _Replica:
+    """What a replica computes: doubles ``x``; ``fail`` raises, ``sleep`` waits first."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, np.ndarray], dict[str, str] | None]] = []
+
+    def run(
+        self, inputs: dict[str, np.ndarray], carrier: dict[str, str] | None
+    ) -> dict[str, np.ndarray]:
+        self.calls.append((inputs, carrier))
+        if "fail" in inputs:
+            raise ValueError("bad rank 3\nsecond line")
+        if "sleep" in inputs:
+            time.sleep(float(inputs["sleep"][0]))
+        return {"y": inputs["x"] * 2}
+
+
+@pytest.fixture()
+def replica() -> _Replica:
+    return _Replica()
+
+
+@pytest.fixture()
+def server(replica: _Replica) -> Iterator[ChannelServer]:
+    server = ChannelServer(replica.run, host="127.0.0.1", token=TOKEN)
+    server.start()
+    yield server
+    server.close()
+
+
+def _x(value: float, n: int = 3) -> dict[str, np.ndarray]:
+    return {"x": np.full(n, value, np.float32)}
+
+
+def test_a_batch_crosses_and_its_answer_comes_back(
+    run: Runner[Any], server: ChannelServer, replica: _Replica
+) -> None:
+    async def go() -> dict[str, np.ndarray]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=2)
+        try:
+            return await channel.call(_x(1.5), {"traceparent": "00-ab-cd-01"})
+        finally:
+            channel.close()
+
+    outputs = run(go())
+    np.testing.assert_array_equal(outputs["y"], np.full(3, 3.0, np.float32))
+    [(inputs, carrier)] = replica.calls
+    np.testing.assert_array_equal(inputs["x"], _x(1.5)["x"])
+    assert carrier == {"traceparent": "00-ab-cd-01"}
+
+
+def test_concurrent_batches_each_get_their_own_answer(
+    run: Runner[Any], server: ChannelServer
+) -> None:
+    async def go() -> list[dict[str, np.ndarray]]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=8)
+        try:
+            return await asyncio.gather(*(channel.call(_x(i, n=i + 1)) for i in range(8)))
+        finally:
+            channel.close()
+
+    for i, outputs in enumerate(run(go())):
+        np.testing.assert_array_equal(outputs["y"], np.full(i + 1, 2 * i, np.float32))
+
+
+def test_a_replica_error_is_a_channel_error_and_the_connection_stays(
+    run: Runner[Any], server: ChannelServer, replica: _Replica
+) -> None:
+    async def go() -> dict[str, np.ndarray]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        try:
+            with pytest.raises(ChannelError, match=r"^bad rank 3$"):
+                await channel.call({"fail": np.zeros(1, np.float32)})
+            link = channel._idle[0]
+            outputs = await channel.call(_x(2.0))
+            assert channel._idle == [link], "the same connection served the next batch"
+            return outputs
+        finally:
+            channel.close()
+
+    np.testing.assert_array_equal(run(go())["y"], np.full(3, 4.0, np.float32))
+    assert len(replica.calls) == 2
+
+
+def test_a_wrong_token_gets_no_connection_and_computes_nothing(
+    run: Runner[Any], server: ChannelServer, replica: _Replica
+) -> None:
+    async def go() -> None:
+        channel = ReplicaChannel("r1", server.address, "not-the-token", limit=1)
+        with pytest.raises(ChannelUnreachable, match=r"cannot connect|connection lost"):
+            await channel.call(_x(1.0))
+
+    run(go())
+    assert replica.calls == []
+
+
+def test_a_batch_cancelled_mid_way_never_hands_its_answer_to_the_next(
+    run: Runner[Any],
+    server: ChannelServer,
+) -> None:
+    async def go() -> dict[str, np.ndarray]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        try:
+            slow = {"x": np.full(3, 7.0, np.float32), "sleep": np.array([0.3], np.float32)}
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await channel.call(slow)
+            assert channel.in_flight == 0
+            assert channel._idle == [], "the connection with an answer still to come is closed"
+            return await channel.call(_x(1.0))
+        finally:
+            channel.close()
+
+    np.testing.assert_array_equal(run(go())["y"], np.full(3, 2.0, np.float32))
+
+
+def test_a_closed_server_finishes_its_batch_then_refuses_new_connections(
+    run: Runner[Any], server: ChannelServer, replica: _Replica
+) -> None:
+    async def go() -> None:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=2)
+        slow = {"x": np.full(3, 1.0, np.float32), "sleep": np.array([0.3], np.float32)}
+        in_progress = asyncio.create_task(channel.call(slow))
+        await asyncio.sleep(0.1)
+        server.close()
+        outputs = await in_progress
+        np.testing.assert_array_equal(outputs["y"], np.full(3, 2.0, np.float32))
+        with pytest.raises(ChannelGone):
+            await channel.call(_x(1.0))  # its connection closed after the answer
+        with pytest.raises(ChannelUnreachable):
+            await channel.call(_x(1.0))  # and nothing listens any more
+        channel.close()
+
+    run(go())
+
+
+def _fake_replica_that_dies_mid_batch() -> tuple[socket.socket, threading.Thread]:
+    """A listener that answers the hello, reads one batch, then closes: a killed replica."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
+            conn.recv(n, socket.MSG_WAITALL)
+            conn.sendall(b"".join(bytes(p) for p in encode({}, ok=True)))
+            (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
+            conn.recv(n, socket.MSG_WAITALL)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_replica_dying_mid_batch_is_channel_gone_not_unreachable(
+    run: Runner[Any],
+) -> None:
+    listener, thread = _fake_replica_that_dies_mid_batch()
+
+    async def go() -> None:
+        port = listener.getsockname()[1]
+        channel = ReplicaChannel("r1", f"127.0.0.1:{port}", TOKEN, limit=1)
+        with pytest.raises(ChannelGone) as raised:
+            await channel.call(_x(1.0))
+        assert not isinstance(raised.value, ChannelUnreachable), "the batch had been sent"
+
+    try:
+        run(go())
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # a length of ~5e18: over the hello's limit
+        struct.pack("<Q", 10) + b"0123456789",  # a hello that is not a frame
+        struct.pack("<Q", 5000),  # a hello too long
+        b"\x00\x00",  # a cut length, then EOF
+    ],
+    ids=["http", "not-a-frame", "long-hello", "cut"],
+)
+def test_a_hostile_connection_is_closed_and_the_server_keeps_serving(
+    run: Runner[Any], server: ChannelServer, replica: _Replica, garbage: bytes
+) -> None:
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as hostile:
+        try:
+            hostile.sendall(garbage)
+            hostile.shutdown(socket.SHUT_WR)
+            answer = hostile.recv(1024)
+        except OSError:  # reset: closed with the garbage unread
+            answer = b""
+        assert answer == b"", "closed without an answer"
+
+    async def go() -> dict[str, np.ndarray]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        try:
+            return await channel.call(_x(3.0))
+        finally:
+            channel.close()
+
+    np.testing.assert_array_equal(run(go())["y"], np.full(3, 6.0, np.float32))
+    assert len(replica.calls) == 1
+
+
+def test_nothing_listening_is_unreachable(
+    run: Runner[Any],
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed at the end of the block: nothing listens
+
+    async def go() -> None:
+        channel = ReplicaChannel("r1", f"127.0.0.1:{port}", TOKEN, limit=1)
+        with pytest.raises(ChannelUnreachable, match="cannot connect"):
+            await channel.call(_x(1.0))
+        assert channel.in_flight == 0
+
+    run(go())
