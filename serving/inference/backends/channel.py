@@ -56,8 +56,12 @@ _U32: Final = struct.Struct("<I")
 MAX_FRAME: Final = 1 << 36
 #: The largest hello: a connection that has not shown its token reads no more.
 MAX_HELLO: Final = 4096
-#: Longest wait for a connection and its hello's answer.
+#: Longest wait for a connection and its hello's answer (and, on the replica, for a
+#: new connection's hello).
 CONNECT_TIMEOUT_S: Final = 2.0
+#: Connections one replica keeps at once; more are closed unread (gateways open at
+#: most ``max_ongoing_requests`` each).
+MAX_CONNECTIONS: Final = 1024
 #: Below this many bytes an answer's parts are joined and sent in one write.
 _JOIN_BELOW: Final = 64 * 1024
 _DTYPE: Final = re.compile(r"[<|][biufc][0-9]{1,2}")
@@ -215,9 +219,19 @@ class ChannelServer:
     context); its exception goes back as the answer's error, and the connection stays.
     """
 
-    def __init__(self, run: Run, *, host: str, token: str) -> None:
+    def __init__(
+        self,
+        run: Run,
+        *,
+        host: str,
+        token: str,
+        hello_timeout_s: float = CONNECT_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self._run = run
         self._token = token.encode()
+        self._hello_timeout_s = hello_timeout_s
+        self._max_connections = max_connections
         self._listener = socket.create_server((host, 0))
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
@@ -248,6 +262,12 @@ class ChannelServer:
                 if self._closed:
                     conn.close()
                     return
+                if len(self._connections) >= self._max_connections:
+                    conn.close()
+                    log.warning(
+                        "channel: %d connections open, one more closed", len(self._connections)
+                    )
+                    continue
                 self._connections.add(conn)
             threading.Thread(
                 target=self._serve, args=(conn,), name="fermion-channel-conn", daemon=True
@@ -256,6 +276,7 @@ class ChannelServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self._hello_timeout_s)  # a silent connection holds no thread
             hello = _recv_frame(conn, MAX_HELLO)
             if hello is None:
                 return
@@ -264,6 +285,7 @@ class ChannelServer:
             if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
                 log.warning("channel: a connection without this replica's token was closed")
                 return
+            conn.settimeout(None)  # a gateway's connection waits for its next batch
             _send(conn, encode({}, ok=True))
             while (frame := _recv_frame(conn, MAX_FRAME)) is not None:
                 _send(conn, self._answer(frame))

@@ -372,3 +372,54 @@ def test_nothing_listening_is_unreachable(
         assert channel.in_flight == 0
 
     run(go())
+
+
+def test_a_connection_that_never_says_hello_is_closed_after_the_hello_timeout(
+    replica: _Replica,
+) -> None:
+    server = ChannelServer(replica.run, host="127.0.0.1", token=TOKEN, hello_timeout_s=0.2)
+    server.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as silent:
+            started = time.monotonic()
+            assert silent.recv(1) == b"", "closed by the replica"
+            assert time.monotonic() - started < 5
+    finally:
+        server.close()
+
+
+def test_connections_past_the_limit_are_closed_and_those_within_serve(
+    run: Runner[Any], replica: _Replica
+) -> None:
+    server = ChannelServer(replica.run, host="127.0.0.1", token=TOKEN, max_connections=2)
+    server.start()
+    host, port = server.address.rsplit(":", 1)
+    held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as third:
+            try:
+                answer = third.recv(1)
+            except OSError:  # reset
+                answer = b""
+            assert answer == b""
+        for sock in held:
+            sock.close()
+        held.clear()
+
+        async def go() -> dict[str, np.ndarray]:
+            channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+            for _ in range(50):  # the server notices the two closes
+                try:
+                    return await channel.call(_x(1.0))
+                except ChannelUnreachable:
+                    await asyncio.sleep(0.05)
+                finally:
+                    channel.close()
+            raise AssertionError("no connection once the others closed")
+
+        np.testing.assert_array_equal(run(go())["y"], np.full(3, 2.0, np.float32))
+    finally:
+        for sock in held:
+            sock.close()
+        server.close()
