@@ -232,7 +232,8 @@ class ChannelServer:
         self._token = token.encode()
         self._hello_timeout_s = hello_timeout_s
         self._max_connections = max_connections
-        self._listener = socket.create_server((host, 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # a node's IPv6 address
+        self._listener = socket.create_server((host, 0), family=family)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()

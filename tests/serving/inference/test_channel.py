@@ -423,3 +423,29 @@ def test_connections_past_the_limit_are_closed_and_those_within_serve(
         for sock in held:
             sock.close()
         server.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host has no IPv6 loopback (::1)")
+def test_a_replica_on_an_ipv6_node_address_is_reached(run: Runner[Any], replica: _Replica) -> None:
+    server = ChannelServer(replica.run, host="::1", token=TOKEN)
+    server.start()
+
+    async def go() -> dict[str, np.ndarray]:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        try:
+            return await channel.call(_x(2.0))
+        finally:
+            channel.close()
+
+    try:
+        np.testing.assert_array_equal(run(go())["y"], np.full(3, 4.0, np.float32))
+    finally:
+        server.close()
