@@ -31,6 +31,7 @@ __all__ = [
     "Signature",
     "SignatureTensor",
     "brief",
+    "bytes_elements",
     "check_output",
     "check_output_parameters",
     "check_shape",
@@ -281,7 +282,7 @@ def from_raw(
             raise InvalidInput(
                 f"input {spec.name!r}: {field} {len(raw)} is too small for {count} BYTES elements"
             )
-        return _bytes_elements(raw, count, spec.name).reshape(shape)
+        return bytes_elements(raw, count, spec.name).reshape(shape)
     need = count * spec.dtype.itemsize
     if len(raw) != need:
         raise InvalidInput(
@@ -293,7 +294,9 @@ def from_raw(
     return np.frombuffer(raw, spec.dtype).reshape(shape)
 
 
-def _bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
+def bytes_elements(raw: memoryview, count: int, name: str) -> np.ndarray:
+    """The ``count`` elements of binary BYTES data (each after its 4-byte length), as a
+    1-d object array of bytes; ``InvalidInput`` when ``raw`` is not exactly that."""
     out = np.empty(count, dtype=np.object_)
     end = len(raw)
     pos = 0

@@ -37,6 +37,9 @@ from typing import Any, Final, cast
 import numpy as np
 import orjson
 
+from serving.errors import InvalidInput
+from serving.inference.tensors import bytes_elements, elements, serialize_bytes
+
 __all__ = [
     "ChannelError",
     "ChannelGone",
@@ -115,14 +118,16 @@ def encode(tensors: Mapping[str, np.ndarray], **meta: Any) -> list[bytes | memor
 
 
 def _strings(name: str, arr: np.ndarray) -> tuple[str, bytes]:
-    items = arr.reshape(-1).tolist()
+    """The kind (``str`` or ``bytes``) of an object tensor, and its elements as V2's
+    binary BYTES data."""
+    items = elements(arr)
     if all(isinstance(x, str) for x in items):
-        kind, encoded = "str", [x.encode("utf-8") for x in items]
+        kind = "str"
     elif all(isinstance(x, bytes) for x in items):
-        kind, encoded = "bytes", items
+        kind = "bytes"
     else:
         raise FrameError(f"tensor {name!r}: an object tensor must hold only bytes or only str")
-    return kind, b"".join(_U32.pack(len(x)) + x for x in encoded)
+    return kind, serialize_bytes(arr, name)
 
 
 def decode(
@@ -189,23 +194,16 @@ def _tensor(name: str, dtype: str, shape: list[int], raw: memoryview) -> np.ndar
 def _from_strings(
     name: str, kind: str, shape: list[int], count: int, raw: memoryview
 ) -> np.ndarray:
-    out = np.empty(count, dtype=np.object_)
-    pos = 0
-    for i in range(count):
-        if pos + _U32.size > len(raw):
-            raise FrameError(f"tensor {name!r}: ends after {i} of {count} elements")
-        (length,) = _U32.unpack_from(raw, pos)
-        pos += _U32.size
-        if pos + length > len(raw):
-            raise FrameError(f"tensor {name!r}: element {i} runs past its bytes")
-        item = bytes(raw[pos : pos + length])
-        pos += length
-        try:
-            out[i] = item.decode("utf-8") if kind == "str" else item
-        except UnicodeDecodeError:
-            raise FrameError(f"tensor {name!r}: element {i} is not UTF-8") from None
-    if pos != len(raw):
-        raise FrameError(f"tensor {name!r}: bytes left over after {count} elements")
+    try:
+        out = bytes_elements(raw, count, name)
+    except InvalidInput as e:
+        raise FrameError(f"tensor {name!r}: {e}") from None
+    if kind == "str":
+        for i, item in enumerate(out):
+            try:
+                out[i] = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise FrameError(f"tensor {name!r}: element {i} is not UTF-8") from None
     return out.reshape(shape)
 
 
