@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -315,20 +315,28 @@ class RayBackend(Backend):
         self._connecting = asyncio.create_task(
             asyncio.wait_for(asyncio.to_thread(self._connect), timeout)
         )
-        self._counting = asyncio.create_task(self._count_replicas_forever())
-        self._refreshing = asyncio.create_task(self._refresh_channels_forever())
+        self._counting = asyncio.create_task(
+            self._while_connected(_REPLICA_COUNT_S, self._count_replicas_now)
+        )
+        self._refreshing = asyncio.create_task(
+            self._while_connected(_CHANNEL_REFRESH_S, self._refresh_all_channels)
+        )
 
-    async def _count_replicas_forever(self) -> None:
-        """Count each deployment's RUNNING replicas every few seconds, off the event loop."""
+    async def _while_connected(self, period_s: float, step: Callable[[], Awaitable[None]]) -> None:
+        """Once the cluster is up, run ``step`` every ``period_s`` while connected."""
         if self._connecting is not None:
             with contextlib.suppress(Exception):  # the loads report a cluster that failed
                 await asyncio.shield(self._connecting)
         while self._connected:
-            try:
-                self._replica_counts = await asyncio.to_thread(self._count_replicas)
-            except Exception as e:  # a busy controller: keep the last counts
-                log.debug("ray: cannot count replicas: %s", e)
-            await asyncio.sleep(_REPLICA_COUNT_S)
+            await step()
+            await asyncio.sleep(period_s)
+
+    async def _count_replicas_now(self) -> None:
+        """Count each deployment's RUNNING replicas, off the event loop."""
+        try:
+            self._replica_counts = await asyncio.to_thread(self._count_replicas)
+        except Exception as e:  # a busy controller: keep the last counts
+            log.debug("ray: cannot count replicas: %s", e)
 
     def _count_replicas(self) -> dict[tuple[str, int], int]:
         from ray import serve
@@ -630,20 +638,15 @@ class RayBackend(Backend):
 
     # -- channels ----------------------------------------------------------------------------
 
-    async def _refresh_channels_forever(self) -> None:
-        """Follow which replicas offer a channel, every ``_CHANNEL_REFRESH_S``."""
-        if self._connecting is not None:
-            with contextlib.suppress(Exception):  # the loads report a cluster that failed
-                await asyncio.shield(self._connecting)
-        while self._connected:
-            for deployment in list(self._deployments.values()):
-                if not deployment.use_channel:
-                    continue
-                try:
-                    await self._refresh_channels(deployment)
-                except Exception as e:  # a busy actor: keep the channels as they are
-                    log.debug("ray: cannot read the channels of %s: %s", deployment.app, e)
-            await asyncio.sleep(_CHANNEL_REFRESH_S)
+    async def _refresh_all_channels(self) -> None:
+        """Follow which replicas of every deployment offer a channel."""
+        for deployment in list(self._deployments.values()):
+            if not deployment.use_channel:
+                continue
+            try:
+                await self._refresh_channels(deployment)
+            except Exception as e:  # a busy actor: keep the channels as they are
+                log.debug("ray: cannot read the channels of %s: %s", deployment.app, e)
 
     async def _refresh_channels(self, deployment: _Deployment) -> None:
         offered: dict[str, tuple[str, str]] = await self._leases.channels.remote(deployment.app)
