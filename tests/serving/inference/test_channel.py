@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -25,6 +24,7 @@ from serving.inference.backends.channel import (
     decode,
     encode,
 )
+from tests.helpers.channel_peers import replica_dying_mid_batch
 
 TOKEN = "s3cret-token"
 _T = TypeVar("_T")
@@ -288,41 +288,17 @@ def test_a_closed_server_finishes_its_batch_then_refuses_new_connections(
     run(go())
 
 
-def _fake_replica_that_dies_mid_batch() -> tuple[socket.socket, threading.Thread]:
-    """A listener that answers the hello, reads one batch, then closes: a killed replica."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
-            conn.recv(n, socket.MSG_WAITALL)
-            conn.sendall(b"".join(bytes(p) for p in encode({}, ok=True)))
-            (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
-            conn.recv(n, socket.MSG_WAITALL)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return listener, thread
-
-
 def test_a_replica_dying_mid_batch_is_channel_gone_not_unreachable(
     run: Runner[Any],
 ) -> None:
-    listener, thread = _fake_replica_that_dies_mid_batch()
-
-    async def go() -> None:
-        port = listener.getsockname()[1]
-        channel = ReplicaChannel("r1", f"127.0.0.1:{port}", TOKEN, limit=1)
+    async def go(address: str) -> None:
+        channel = ReplicaChannel("r1", address, TOKEN, limit=1)
         with pytest.raises(ChannelGone) as raised:
             await channel.call(_x(1.0))
         assert not isinstance(raised.value, ChannelUnreachable), "the batch had been sent"
 
-    try:
-        run(go())
-    finally:
-        thread.join(5)
-        listener.close()
+    with replica_dying_mid_batch() as address:
+        run(go(address))
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
-import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
@@ -16,9 +14,10 @@ import pytest
 from model_store.store import ModelStore
 from serving.config import ConfigError, load_config
 from serving.errors import InferenceFailed, ModelNotReady
-from serving.inference.backends.channel import ChannelServer, encode
+from serving.inference.backends.channel import ChannelServer
 from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
 from serving.inference.batcher import batch_deadline_ns
+from tests.helpers.channel_peers import replica_dying_mid_batch
 
 
 def test_defaults_and_per_model_override() -> None:
@@ -355,25 +354,9 @@ def test_a_channel_at_its_limit_leaves_the_batch_to_serves_handle(
 def test_a_batch_whose_replica_dies_on_the_channel_is_retried_once_and_the_channel_dropped(
     demo_store: ModelStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def die_mid_batch() -> None:  # answers the hello, reads the batch, closes
-        conn, _ = listener.accept()
-        with conn:
-            for answer in (True, False):
-                (n,) = struct.unpack("<Q", conn.recv(8, socket.MSG_WAITALL))
-                conn.recv(n, socket.MSG_WAITALL)
-                if answer:
-                    conn.sendall(b"".join(bytes(p) for p in encode({}, ok=True)))
-
-    thread = threading.Thread(target=die_mid_batch, daemon=True)
-    thread.start()
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
     handle = _ScriptedHandle(_OUTPUTS)
-    backend, deployment = _channel_backend(handle, demo_store, {"dying": address})
-    leases: AppLeases = backend._leases._target
 
-    async def go() -> dict[str, np.ndarray]:
+    async def go(address: str) -> dict[str, np.ndarray]:
         await backend._refresh_channels(deployment)
         outputs = await backend.infer_batch("digits", 1, _INPUTS)
         assert leases.channels(deployment.app) == {}, "withdrawn for the other gateways"
@@ -383,12 +366,11 @@ def test_a_batch_whose_replica_dies_on_the_channel_is_retried_once_and_the_chann
         await asyncio.sleep(0)  # the dropped connection's close runs
         return outputs
 
-    try:
+    with replica_dying_mid_batch() as address:
+        backend, deployment = _channel_backend(handle, demo_store, {"dying": address})
+        leases: AppLeases = backend._leases._target
         with caplog.at_level("INFO", logger="fermion.backends.ray"):
-            assert asyncio.run(go()) is _OUTPUTS
-    finally:
-        thread.join(5)
-        listener.close()
+            assert asyncio.run(go(address)) is _OUTPUTS
     assert len(handle.calls) == 1, "retried once, by Serve's handle"
     assert caplog.text.count("retrying the batch once on another replica") == 1
     assert deployment.channels == {}
