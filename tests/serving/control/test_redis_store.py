@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,7 +13,13 @@ import pytest
 import pytest_asyncio
 
 from serving.config import ControlConfig, RateLimitRule
-from serving.control.store import ControlStore, RouteSnapshot, StoreConflict, create_store
+from serving.control.store import (
+    ControlStore,
+    RouteSnapshot,
+    StoreConflict,
+    StoreUnavailable,
+    create_store,
+)
 from serving.inference.fleet_limits import FleetRateLimiter
 from tests.helpers.redis_server import RedisServer, start_redis, stop_redis
 
@@ -111,3 +120,27 @@ async def test_a_store_that_is_down_says_so(tmp_path: Path) -> None:
     assert await limiter.admit("ci", "m") == 0.0
     assert await limiter.admit("ci", "m") > 0.0
     await made.close()
+
+
+async def test_a_call_cancelled_mid_command_stays_cancelled(store: ControlStore) -> None:
+    # The fleet sync's loop shape: calls in a loop that rides out StoreUnavailable. Cancelled
+    # at many moments (mid-write, mid-read, between calls), it must end every time: redis-py
+    # under Python 3.11 returned from a command cancelled as its write completed, and the
+    # loop ran on, so the gateway's shutdown waited for it forever.
+    rng = random.Random(7)
+
+    async def sync_loop() -> None:
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                await store.route_version()
+                await store.heartbeat("gw", {"pid": 1}, 1.0)
+            await asyncio.sleep(0)
+
+    for _ in range(150):
+        task = asyncio.create_task(sync_loop())
+        await asyncio.sleep(rng.random() * 0.004)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        assert done, "the cancelled loop ran on: a cancellation was swallowed"
+        assert task.cancelled()
+    assert await store.route_version() is None  # the store still answers afterwards
