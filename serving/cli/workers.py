@@ -153,12 +153,16 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
             )
         started[i] = time.monotonic()
 
+    signalled: set[int] = set()  # the pids already told to stop
+
     def stop(signum: int, frame: FrameType | None) -> None:
         # The workers get the signal the supervisor got: SIGTERM drains, SIGINT stops now.
+        # Once each: a worker takes a second signal as "stop now", which ends its drain.
         nonlocal stopping
         stopping = True
         for p in procs:
-            if p is not None and p.poll() is None:
+            if p is not None and p.pid not in signalled and p.poll() is None:
+                signalled.add(p.pid)
                 p.send_signal(signum)
 
     signal.signal(signal.SIGTERM, stop)
@@ -182,7 +186,7 @@ def supervise(config: FermionConfig, args: argparse.Namespace) -> int:
                 log.warning("worker %d exited with %s; starting it again", i, p.returncode)
                 spawn(i)
     finally:
-        stop(signal.SIGTERM, None)
+        stop(signal.SIGTERM, None)  # the workers not told yet (one started as a signal came)
         stop_wait_s = config.server.drain_s + config.server.shutdown_grace_s + _STOP_MARGIN_S
         deadline = time.monotonic() + stop_wait_s
         for p in procs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from tests.helpers.ab_models import MODEL
 from tests.helpers.fleet import admin, body, build_fleet_store
+from tests.helpers.raw_http import exchange
 from tests.helpers.redis_server import RedisServer, start_redis, stop_redis
 from tests.helpers.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
@@ -86,6 +88,42 @@ def test_two_workers_serve_and_count_as_one_host(
     for pid in pids:  # the supervisor stopped its workers
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+_DRAIN_S = 2.0
+_READY = b"GET /v2/health/ready HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+
+
+def test_sigterm_drains_every_worker_for_drain_s_then_exits_0(
+    redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # The supervisor passes SIGTERM on once: a second one would end the workers' drain at once.
+    store = build_fleet_store(tmp_path_factory.getbasetemp() / "fleet-store")
+    config = (
+        f"server: {{workers: 2, drain_s: {_DRAIN_S}}}\n"
+        f"control: {{store: {redis.url}, heartbeat_s: 0.2}}\n"
+    )
+    server: RunningServer = start_server(store.root, tmp_path_factory.mktemp("drain"), config)
+    try:
+        deadline = time.monotonic() + 60
+        in_a_row = 0
+        while in_a_row < 40:  # both workers ready (each new connection may reach either)
+            in_a_row = in_a_row + 1 if exchange(server.port, _READY)[0] == 200 else 0
+            assert time.monotonic() < deadline, "the two workers never were both ready"
+        sent = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        seen: list[tuple[float, int]] = []
+        while server.process.poll() is None and time.monotonic() < sent + 30:
+            seen.append((time.monotonic() - sent, exchange(server.port, _READY, 2.0)[0]))
+            time.sleep(0.02)
+        exited = time.monotonic() - sent
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0, server.log()
+    # Out of rotation at once, still listening (503, not refused) until the drain ends.
+    late = [status for at, status in seen if 0.5 <= at <= _DRAIN_S - 0.3]
+    assert late and set(late) == {503}, (seen, server.log())
+    assert _DRAIN_S <= exited < _DRAIN_S + 10, (exited, server.log())
 
 
 def test_workers_without_a_shared_store_refuse_to_start(tmp_path: Path) -> None:
