@@ -23,10 +23,14 @@ import uvicorn
 from serving.config import ServerConfig
 from serving.http.connection import ConnectionLimits, Refuser, guarded_protocol
 from serving.http.drain import DrainState
+from serving.http.stuck import StuckReport
 
 __all__ = ["GatewayServer"]
 
 log = logging.getLogger("fermion.gateway")
+
+#: Unloading, leaving the fleet and stopping the backend take seconds (Ray's the most).
+_STUCK_REPORT_S = 10.0
 
 
 class GatewayServer(uvicorn.Server):
@@ -71,6 +75,8 @@ class GatewayServer(uvicorn.Server):
         self._drain_logged = True
         #: Requests cancelled because the grace period ended (or a second signal came).
         self.cancelled_requests = 0
+        #: Past this, a shutdown still running logs every task's and thread's stack.
+        self.stuck_report_s = _STUCK_REPORT_S
 
     @property
     def exit_code(self) -> int:
@@ -123,4 +129,5 @@ class GatewayServer(uvicorn.Server):
             await asyncio.wait(tasks, timeout=1.0)
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        await self.lifespan.shutdown()
+        async with StuckReport("the shutdown (models, fleet, backend)", self.stuck_report_s):
+            await self.lifespan.shutdown()
