@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -147,5 +148,18 @@ def stop_server(server: RunningServer) -> None:
         try:
             server.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            server.process.kill()
+            # Its workers (--workers) too: killed alone, it would leave them running.
+            for pid in [*_children(server.process.pid), server.process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             server.process.wait(timeout=5)
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s child processes (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
