@@ -49,7 +49,8 @@ async def test_a_stopped_sync_ends_and_leaves_the_fleet_whenever_it_is_stopped(
 ) -> None:
     # Stopped at many moments of its loop (mid-command included), the sync must end every
     # time: a cancellation swallowed by the Redis client kept it looping, and the gateway's
-    # shutdown waited for it forever (a worker of `fermion serve --workers 2` never exited).
+    # shutdown waited for it forever (the likely cause of a CI run in which a worker of
+    # `fermion serve --workers 2` never finished its shutdown).
     control = ControlConfig(store=redis.url, sync_interval_s=0.02, heartbeat_s=0.1)
     config = FermionConfig.model_validate({"store": {"root": str(tmp_path)}})
     store = ModelStore(tmp_path)
