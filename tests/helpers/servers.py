@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from bench._procs import process_tree
+
 __all__ = ["REPO_ROOT", "RunningServer", "free_port", "start_server", "stop_server"]
 
 #: The checkout's root: the working directory of every subprocess the tests start.
@@ -149,17 +151,7 @@ def stop_server(server: RunningServer) -> None:
             server.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             # Its workers (--workers) too: killed alone, it would leave them running.
-            for pid in [*_children(server.process.pid), server.process.pid]:
+            for pid in process_tree(server.process.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             server.process.wait(timeout=5)
-
-
-def _children(pid: int) -> list[int]:
-    """The PIDs of ``pid``'s child processes (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
