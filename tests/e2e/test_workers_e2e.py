@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,19 +16,12 @@ import pytest
 from tests.helpers.ab_models import MODEL
 from tests.helpers.fleet import admin, body, build_fleet_store
 from tests.helpers.raw_http import exchange
-from tests.helpers.redis_server import RedisServer, start_redis, stop_redis
+from tests.helpers.redis_server import RedisServer
 from tests.helpers.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
 _SENT = 240
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("workers-redis"))
-    yield server
-    stop_redis(server)
 
 
 def _cpu_s(pid: int) -> float:

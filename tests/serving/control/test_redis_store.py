@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +21,7 @@ from serving.control.store import (
     create_store,
 )
 from serving.inference.fleet_limits import FleetRateLimiter
-from tests.helpers.redis_server import RedisServer, start_redis, stop_redis
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    stop_redis(server)
-
+from tests.helpers.redis_server import RedisServer
 
 _PREFIXES = iter(range(1_000_000))
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from model_store.store import ModelStore
 from serving.config import ControlConfig, FermionConfig
@@ -18,14 +15,7 @@ from serving.traffic.canary import RolloutController
 from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_file import RouteFile
 from serving.traffic.route_table import RouteTable
-from tests.helpers.redis_server import RedisServer, start_redis, stop_redis
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("fleet-redis"))
-    yield server
-    stop_redis(server)
+from tests.helpers.redis_server import RedisServer
 
 
 def _store(control: ControlConfig) -> ControlStore:
