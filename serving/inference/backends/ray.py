@@ -541,6 +541,7 @@ class RayBackend(Backend):
         app = self._app_name(manifest)
         key = (manifest.name, manifest.version)
         options = self._deployment_options(manifest, settings)
+        channel = self._uses_channel(options)
         if self._lease("take", deadline, app, self._holder):
             # Its last user is deleting it: deploy anew once it is gone.
             self._wait_gone(app, deadline)
@@ -559,7 +560,7 @@ class RayBackend(Backend):
                 list(executor.prefer),
                 executor.intra_op_threads,
                 _replica_tracing(self._config.tracing),
-                json.dumps(where) if self._uses_channel(options) else None,
+                json.dumps(where) if channel else None,
             )
             # Not serve.run: it waits for RUNNING with no deadline; this load has one.
             target = serve.RunTarget(bound, name=app, route_prefix=None)
@@ -586,7 +587,7 @@ class RayBackend(Backend):
             or {"num_replicas": options.get("num_replicas")},
             "resources": options["ray_actor_options"],
             "max_ongoing_requests": options["max_ongoing_requests"],
-            "transport": "channel" if self._uses_channel(options) else "serve handle",
+            "transport": "channel" if channel else "serve handle",
             **described,
         }
         return handle, info
