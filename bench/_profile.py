@@ -23,7 +23,7 @@ STEPS: Final = (
     ("  auth, rate limit, metadata", "_admit (serving/grpc/gate.py"),
     ("  decode ModelInferRequest", "decode (serving/grpc/body.py"),
     ("  encode ModelInferResponse", "encode (serving/grpc/body.py"),
-    ("HTTP fast path", "__call__ (serving/http/fastpath.py"),
+    ("HTTP infer path", "serving/http/infer_path.py"),
     ("  decode V2 body", "decode (serving/inference/codec.py"),
     ("  encode V2 answer", "encode (serving/inference/codec.py"),
     ("HTTP middleware + uvicorn", "httptools_impl.py"),

@@ -19,7 +19,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from serving.auth.access import API_KEY, AUTHORIZATION, AccessControl, RejectHook, credential
 from serving.auth.scopes import INFER, OPEN
-from serving.errors import FermionError, RateLimited
+from serving.errors import FermionError
 from serving.grpc.status import status_of, trailers_of
 from serving.inference.limits import RateLimiter, caller_key
 from serving.observability.tracing import (
@@ -106,12 +106,7 @@ class CallGate:
                 principal.name if principal is not None else None,
                 _peer_host(call.context.peer()),
             )
-            try:
-                await self._limiter.check(caller, model)
-            except RateLimited:
-                if self._on_reject is not None:
-                    self._on_reject(model, "rate_limited")
-                raise
+            await self._limiter.check(caller, model, self._on_reject)
 
     async def run(
         self,

@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from model_store.store import ModelStore
 from serving.auth import AccessControl, ApiKeys, JwtVerifier
@@ -23,14 +24,13 @@ from serving.config import ConfigError, FermionConfig
 from serving.control.store import create_store
 from serving.errors import FermionError
 from serving.http.admin import admin_mount
+from serving.http.capture import PayloadCapture
 from serving.http.drain import DrainState
-from serving.http.fastpath import InferenceFastPath
-from serving.http.middleware.access_log import AccessLogMiddleware
+from serving.http.infer_path import InferPath
+from serving.http.middleware.access_log import AccessLogMiddleware, emit_access
 from serving.http.middleware.auth import AuthMiddleware
 from serving.http.middleware.body_limit import BodySizeLimitMiddleware
-from serving.http.middleware.capture import CaptureMiddleware
 from serving.http.middleware.compression import GzipResponseMiddleware
-from serving.http.middleware.rate_limit import RateLimitMiddleware
 from serving.http.middleware.request_id import RequestIdMiddleware
 from serving.http.middleware.tracing import TracingMiddleware
 from serving.http.v2 import repository_mount, routes
@@ -46,6 +46,7 @@ from serving.observability.capture import CaptureWriter
 from serving.observability.counters import VersionCounters
 from serving.observability.host import HostSiblings, merge_prometheus
 from serving.observability.metrics import GatewayMetrics
+from serving.protocol import parse_infer_path
 from serving.traffic.canary import RolloutController
 from serving.traffic.fleet import FleetSync, Gateway
 from serving.traffic.route_file import RouteFile
@@ -54,7 +55,7 @@ from serving.traffic.route_table import RouteTable
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["Companion", "create_app"]
+__all__ = ["Companion", "GatewayApp", "create_app"]
 
 #: Something served beside the HTTP app on its event loop (the gRPC server): entered at
 #: start, once the backend has started, and left first at shutdown.
@@ -141,13 +142,12 @@ def _capture_writer(config: FermionConfig) -> CaptureWriter | None:
     )
 
 
-def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware | None:
+def _capture(config: FermionConfig, writer: CaptureWriter | None) -> PayloadCapture | None:
     c = config.capture
     if writer is None:
         return None
-    return Middleware(
-        CaptureMiddleware,
-        writer=writer,
+    return PayloadCapture(
+        writer,
         percent=c.percent,
         max_body_bytes=c.max_body_bytes,
         responses=c.responses,
@@ -155,35 +155,49 @@ def _capture(config: FermionConfig, writer: CaptureWriter | None) -> Middleware 
     )
 
 
+def _public_paths(config: FermionConfig, metrics: GatewayMetrics | None) -> frozenset[str]:
+    """Paths auth lets through (``/metrics`` when configured public)."""
+    public = metrics is not None and config.metrics.public
+    return frozenset({config.metrics.path} if public else ())
+
+
 def _middleware(
-    config: FermionConfig,
-    metrics: GatewayMetrics | None,
-    access: AccessControl | None,
-    limiter: RateLimiter | None,
-    capture: CaptureWriter | None = None,
+    config: FermionConfig, metrics: GatewayMetrics | None, access: AccessControl | None
 ) -> list[Middleware]:
-    """The request path, outermost first; a feature that is off adds nothing to it."""
+    """The request path of every route but inference (``InferPath``), outermost first; a
+    feature that is off adds nothing to it. Rate limits and capture apply to inference
+    only, so they are not here."""
     reject = metrics.reject if metrics is not None else None
-    public = {config.metrics.path} if metrics is not None and config.metrics.public else set()
     tracer = tracing.current_tracer()
     layers = [
         Middleware(RequestIdMiddleware),
-        _capture(config, capture),
         Middleware(TracingMiddleware, tracer=tracer) if tracer is not None else None,
         Middleware(AccessLogMiddleware) if config.server.access_log else None,
-        Middleware(AuthMiddleware, access=access, public_paths=frozenset(public))
+        Middleware(AuthMiddleware, access=access, public_paths=_public_paths(config, metrics))
         if access is not None
-        else None,
-        Middleware(RateLimitMiddleware, limiter=limiter, on_reject=reject)
-        if limiter is not None
         else None,
         Middleware(
             BodySizeLimitMiddleware, max_bytes=config.server.max_body_bytes, on_reject=reject
         ),
         Middleware(GzipResponseMiddleware),
-        Middleware(InferenceFastPath),
     ]
     return [layer for layer in layers if layer is not None]
+
+
+class GatewayApp(Starlette):
+    """The gateway's ASGI app: inference requests go straight to ``infer`` (an
+    ``InferPath``); every other request through Starlette's middleware and router."""
+
+    infer: InferPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.infer is not None and scope["type"] == "http" and scope["path"].endswith("/infer"):
+            parsed = parse_infer_path(scope["path"])
+            if parsed is not None:
+                scope["app"] = self
+                await self.infer(scope, receive, send, *parsed)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -196,7 +210,7 @@ def create_app(
     span_exporter: SpanExporter | None = None,
     companions: Sequence[Companion] = (),
     heap: HeapPolicy | None = None,
-) -> Starlette:
+) -> GatewayApp:
     """The gateway app: loads models in the background at start, drains them at shutdown.
 
     ``companions`` run beside it on its event loop, over the same app state (service,
@@ -339,14 +353,14 @@ def create_app(
 
     extra_routes = [_metrics_route(metrics, config.metrics.path)] if metrics is not None else []
     access = _access(config, metrics)
-    app = Starlette(
+    app = GatewayApp(
         routes=[
             *routes,
             repository_mount(loopback_only=not config.auth.enabled),
             admin_mount(loopback_only=not config.auth.enabled),
             *extra_routes,
         ],
-        middleware=_middleware(config, metrics, access, limiter, capture),
+        middleware=_middleware(config, metrics, access),
         exception_handlers={
             FermionError: _fermion_error,
             HTTPException: _http_error,
@@ -364,10 +378,20 @@ def create_app(
     app.state.gateway = gateway
     app.state.fleet = fleet
     app.state.limiter = limiter
-    app.state.service = InferenceService(
+    app.state.service = service = InferenceService(
         repository,
         RequestLimits(config.limits),
         routes=route_table,
         max_body_bytes=config.server.max_body_bytes,
+    )
+    app.infer = InferPath(
+        service,
+        max_body_bytes=config.server.max_body_bytes,
+        access=access,
+        public_paths=_public_paths(config, metrics),
+        limiter=limiter,
+        on_reject=metrics.reject if metrics is not None else None,
+        access_log=emit_access if config.server.access_log else None,
+        capture=_capture(config, capture),
     )
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -15,13 +14,11 @@ from model_store.manifest import V2_DATATYPES
 from serving.errors import ModelNotFound
 from serving.http.admin import LoopbackOnlyMiddleware
 from serving.http.responses import json_response as _json
-from serving.inference.codec import HttpInferBody
 from serving.inference.repository import ModelRepository, ServedVersion, VersionState
-from serving.inference.service import InferCall, InferenceService
 from serving.observability.host import HostSiblings, merge_stats
 from serving.protocol import SERVER_NAME, SERVER_VERSION
 
-__all__ = ["SERVER_NAME", "SERVER_VERSION", "infer", "repository_mount", "routes", "stats_document"]
+__all__ = ["SERVER_NAME", "SERVER_VERSION", "repository_mount", "routes", "stats_document"]
 
 _EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
@@ -192,21 +189,6 @@ def _served(repo: ModelRepository, name: str) -> list[ServedVersion]:
         return []
 
 
-async def infer(request: Request) -> Response:
-    """POST .../infer through Starlette's router (the fast path in fastpath.py serves it first)."""
-    service: InferenceService[Any] = request.app.state.service
-    call = InferCall(
-        model=request.path_params["model"],
-        version=request.path_params.get("version"),
-        headers=request.headers,
-        body=HttpInferBody(request.body, request.headers, service.max_body_bytes),
-        started_ns=time.perf_counter_ns(),
-        state=request.scope.setdefault("state", {}),
-    )
-    content, headers = await service.infer(call)
-    return Response(content, headers=headers)
-
-
 async def repository_index(request: Request) -> Response:
     return _json(_repo(request).index())
 
@@ -225,10 +207,8 @@ _M = "/v2/models/{model}"
 _MV = "/v2/models/{model}/versions/{version}"
 
 routes = [
-    # Inference first: the router tries routes in order. InferenceFastPath answers these
-    # paths before the router sees them; the routes serve an app mounted without it.
-    Route(_M + "/infer", infer, methods=["POST"]),
-    Route(_MV + "/infer", infer, methods=["POST"]),
+    # Inference (``{_M}/infer``, ``{_MV}/infer``) never reaches the router: the app
+    # hands it to ``serving.http.infer_path.InferPath``.
     Route("/v2", server_metadata, methods=["GET"]),
     Route("/v2/health/live", live, methods=["GET"]),
     Route("/v2/health/ready", ready, methods=["GET"]),

@@ -138,10 +138,15 @@ class RateLimiter:
         """``acquire`` for a transport: 0.0, or the seconds to wait (may ask a shared store)."""
         return self.acquire(caller, model)
 
-    async def check(self, caller: str, model: str) -> None:
-        """Take a token for (``caller``, ``model``) through ``admit``, or raise RateLimited."""
+    async def check(
+        self, caller: str, model: str, on_reject: Callable[[str, str], None] | None = None
+    ) -> None:
+        """Take a token for (``caller``, ``model``) through ``admit``, or raise RateLimited
+        (counted first through ``on_reject(model, "rate_limited")``)."""
         wait = await self.admit(caller, model)
         if wait > 0.0:
+            if on_reject is not None:
+                on_reject(model, RateLimited.reason)
             raise RateLimited(f"rate limit exceeded for {model}", retry_after_s=wait)
 
 

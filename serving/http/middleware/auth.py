@@ -9,7 +9,7 @@ from serving.auth.scopes import OPEN, required_scope
 from serving.errors import FermionError
 from serving.http.responses import send_error
 
-__all__ = ["AuthMiddleware"]
+__all__ = ["AuthMiddleware", "authorize"]
 
 _AUTHORIZATION = AUTHORIZATION.encode()
 _API_KEY = API_KEY.encode()
@@ -25,12 +25,23 @@ def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
     return credential(authorization, api_key)
 
 
+def authorize(access: AccessControl, scope: Scope) -> None:
+    """Admit the request of ``scope`` or raise its 401/403 (a FermionError).
+
+    The principal is left in ``scope["state"]["principal"]`` for logs and rate limits;
+    health probes need no credential.
+    """
+    kind, model = required_scope(scope["method"], scope["path"])
+    if kind != OPEN:
+        principal = access.check(_credential(scope["headers"]), kind, model)
+        scope.setdefault("state", {})["principal"] = principal
+
+
 class AuthMiddleware:
     """Refuse requests without valid credentials (401) or without the scope they need (403).
 
-    ``access`` decides, as it does for gRPC. Health probes pass untouched; so do
-    ``public_paths`` (e.g. ``/metrics``). The principal is left in
-    ``scope["state"]["principal"]`` for logs and rate limits.
+    ``access`` decides (``authorize``), as it does for gRPC. ``public_paths`` (e.g.
+    ``/metrics``) pass untouched.
     """
 
     def __init__(
@@ -44,14 +55,9 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in self._public:
             await self.app(scope, receive, send)
             return
-        kind, model = required_scope(scope["method"], scope["path"])
-        if kind == OPEN:
-            await self.app(scope, receive, send)
-            return
         try:
-            principal = self._access.check(_credential(scope["headers"]), kind, model)
+            authorize(self._access, scope)
         except FermionError as e:
             await send_error(send, e)
             return
-        scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)

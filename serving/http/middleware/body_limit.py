@@ -8,7 +8,23 @@ from serving.auth.scopes import infer_model
 from serving.errors import PayloadTooLarge
 from serving.http.responses import RejectHook, send_error
 
-__all__ = ["BodySizeLimitMiddleware"]
+__all__ = ["BodyRefused", "BodySizeLimitMiddleware", "declared_over"]
+
+
+def declared_over(scope: Scope, max_bytes: int) -> BodyRefused | None:
+    """The 413 of a request whose Content-Length is over ``max_bytes``, else None."""
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = -1
+            if declared > max_bytes:
+                return BodyRefused(
+                    f"request body of {declared} bytes is over the limit of {max_bytes} bytes"
+                )
+            return None
+    return None
 
 
 class BodySizeLimitMiddleware:
@@ -33,19 +49,13 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for key, value in scope["headers"]:
-            if key == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = -1
-                if declared > self.max_bytes:
-                    if self._on_reject is not None:
-                        model = infer_model(scope["method"], scope["path"]) or ""
-                        self._on_reject(model, "too_large")
-                    await self._reject(send, declared)
-                    return
-                break
+        refused = declared_over(scope, self.max_bytes)
+        if refused is not None:
+            if self._on_reject is not None:
+                model = infer_model(scope["method"], scope["path"]) or ""
+                self._on_reject(model, "too_large")
+            await send_error(send, refused)
+            return
         limit = self.max_bytes
         seen = 0
 
@@ -60,16 +70,8 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, send: Send, declared: int) -> None:
-        await send_error(
-            send,
-            _BodyRefused(
-                f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
-            ),
-        )
 
-
-class _BodyRefused(PayloadTooLarge):
+class BodyRefused(PayloadTooLarge):
     """413 before the body was read: the connection closes, the body is never drained."""
 
     def headers(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ import gzip
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["GzipResponseMiddleware", "accepts_gzip"]
+__all__ = ["GzipResponseMiddleware", "accepts_gzip", "gzip_answer", "wants_gzip"]
 
 #: Bodies at least this large are compressed off the event loop.
 _THREAD_SIZE = 256 * 1024
@@ -32,6 +32,31 @@ def accepts_gzip(value: bytes) -> bool:
     return False
 
 
+def wants_gzip(scope: Scope) -> bool:
+    """Whether the request of ``scope`` accepts a gzip answer."""
+    return any(k == b"accept-encoding" and accepts_gzip(v) for k, v in scope["headers"])
+
+
+async def gzip_answer(
+    headers: list[tuple[bytes, bytes]], body: bytes, *, minimum_size: int = 1024, level: int = 5
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A whole answer's headers and body, gzipped when it is at least ``minimum_size``
+    bytes and not encoded yet (a large one in a worker thread), else as they are."""
+    if len(body) < minimum_size or any(k.lower() == b"content-encoding" for k, _ in headers):
+        return headers, body
+    if len(body) >= _THREAD_SIZE:
+        body = await asyncio.to_thread(gzip.compress, body, level, mtime=0)
+    else:
+        body = gzip.compress(body, level, mtime=0)
+    headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+    headers += [
+        (b"content-encoding", b"gzip"),
+        (b"content-length", str(len(body)).encode()),
+        (b"vary", b"Accept-Encoding"),
+    ]
+    return headers, body
+
+
 class GzipResponseMiddleware:
     """gzip whole responses of at least ``minimum_size`` bytes for clients that accept it."""
 
@@ -41,9 +66,7 @@ class GzipResponseMiddleware:
         self._level = level
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not any(
-            k == b"accept-encoding" and accepts_gzip(v) for k, v in scope["headers"]
-        ):
+        if scope["type"] != "http" or not wants_gzip(scope):
             await self.app(scope, receive, send)
             return
         start: Message | None = None
@@ -57,23 +80,16 @@ class GzipResponseMiddleware:
                 await send(message)
                 return
             first, start = start, None
-            body: bytes = message.get("body", b"")
-            headers = list(first.get("headers", []))
-            encoded = any(k.lower() == b"content-encoding" for k, _ in headers)
-            if message.get("more_body", False) or encoded or len(body) < self._minimum:
+            if message.get("more_body", False):
                 await send(first)
                 await send(message)
                 return
-            if len(body) >= _THREAD_SIZE:
-                body = await asyncio.to_thread(gzip.compress, body, self._level, mtime=0)
-            else:
-                body = gzip.compress(body, self._level, mtime=0)
-            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-            headers += [
-                (b"content-encoding", b"gzip"),
-                (b"content-length", str(len(body)).encode()),
-                (b"vary", b"Accept-Encoding"),
-            ]
+            headers, body = await gzip_answer(
+                list(first.get("headers", [])),
+                message.get("body", b""),
+                minimum_size=self._minimum,
+                level=self._level,
+            )
             await send({**first, "headers": headers})
             await send({**message, "body": body})
 

@@ -10,9 +10,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.observability.counters import REQUEST_STARTED_NS
 
-__all__ = ["RequestIdMiddleware", "request_id_of"]
+__all__ = ["REQUEST_ID", "RequestIdMiddleware", "request_id_of", "start_request"]
 
-_REQUEST_ID = b"x-request-id"
+#: The header that carries a request's id, both ways.
+REQUEST_ID = b"x-request-id"
 # Unique per process start (random prefix) and per request (counter): cheaper than uuid4.
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
@@ -25,10 +26,19 @@ def _new_request_id() -> bytes:
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The client's ``x-request-id`` (at most 128 ASCII characters), or a new one."""
     for key, value in headers:
-        if key == _REQUEST_ID:
+        if key == REQUEST_ID:
             value = value[:128]
             return value if value and value.isascii() else _new_request_id()
     return _new_request_id()
+
+
+def start_request(scope: Scope) -> bytes:
+    """Note when the request arrived (``REQUEST_STARTED_NS``) and its id
+    (``scope["state"]["request_id"]``); the id, for the response's header."""
+    REQUEST_STARTED_NS.set(time.perf_counter_ns())
+    request_id = request_id_of(scope["headers"])
+    scope.setdefault("state", {})["request_id"] = request_id.decode()
+    return request_id
 
 
 class RequestIdMiddleware:
@@ -45,13 +55,11 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        REQUEST_STARTED_NS.set(time.perf_counter_ns())
-        request_id = request_id_of(scope["headers"])
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        request_id = start_request(scope)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (_REQUEST_ID, request_id)]
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

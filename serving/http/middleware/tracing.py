@@ -11,9 +11,11 @@ server error (>= 500) the span status ERROR. Only an exception that escapes the 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from contextvars import Token
+from typing import Any, NamedTuple
 
-from opentelemetry.trace import Status, StatusCode, Tracer
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,7 +28,13 @@ from serving.observability.tracing import (
     start_server_span,
 )
 
-__all__ = ["TracingMiddleware", "route_template"]
+__all__ = [
+    "RequestSpan",
+    "TracingMiddleware",
+    "end_request_span",
+    "route_template",
+    "start_request_span",
+]
 
 _CARRIER_HEADERS = (b"traceparent", b"tracestate")
 _USER_AGENT = b"user-agent"
@@ -69,13 +77,77 @@ def _attributes(scope: Scope, method: str, path: str) -> dict[str, Any]:
     return attributes
 
 
-class TracingMiddleware:
-    """One server span per HTTP request, continuing an incoming W3C ``traceparent``.
+class RequestSpan(NamedTuple):
+    """A request's server span, current until ``end_request_span``."""
+
+    span: Span
+    token: Token[Context]
+
+
+def start_request_span(
+    tracer: Tracer, scope: Scope, *, route: str | None = None
+) -> RequestSpan | None:
+    """The server span of an HTTP request, made current; None for one sampled out.
+
+    ``route``: the template of the route serving it, when the caller knows it; else it
+    is looked up in the app's router.
 
     The trace id is left in ``scope["state"]["trace_id"]`` for the access log. A request
     that starts a trace is sampled before anything else: one sampled out gets its trace
     id and no span (at a 1% ratio, 99 requests in 100 pay for a random number only).
     """
+    carrier: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key in _CARRIER_HEADERS:
+            carrier[key.decode()] = value.decode("latin-1")
+    parent = PROPAGATOR.extract(carrier) if carrier else None
+    state = scope.setdefault("state", {})
+    root = 0
+    if parent is None:
+        root, recorded = new_root()
+        if not recorded:
+            state["trace_id"] = format(root, "032x")
+            return None
+    method, path = scope["method"], scope["path"]
+    if route is None:
+        app = scope.get("app")
+        route = route_template(app.router.routes, scope) if app is not None else None
+    attributes = _attributes(scope, method, path)
+    if route is not None:
+        attributes["http.route"] = route
+    span = start_server_span(
+        tracer,
+        f"{method} {route}" if route is not None else method,
+        parent=parent,
+        root=root,
+        attributes=attributes,
+    )
+    ctx = span.get_span_context()
+    if ctx.is_valid:
+        state["trace_id"] = format(ctx.trace_id, "032x")
+    if "request_id" in state:
+        span.set_attribute("fermion.request_id", state["request_id"])
+    return RequestSpan(span, make_current(span, parent))
+
+
+def end_request_span(traced: RequestSpan, status: int, escaped: BaseException | None) -> None:
+    """End the request's span with its response ``status`` (500 when none was sent) and
+    the exception that escaped the app, if one did (recorded with its trace)."""
+    span = traced.span
+    if escaped is not None:
+        span.record_exception(escaped)
+    span.set_attribute("http.response.status_code", status)
+    if escaped is not None or status >= 400:
+        span.set_attribute("error.type", type(escaped).__qualname__ if escaped else str(status))
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))
+    detach(traced.token)
+    span.end()
+
+
+class TracingMiddleware:
+    """One server span per HTTP request (``start_request_span``), continuing an incoming
+    W3C ``traceparent``."""
 
     def __init__(self, app: ASGIApp, *, tracer: Tracer) -> None:
         self.app = app
@@ -85,52 +157,16 @@ class TracingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        carrier: dict[str, str] = {}
-        for key, value in scope["headers"]:
-            if key in _CARRIER_HEADERS:
-                carrier[key.decode()] = value.decode("latin-1")
-        parent = PROPAGATOR.extract(carrier) if carrier else None
-        state = scope.setdefault("state", {})
-        root = 0
-        if parent is None:
-            root, recorded = new_root()
-            if not recorded:
-                state["trace_id"] = format(root, "032x")
-                await self.app(scope, receive, send)
-                return
-        method, path = scope["method"], scope["path"]
-        app = scope.get("app")
-        route = route_template(app.router.routes, scope) if app is not None else None
-        attributes = _attributes(scope, method, path)
-        if route is not None:
-            attributes["http.route"] = route
-        span = start_server_span(
-            self._tracer,
-            f"{method} {route}" if route is not None else method,
-            parent=parent,
-            root=root,
-            attributes=attributes,
-        )
-        ctx = span.get_span_context()
-        if ctx.is_valid:
-            state["trace_id"] = format(ctx.trace_id, "032x")
-        if "request_id" in state:
-            span.set_attribute("fermion.request_id", state["request_id"])
-        token = make_current(span, parent)
+        traced = start_request_span(self._tracer, scope)
+        if traced is None:
+            await self.app(scope, receive, send)
+            return
         response = ResponseStatus(send)
-        escaped: str | None = None
+        escaped: BaseException | None = None
         try:
             await self.app(scope, receive, response)
         except BaseException as e:
-            span.record_exception(e)
-            escaped = type(e).__qualname__
+            escaped = e
             raise
         finally:
-            status = response.status
-            span.set_attribute("http.response.status_code", status)
-            if escaped is not None or status >= 400:
-                span.set_attribute("error.type", escaped or str(status))
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            detach(token)
-            span.end()
+            end_request_span(traced, response.status, escaped)
