@@ -543,6 +543,18 @@ def test_a_batch_whose_replica_is_killed_while_computing_it_is_retried_and_answe
 
 
 SHARED_NAMESPACE = "fermion-share"
+#: A fixed replica count, whose batches take channels where the gateway's ``channel`` says.
+SHARED_CONFIG = """
+backend: ray
+ray:
+  address: "{address}"
+  namespace: {namespace}
+  request_timeout_s: {timeout}
+  load_timeout_s: 60
+  channel: {channel}
+  deployment:
+    num_cpus: 0.25
+"""
 
 
 # Importing ray.serve here (the gateways import it in their own processes) warns of
@@ -551,18 +563,28 @@ SHARED_NAMESPACE = "fermion-share"
 def test_a_stopping_gateway_leaves_a_shared_deployment_to_the_others(
     ray_cluster: str, ray_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """Two gateways of one namespace share an application; only the last one out deletes it."""
+    """Two gateways of one namespace share an application; only the last one out deletes it.
+
+    The first deploys it without channels; the second, configured for channels, uses it
+    as it is and says so: its batches go by Serve's handle.
+    """
     from ray import serve
 
     store = ModelStore(tmp_path_factory.mktemp("shared-store"))
     store.push(ray_store.version_dir("digits", 1))
     app = f"{SHARED_NAMESPACE}.digits.1"
-    config = CONFIG.format(
-        address=ray_cluster, namespace=SHARED_NAMESPACE, timeout=REQUEST_TIMEOUT_S
-    )
-    first = start_server(store.root, tmp_path_factory.mktemp("gw1"), config, timeout_s=120)
+    configs = [
+        SHARED_CONFIG.format(
+            address=ray_cluster,
+            namespace=SHARED_NAMESPACE,
+            timeout=REQUEST_TIMEOUT_S,
+            channel=channel,
+        )
+        for channel in ("false", "true")
+    ]
+    first = start_server(store.root, tmp_path_factory.mktemp("gw1"), configs[0], timeout_s=120)
     try:
-        second = start_server(store.root, tmp_path_factory.mktemp("gw2"), config, timeout_s=120)
+        second = start_server(store.root, tmp_path_factory.mktemp("gw2"), configs[1], timeout_s=120)
     except BaseException:
         stop_server(first)
         raise
@@ -574,6 +596,7 @@ def test_a_stopping_gateway_leaves_a_shared_deployment_to_the_others(
         ]
         assert [d["application"] for d in described] == [app, app]
         assert [d["shared"] for d in described] == [False, True]
+        assert [d["transport"] for d in described] == ["serve handle", "serve handle"]
         expected = _logits(httpx.post(f"{second.url}/v2/models/digits/infer", json=body))
         stop_server(first)  # e.g. a rolling update replaces this gateway
         assert app in serve.status().applications

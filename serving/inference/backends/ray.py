@@ -114,6 +114,8 @@ class ReplicaDeployment:
         self._lock = threading.Lock()
         self._channel: ChannelServer | None = None
         self._offer: tuple[Any, str, str] | None = None
+        #: Whether the gateway that deployed it sends batches over channels.
+        self._channels = channel_json is not None
         if channel_json is not None:
             self._open_channel(json.loads(channel_json))
 
@@ -166,8 +168,9 @@ class ReplicaDeployment:
                 return self._replica.run(inputs)
 
     def describe(self) -> dict[str, Any]:
-        """The artifact this replica chose, and its load and warm-up times."""
-        return self._replica.describe()
+        """The artifact this replica chose, its load and warm-up times, and ``channel``:
+        whether it was deployed to offer a channel."""
+        return {**self._replica.describe(), "channel": self._channels}
 
 
 def _replica_tracing(config: TracingConfig) -> str | None:
@@ -578,6 +581,11 @@ class RayBackend(Backend):
                 raise
         timeout = max(1.0, deadline - time.monotonic())
         described: dict[str, Any] = handle.describe.remote().result(timeout_s=timeout)
+        # Deployed by another gateway: its replicas offer channels only if it chose them
+        # (a replica of a Fermion before channels says nothing: none).
+        deployed_with_channel = bool(described.pop("channel", False))
+        if shared:
+            channel = channel and deployed_with_channel
         info: dict[str, Any] = {
             "backend": "ray",
             "application": app,
