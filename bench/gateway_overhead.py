@@ -11,7 +11,7 @@ through the SDK's OTLP/HTTP exporter to a loopback sink, 64 at a time as the gat
 batch processor sends them, and the exporter thread's CPU per sampled request is
 printed too (off the request path, but holding the GIL).
 
-    python -m bench.gateway_overhead --store model_store [--requests 20000]
+    python -m bench.gateway_overhead --store model_store [--requests 20000] [--only NAME]
 """
 
 from __future__ import annotations
@@ -191,6 +191,10 @@ def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
     return used / (batches * len(batch)) * 1e6
 
 
+#: The configuration every other is compared with (always measured).
+_ALL_OFF = "metrics off (all off)"
+
+
 def _configs(keys_file: Path, store: ModelStore) -> dict[str, _Case]:
     from serving.auth import create_key
 
@@ -216,7 +220,7 @@ def _configs(keys_file: Path, store: ModelStore) -> dict[str, _Case]:
         }
     sampled = {"exporter": "console", "sample_ratio": 1.0}  # (the exporter is replaced)
     return {
-        "metrics off (all off)": _Case({"metrics": {"enabled": False}}, {}),
+        _ALL_OFF: _Case({"metrics": {"enabled": False}}, {}),
         "default (metrics on)": _Case({}, {}),
         "+ API key auth": _Case({"auth": auth}, {"x-api-key": key}),
         "+ auth + rate limit": _Case({"auth": auth, "limits": rate}, {"x-api-key": key}),
@@ -236,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=Path("model_store"))
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="measure only the configurations whose name starts with NAME (repeatable)",
+    )
+    parser.add_argument(
         "--defaults-only",
         action="store_true",
         help="measure FermionConfig() alone (runs on older trees too, for a baseline)",
@@ -248,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"defaults: {statistics.median(rounds):.1f} µs/request")
             return 0
         configs = _configs(Path(tmp) / "keys.json", store)
+        if args.only:
+            configs = {
+                name: case
+                for name, case in configs.items()
+                if name == _ALL_OFF or any(name.startswith(o) for o in args.only)
+            }
         results: dict[str, list[float]] = {name: [] for name in configs}
         traced: tuple[ReadableSpan, ...] = ()
         for _ in range(3):  # interleave the configurations
@@ -256,11 +272,13 @@ def main(argv: list[str] | None = None) -> int:
                 rounds, spans = asyncio.run(_measure(config, store, case, args.requests // 3))
                 results[name] += rounds
                 traced = spans or traced
-    base = statistics.median(results["metrics off (all off)"])
+    base = statistics.median(results[_ALL_OFF])
     print(f"{'configuration':40} {'µs/request':>11} {'vs all off':>11}")
     for name, rounds in results.items():
         median = statistics.median(rounds)
         print(f"{name:40} {median:11.1f} {median - base:+10.1f}")
+    if not traced:  # no configuration sampled by tracing was measured
+        return 0
     spans_per_request = len(traced) / (args.requests // 3 // 5)  # one round's requests
     per_span = _export_cpu_us(traced)
     print(

@@ -304,18 +304,17 @@ def _passes(
 ) -> list[list[Cell]]:
     """Every pass: each concurrency, each server and body once.
 
-    Every other pass takes the servers and bodies in reverse order, so that over an
-    even number of passes each cell holds each place in a pass equally often: the
-    place moves the figures (two runs of 2026-12-04, four c=64 cells a pass, five
-    passes each: the first and last cells beat the middle two by 5-13% of req/s,
-    whichever server came first).
+    Pass n starts n places further along the order of servers and bodies, so that
+    over as many passes as there are cells per concurrency each cell holds each place
+    in a pass once: the place moves the figures (two runs of 2026-12-04, four c=64
+    cells a pass, five passes each: the first and last cells beat the middle two by
+    5-13% of req/s, whichever server came first).
     """
     passes = []
     for n in range(args.passes):
         cells = []
         order = [(server, body) for server in servers for body in server.bodies]
-        if n % 2:
-            order.reverse()
+        order = order[n % len(order) :] + order[: n % len(order)]
         for conc in args.concurrency:
             for server, body in order:
                 background = wait_quiet(args.wait_quiet, OTHER_CPU_MAX)
