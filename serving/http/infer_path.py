@@ -4,9 +4,9 @@ Everything a gateway does to an inference request happens here as plain calls, i
 order the middleware chain applies to every other route: request id, payload capture,
 tracing, access log, auth, rate limit, body limit, the inference itself
 (``InferenceService``), gzip. The answer is built as a value and sent once at the end,
-so no layer wraps ``send`` or ``receive`` and no layer awaits the next: a chain of
-ASGI middleware cost as much per request as the features it ran. Every other request
-goes to the Starlette app and its middleware (``serving.http.app``).
+so no layer wraps ``send`` or ``receive`` and no layer awaits the next (a chain adds a
+coroutine per layer and a wrapped ``send`` for most). Every other request goes to the
+Starlette app and its middleware (``serving.http.app``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,14 @@ class _Load:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._client(i)) for i in range(self._clients)]
 
+    async def until(self, what: str, enough: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Wait until ``enough()`` holds (a count of answers, not a time: a slow host
+        answers fewer in a second)."""
+        deadline = time.monotonic() + timeout_s
+        while not enough():
+            assert time.monotonic() < deadline, f"never {what} within {timeout_s}s"
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         self._stop.set()
         await self.finished()
@@ -131,10 +139,19 @@ async def test_edge_answers_as_the_cloud_and_falls_back_locally_while_it_is_down
 
             load = _Load(edge.url, clients=8)
             load.start()
-            await asyncio.sleep(1.0)
+            # Three answers a client from the cloud first, so that the requests in flight
+            # when it dies (answered locally) are a minority of those sent before.
+            await load.until(
+                "24 answers from the cloud",
+                lambda: sum(where == "remote" for _, _, where, _ in load.answers) >= 24,
+            )
             cloud.process.kill()  # under load, without warning
             killed = time.monotonic()
             await asyncio.sleep(1.5)
+            await load.until(
+                "8 answers to requests sent after the cloud died",
+                lambda: sum(sent > killed + 0.2 for sent, _, _, _ in load.answers) >= 8,
+            )
             await load.stop()
             statuses = [status for _, status, _, _ in load.answers]
             assert statuses.count(200) == len(statuses), "a request failed while the cloud died"
