@@ -70,14 +70,6 @@ class PayloadCapture:
             return None
         return CapturedExchange(self)
 
-    def _submit(
-        self, exchange: CapturedExchange, scope: Scope, status: int, headers: RawHeaders
-    ) -> None:
-        try:
-            self._writer.submit(self._record(exchange, scope, status, headers))
-        except Exception:  # a lost record, never a failed request
-            log.debug("capture: record not built", exc_info=True)
-
     def _record(
         self, exchange: CapturedExchange, scope: Scope, status: int, headers: RawHeaders
     ) -> dict[str, Any]:
@@ -128,9 +120,11 @@ class CapturedExchange:
     def finish(self, scope: Scope, sent: Answer | None) -> None:
         """Hand the record to the writer, with the answer ``sent`` (None: none was, and
         the record's status is 0). Never raises."""
-        if sent is None:
-            self._capture._submit(self, scope, 0, ())
-            return
-        if self._capture._responses:
-            self.answer.add(sent.body)
-        self._capture._submit(self, scope, sent.status, sent.headers)
+        capture = self._capture
+        try:
+            if sent is not None and capture._responses:
+                self.answer.add(sent.body)
+            status, headers = (sent.status, sent.headers) if sent is not None else (0, [])
+            capture._writer.submit(capture._record(self, scope, status, headers))
+        except Exception:  # a lost record, never a failed request
+            log.debug("capture: record not built", exc_info=True)
