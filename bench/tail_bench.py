@@ -308,7 +308,7 @@ def _passes(
     over as many passes as there are cells per concurrency each cell holds each place
     in a pass once: the place moves the figures (two runs of 2026-12-04, four c=64
     cells a pass, five passes each: the first and last cells beat the middle two by
-    5-13% of req/s, whichever server came first).
+    4-13% of req/s, whichever server came first).
     """
     passes = []
     for n in range(args.passes):
