@@ -22,12 +22,12 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from serving.auth import AccessControl
-from serving.errors import FermionError, PayloadTooLarge
+from serving.errors import FermionError
 from serving.http.capture import PayloadCapture
 from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED
 from serving.http.middleware.access_log import access_record
 from serving.http.middleware.auth import authorize
-from serving.http.middleware.body_limit import declared_over
+from serving.http.middleware.body_limit import declared_over, read_past
 from serving.http.middleware.compression import gzip_answer, wants_gzip
 from serving.http.middleware.request_id import REQUEST_ID, start_request
 from serving.http.middleware.tracing import end_request_span, start_request_span
@@ -87,14 +87,14 @@ class InferPath:
         """Answer the request of ``scope`` for ``model`` (``version``: the one its path
         names); a method other than POST is admitted, then answered 405."""
         request_id = start_request(scope)
+        post = scope["method"] == "POST"  # another method is answered 405
         capture = self._capture
-        exchange = capture.start() if capture is not None and scope["method"] == "POST" else None
+        exchange = capture.start() if capture is not None and post else None
         if exchange is not None:
             receive = exchange.receive(receive)
         traced = None
         if self._tracer is not None:
-            post = scope["method"] == "POST"  # another method matches no route
-            route = INFER_ROUTES[version is not None] if post else None
+            route = INFER_ROUTES[version is not None] if post else None  # 405: no route
             traced = start_request_span(self._tracer, scope, route=route)
         started = time.perf_counter_ns()
         answer: Answer | None = None
@@ -210,7 +210,11 @@ def _gone(error: asyncio.CancelledError) -> bool:
 
 
 def _body_reader(receive: Receive, limit: int) -> Callable[[], Awaitable[bytes]]:
-    """Reads the whole request body from ``receive`` when called (413 past ``limit``)."""
+    """Reads the whole request body from ``receive`` when called (413 past ``limit``).
+
+    It counts the bytes itself rather than through the body-limit middleware's wrapped
+    ``receive``: a coroutine less per message on the inference path.
+    """
 
     async def read() -> bytes:
         chunks: list[bytes] = []
@@ -222,7 +226,7 @@ def _body_reader(receive: Receive, limit: int) -> Callable[[], Awaitable[bytes]]
             chunk = message.get("body", b"")
             seen += len(chunk)
             if seen > limit:
-                raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+                raise read_past(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

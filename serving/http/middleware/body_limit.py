@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.auth.scopes import infer_model
 from serving.errors import PayloadTooLarge
 from serving.http.responses import RejectHook, send_error
 
-__all__ = ["BodyRefused", "BodySizeLimitMiddleware", "declared_over"]
+__all__ = ["BodyRefused", "BodySizeLimitMiddleware", "declared_over", "read_past"]
 
 
 def declared_over(scope: Scope, max_bytes: int) -> BodyRefused | None:
@@ -27,11 +26,33 @@ def declared_over(scope: Scope, max_bytes: int) -> BodyRefused | None:
     return None
 
 
+def read_past(limit: int) -> PayloadTooLarge:
+    """The 413 of a body found larger than ``limit`` bytes while it is read."""
+    return PayloadTooLarge(f"request body over the limit of {limit} bytes")
+
+
+def _limited_receive(receive: Receive, limit: int) -> Receive:
+    """``receive``, raising ``read_past(limit)`` once the body read passes ``limit`` bytes."""
+    seen = 0
+
+    async def limited() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise read_past(limit)
+        return message
+
+    return limited
+
+
 class BodySizeLimitMiddleware:
     """Refuse bodies over ``max_bytes`` with 413, before reading them whole.
 
-    A body refused from its Content-Length is counted through ``on_reject(model,
-    "too_large")`` (model ``""`` off the inference routes); one found too large while
+    A body refused from its Content-Length is counted through ``on_reject("",
+    "too_large")`` (no model: inference never reaches this chain, ``InferPath`` counts
+    its own by model); one found too large while
     read fails inside the route, which counts it like any other refusal.
     """
 
@@ -52,23 +73,10 @@ class BodySizeLimitMiddleware:
         refused = declared_over(scope, self.max_bytes)
         if refused is not None:
             if self._on_reject is not None:
-                model = infer_model(scope["method"], scope["path"]) or ""
-                self._on_reject(model, "too_large")
+                self._on_reject("", "too_large")
             await send_error(send, refused)
             return
-        limit = self.max_bytes
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, _limited_receive(receive, self.max_bytes), send)
 
 
 class BodyRefused(PayloadTooLarge):

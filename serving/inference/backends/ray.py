@@ -115,7 +115,7 @@ class ReplicaDeployment:
         self._channel: ChannelServer | None = None
         self._offer: tuple[Any, str, str] | None = None
         #: Whether the gateway that deployed it sends batches over channels.
-        self._channels = channel_json is not None
+        self._deployed_with_channel = channel_json is not None
         if channel_json is not None:
             self._open_channel(json.loads(channel_json))
 
@@ -170,7 +170,7 @@ class ReplicaDeployment:
     def describe(self) -> dict[str, Any]:
         """The artifact this replica chose, its load and warm-up times, and ``channel``:
         whether it was deployed to offer a channel."""
-        return {**self._replica.describe(), "channel": self._channels}
+        return {**self._replica.describe(), "channel": self._deployed_with_channel}
 
 
 def _replica_tracing(config: TracingConfig) -> str | None:
