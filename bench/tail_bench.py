@@ -5,7 +5,8 @@ measured configuration, and with ``--base`` a second Fermion from another checko
 (the code before a change), then drives every cell with wrk (one thread) in passes:
 each pass measures every server, body and concurrency once, interleaved, so that a
 slow minute of a shared machine falls on all of them. With ``--ray`` the same passes
-then run Fermion on backend ray beside Fermion local. Figures are medians over the
+then run Fermion on backend ray beside Fermion local (with ``--ray-autoscaling``,
+as an autoscaling deployment held at one replica). Figures are medians over the
 passes; every ratio is taken within a pass, then its median printed against the
 issue's targets. ``--check`` exits 1 when a target is missed (a regression guard
 for a person to run, not a test).
@@ -24,7 +25,7 @@ under ``bench/_probe.py`` (cycle collections, event-loop lag, per-request server
 time), and DIR gets the records and ``timeline.svg``.
 
     .venv/bin/python -m bench.tail_bench --store model_store [--passes 3] [--duration 15]
-        [--base ../main/.venv/bin/fermion] [--ray] [--probe DIR] [--check]
+        [--base ../main/.venv/bin/fermion] [--ray [--ray-autoscaling]] [--probe DIR] [--check]
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
     parser.add_argument("--ray", action="store_true", help="then Fermion on backend ray")
+    parser.add_argument(
+        "--ray-autoscaling",
+        action="store_true",
+        help="the ray phase's deployments autoscale (1 to 2 replicas, held at 1 for the run "
+        "by a 600 s upscale delay): what a hop costs an autoscaling deployment",
+    )
     parser.add_argument("--probe", type=Path, help="probed c=64 JSON cells; records in DIR")
     parser.add_argument(
         "--wait-quiet",
@@ -168,10 +175,15 @@ def _config(
     backend: str,
     work: Path,
     traces: str,
+    *,
+    autoscaling: bool = False,
 ) -> tuple[str, dict[str, str]]:
     """The YAML of a Fermion server and the headers its requests carry."""
     lines = [f"backend: {backend}"]
-    if backend == "ray":
+    if backend == "ray" and autoscaling:
+        scaling = "{min_replicas: 1, max_replicas: 2, upscale_delay_s: 600}"
+        lines += [f"ray: {{deployment: {{num_cpus: 1, autoscaling: {scaling}}}}}"]
+    elif backend == "ray":
         lines += ["ray: {deployment: {num_cpus: 1}}"]
     headers: dict[str, str] = {}
     if "auth" in features:
@@ -562,7 +574,15 @@ def main(argv: list[str] | None = None) -> int:
                 _prepare(server, model, payloads, expected)
             passes = _passes(servers, model, payloads, files, args, wrk)
             if args.ray:
-                ray_config = _config(args.features, model.name, versions, "ray", work, traces)
+                ray_config = _config(
+                    args.features,
+                    model.name,
+                    versions,
+                    "ray",
+                    work,
+                    traces,
+                    autoscaling=args.ray_autoscaling,
+                )
                 pairs = [s for s in servers if s.process.name in dict(clis)]
                 rays = [
                     _Server(

@@ -53,7 +53,7 @@ ray:
     num_cpus: 0.25
 models:
   digits:
-    ray:
+    ray: &autoscaling
       num_cpus: 0.25
       autoscaling:
         min_replicas: 1
@@ -63,6 +63,8 @@ models:
         downscale_delay_s: 2
         metrics_interval_s: 0.25
         look_back_period_s: 1
+  spin:
+    ray: *autoscaling
 """
 
 #: Added to the module gateway's config: its spans, and its replicas', go to the collector.
@@ -111,14 +113,16 @@ def ray_cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def ray_store(demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    """Both demo versions of ``digits``, and, not served at start: ``other`` (a copy of
-    version 1) and ``slow`` (the A/B models' version 4, which spins as long as asked)."""
+    """Both demo versions of ``digits``, ``spin`` (the A/B models' version 4, which spins
+    as long as asked; it autoscales), and, not served at start: ``other`` (a copy of
+    digits version 1) and ``slow`` (a copy of ``spin``)."""
     store = ModelStore(tmp_path_factory.mktemp("ray-store"))
     for version in demo_store.versions("digits"):
         store.push(demo_store.version_dir("digits", version))
     store.push(demo_store.version_dir("digits", 1), name="other")
     ab_store = build_ab_store(tmp_path_factory.getbasetemp() / "ab-store")
     store.push(ab_store.version_dir(AB_MODEL, 4), name="slow")
+    store.push(ab_store.version_dir(AB_MODEL, 4), name="spin")
     return store
 
 
@@ -268,6 +272,8 @@ class _Load:
     #: The responses that were not 200.
     refused: list[httpx.Response] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Each client waits this long after each answer.
+    pause_s: float = 0.0
 
     async def _client(self, http: httpx.AsyncClient) -> None:
         while not self.stop.is_set():
@@ -280,6 +286,8 @@ class _Load:
             self.results.append((response.status_code, time.monotonic() - started))
             if response.status_code != 200:
                 self.refused.append(response)
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
 
     async def run(self, during: Any) -> Any:
         """Run the clients while the coroutine ``during`` runs; return what it returned."""
@@ -400,23 +408,64 @@ def test_the_replica_span_is_a_child_of_its_batch_execute_span(
     assert (parent.name, parent.pid) == ("fermion.execute", ray_server.process.pid)
 
 
-def test_autoscaling_up_under_load_and_back_down(
-    ray_server: RunningServer, ray_store: ModelStore
+def _spin_body(iterations: int) -> dict[str, Any]:
+    """A body for ``spin``: one row that spins ``iterations`` times (about 5 µs each)."""
+    x = np.ones((1, 4), np.float32)
+    x[:, 3] = iterations / 1000
+    return {
+        "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+
+
+def test_autoscaling_on_channels_scales_up_under_load_and_down_under_light_load_unretried(
+    ray_server: RunningServer,
 ) -> None:
-    assert len(_replicas("digits", 2)) == 1
-    load = _Load(
-        f"{ray_server.url}/v2/models/digits/versions/2/infer", _body(_samples(ray_store)[:1]), 32
-    )
+    url = f"{ray_server.url}/v2/models/spin"
+    artifact = httpx.get(f"{url}/config").json()["artifact"]
+    # Every batch takes a channel (4 in flight at most, under the replica's limit of 5):
+    # Serve's handles count none, and the replica reports them to Fermion's policy.
+    assert artifact["transport"] == "channel"
+    assert artifact["replicas"]["policy"] == "fermion channel-aware"
+    assert len(_replicas("spin", 1)) == 1
+    log_before = len(ray_server.log())
+    # 8 clients of batches that spin about 10 ms: the replica always has one computing
+    # and more waiting, well over the target of 1.
+    heavy = _Load(f"{url}/infer", _spin_body(2000), 8)
 
     async def scaled_up() -> None:
         await asyncio.to_thread(
-            _wait_for, lambda: len(_replicas("digits", 2)) == 2, 40, "scaled up to 2 replicas"
+            _wait_for, lambda: len(_replicas("spin", 1)) == 2, 40, "scaled up to 2 replicas"
         )
+        # The new replica's channel opens too (offers are read every second).
+        await asyncio.to_thread(
+            _wait_for,
+            lambda: f"of {NAMESPACE}.spin.1 at " in ray_server.log()[log_before:],
+            20,
+            "a channel opened to the new replica",
+        )
+        await asyncio.sleep(1.0)
 
-    asyncio.run(load.run(scaled_up()))
-    assert load.errors == []
-    assert set(load.statuses()) == {200}, load.statuses()
-    _wait_for(lambda: len(_replicas("digits", 2)) == 1, 40, "scaled back down to 1 replica")
+    asyncio.run(heavy.run(scaled_up()))
+    assert heavy.errors == []
+    assert set(heavy.statuses()) == {200}, heavy.statuses()
+    # One client keeps sending batches of about 20 ms, each after a pause as long, while
+    # a replica stops (about half a batch in progress, half the target): the stopping
+    # replica answers the batch it is computing before it goes, and one that comes after
+    # is sent back to go to the other replica, neither spending the batch's retry.
+    light = _Load(f"{url}/infer", _spin_body(4000), 1, pause_s=0.02)
+
+    async def scaled_down() -> None:
+        await asyncio.to_thread(
+            _wait_for, lambda: len(_replicas("spin", 1)) == 1, 40, "scaled back down to 1"
+        )
+        await asyncio.sleep(1.0)
+
+    asyncio.run(light.run(scaled_down()))
+    assert light.errors == []
+    assert set(light.statuses()) == {200}, light.statuses()
+    assert len(light.results) > 10
+    log = ray_server.log()[log_before:]
+    assert "retrying the batch" not in log, log
 
 
 def test_load_and_unload_while_another_model_serves(
@@ -430,12 +479,11 @@ def test_load_and_unload_while_another_model_serves(
             assert (await http.post("/v2/repository/models/other/load")).status_code == 200
             index = (await http.post("/v2/repository/index")).json()
             assert {"name": "other", "version": "1", "state": "READY"} in index
-            # A fixed replica count: its batches take Fermion's channel, and digits'
-            # (autoscaling) Serve's handle, so the equality below holds across the two.
+            # A fixed replica count and an autoscaling one: both take Fermion's channel.
             config = (await http.get("/v2/models/other/config")).json()["artifact"]
             assert config["transport"] == "channel"
             digits = (await http.get("/v2/models/digits/versions/1/config")).json()["artifact"]
-            assert digits["transport"] == "serve handle"
+            assert digits["transport"] == "channel"
             assert f"of {NAMESPACE}.other.1 at " in ray_server.log(), "the channel was opened"
             other = _logits(await http.post("/v2/models/other/infer", json=_body(x)))
             digits_v1 = _logits(

@@ -31,6 +31,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
@@ -41,6 +42,7 @@ from serving.errors import InvalidInput
 from serving.inference.tensors import bytes_elements, elements, serialize_bytes
 
 __all__ = [
+    "ChannelDraining",
     "ChannelError",
     "ChannelGone",
     "ChannelServer",
@@ -82,6 +84,10 @@ class ChannelGone(ConnectionError):
 
 class ChannelUnreachable(ChannelGone):
     """No connection could be made (nothing was sent): the replica is gone or unreachable."""
+
+
+class ChannelDraining(ChannelUnreachable):
+    """The replica is shutting down and computed nothing: the batch can go elsewhere."""
 
 
 class ChannelError(RuntimeError):
@@ -225,8 +231,10 @@ class ChannelServer:
         token: str,
         hello_timeout_s: float = CONNECT_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._run = run
+        self._clock = clock
         self._token = token.encode()
         self._hello_timeout_s = hello_timeout_s
         self._max_connections = max_connections
@@ -234,8 +242,16 @@ class ChannelServer:
         self._listener = socket.create_server((host, 0), family=family)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._lock = threading.Lock()
+        #: Notified when a batch is answered or a connection closes (see ``drain``).
+        self._changed = threading.Condition(self._lock)
         self._connections: set[socket.socket] = set()
         self._closed = False
+        self._draining = False
+        #: Batches being computed (or waiting for the replica), and their count integrated
+        #: over time since ``load`` last read it.
+        self._batches = 0
+        self._batch_seconds = 0.0
+        self._counted_at = self._load_since = clock()
         self._thread = threading.Thread(target=self._accept, name="fermion-channel", daemon=True)
 
     def start(self) -> None:
@@ -246,10 +262,51 @@ class ChannelServer:
         with self._lock:
             self._closed = True
             connections = list(self._connections)
-        _shut(self._listener)  # wakes the accept
-        self._listener.close()
+        self._stop_listening()
         for conn in connections:
             _shut(conn, socket.SHUT_RD)  # its thread reads EOF next
+
+    def _stop_listening(self) -> None:
+        _shut(self._listener)  # wakes the accept
+        self._listener.close()
+
+    def drain(self, *, quiet_s: float, timeout_s: float) -> bool:
+        """Take no more batches, and wait for the gateways to go; then ``close`` it.
+
+        New connections are refused, and a batch that arrives from now on is answered
+        "draining" uncomputed, which sends it to another replica at once (it costs its
+        request no retry). Returns once the batches in progress are answered and every
+        gateway closed its connections, or, with connections still open, ``quiet_s``
+        after the start (gateways that had nothing to send meanwhile drop the replica
+        when they next read the offers); at most ``timeout_s``. False: batches were
+        still in progress then.
+        """
+        started = time.monotonic()
+        with self._lock:
+            self._draining = True
+        self._stop_listening()
+        with self._changed:
+            while self._batches or self._connections:
+                waited = time.monotonic() - started
+                limit = timeout_s if self._batches else min(quiet_s, timeout_s)
+                if waited >= limit:
+                    break
+                self._changed.wait(limit - waited)
+            return self._batches == 0
+
+    def load(self) -> float:
+        """The mean number of batches in progress since the last call (or the start)."""
+        with self._lock:
+            now = self._clock()
+            self._count(now)
+            elapsed, seconds, batches = now - self._load_since, self._batch_seconds, self._batches
+            self._batch_seconds, self._load_since = 0.0, now
+        return seconds / elapsed if elapsed > 0 else float(batches)
+
+    def _count(self, now: float) -> None:
+        """Integrate the batches in progress up to ``now`` (with the lock held)."""
+        self._batch_seconds += self._batches * (now - self._counted_at)
+        self._counted_at = now
 
     def _accept(self) -> None:
         while True:
@@ -291,11 +348,26 @@ class ChannelServer:
         except (OSError, FrameError) as e:
             log.debug("channel: connection closed: %s", e)
         finally:
-            with self._lock:
+            with self._changed:
                 self._connections.discard(conn)
+                self._changed.notify_all()
             conn.close()
 
     def _answer(self, frame: bytearray) -> list[bytes | memoryview]:
+        with self._lock:
+            if self._draining:
+                return encode({}, d=True)
+            self._count(self._clock())
+            self._batches += 1
+        try:
+            return self._compute(frame)
+        finally:
+            with self._changed:
+                self._count(self._clock())
+                self._batches -= 1
+                self._changed.notify_all()
+
+    def _compute(self, frame: bytearray) -> list[bytes | memoryview]:
         meta, inputs = decode(frame)  # a bad frame closes the connection (FrameError)
         sent = meta.get("c")
         carrier = None
@@ -461,6 +533,8 @@ class ReplicaChannel:
         error = meta.get("e")
         if error is not None:
             raise ChannelError(str(error))
+        if meta.get("d") is True:
+            raise ChannelDraining(f"replica {self.replica} is shutting down")
         return outputs
 
     def _take_idle(self) -> _Link | None:

@@ -43,6 +43,7 @@ from serving.inference.backends.channel import (
     FrameError,
     ReplicaChannel,
 )
+from serving.inference.backends.ray_policy import CHANNEL_BATCHES, channel_aware_policy
 from serving.inference.batcher import batch_deadline_ns
 from serving.inference.executors import ExecutorOptions
 from serving.inference.replica import ModelReplica, needs_gpu, preference_order
@@ -63,6 +64,12 @@ _POLL_S = 0.2
 _REPLICA_COUNT_S = 5.0
 #: How often the gateway reads which replicas offer a channel (see ``channel``).
 _CHANNEL_REFRESH_S = 1.0
+#: A stopping replica waits this long at most for the gateways to stop sending it batches
+#: over its channel, once they all got the answers of those it was computing (a little over
+#: ``_CHANNEL_REFRESH_S``, when an idle gateway reads that its offer was withdrawn).
+_DRAIN_QUIET_S = 2.0
+#: ... and this long at most for those answers (within Serve's graceful shutdown timeout).
+_DRAIN_TIMEOUT_S = 6.0
 #: The detached actor of a namespace that keeps its leases and replicas' channels.
 _LEASES_ACTOR = "fermion-app-leases"
 #: The replica's side of Ray Serve's throughput-optimized data path (see ``_fast_handle``):
@@ -142,15 +149,30 @@ class ReplicaDeployment:
         self._offer = (leases, where["app"], replica)
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown: withdraw the channel; batches in progress finish."""
+        """Serve's graceful shutdown (a downscale, a redeploy): drain the channel.
+
+        Serve waits for the requests its handles sent before it calls this; the
+        channel's batches are waited for here. The offer is withdrawn, a batch that
+        comes meanwhile is sent back uncomputed to go to another replica, and the
+        channel closes once the batches in progress are answered and the gateways let
+        go (see ``ChannelServer.drain``).
+        """
+        channel, self._channel = getattr(self, "_channel", None), None
         offer, self._offer = getattr(self, "_offer", None), None
         if offer is not None:
             leases, app, replica = offer
             with contextlib.suppress(Exception):
                 leases.withdraw_channel.remote(app, replica)
-        channel, self._channel = getattr(self, "_channel", None), None
         if channel is not None:
+            if not channel.drain(quiet_s=_DRAIN_QUIET_S, timeout_s=_DRAIN_TIMEOUT_S):
+                log.warning("ray: replica stops with channel batches still in progress")
             channel.close()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Called by Serve for an autoscaling deployment: the batches the channel carried,
+        which Serve's handles did not count (see ``ray_policy``)."""
+        channel = self._channel
+        return {CHANNEL_BATCHES: channel.load() if channel is not None else 0.0}
 
     def infer(
         self, inputs: dict[str, np.ndarray], carrier: dict[str, str] | None = None
@@ -472,14 +494,6 @@ class RayBackend(Backend):
                 await self._refresh_channels(deployment)
         return info
 
-    def _uses_channel(self, options: dict[str, Any]) -> bool:
-        """Whether a deployment's batches go over its replicas' channels.
-
-        Only with a fixed replica count: Serve's autoscaler counts the requests its
-        own handles route, so an autoscaling deployment keeps Serve's handle.
-        """
-        return self._ray_config.channel and "autoscaling_config" not in options
-
     def _deployment_options(
         self, manifest: ModelManifest, settings: RayDeploymentConfig
     ) -> dict[str, Any]:
@@ -516,6 +530,10 @@ class RayBackend(Backend):
                 "metrics_interval_s": a.metrics_interval_s,
                 "look_back_period_s": a.look_back_period_s,
             }
+            if self._ray_config.channel:
+                # Serve's autoscaler counts what its handles route; the replicas report
+                # the channels' batches and this policy adds them.
+                options["autoscaling_config"]["policy"] = {"policy_function": channel_aware_policy}
         return options
 
     def _gpus_for(self, manifest: ModelManifest, settings: RayDeploymentConfig) -> float:
@@ -544,7 +562,7 @@ class RayBackend(Backend):
         app = self._app_name(manifest)
         key = (manifest.name, manifest.version)
         options = self._deployment_options(manifest, settings)
-        channel = self._uses_channel(options)
+        channel = self._ray_config.channel
         if self._lease("take", deadline, app, self._holder):
             # Its last user is deleting it: deploy anew once it is gone.
             self._wait_gone(app, deadline)
@@ -586,13 +604,17 @@ class RayBackend(Backend):
         deployed_with_channel = bool(described.pop("channel", False))
         if shared:
             channel = channel and deployed_with_channel
+        replicas = options.get("autoscaling_config") or {
+            "num_replicas": options.get("num_replicas")
+        }
+        if "policy" in replicas:
+            replicas = {**replicas, "policy": "fermion channel-aware"}
         info: dict[str, Any] = {
             "backend": "ray",
             "application": app,
             "deployment": options["name"],
             "shared": shared,
-            "replicas": options.get("autoscaling_config")
-            or {"num_replicas": options.get("num_replicas")},
+            "replicas": replicas,
             "resources": options["ray_actor_options"],
             "max_ongoing_requests": options["max_ongoing_requests"],
             "transport": "channel" if channel else "serve handle",

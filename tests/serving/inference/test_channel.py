@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from serving.inference.backends.channel import (
+    ChannelDraining,
     ChannelError,
     ChannelGone,
     ChannelServer,
@@ -286,6 +287,129 @@ def test_a_closed_server_finishes_its_batch_then_refuses_new_connections(
         channel.close()
 
     run(go())
+
+
+def test_a_draining_server_sends_new_batches_back_uncomputed_and_answers_those_in_progress(
+    run: Runner[Any], server: ChannelServer, replica: _Replica
+) -> None:
+    drained: list[tuple[bool, float]] = []
+
+    def drain() -> None:
+        started = time.monotonic()
+        done = server.drain(quiet_s=30.0, timeout_s=60.0)
+        drained.append((done, time.monotonic() - started))
+
+    async def go() -> None:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=2)
+        await asyncio.gather(channel.call(_x(1.0)), channel.call(_x(1.0)))  # two connections
+        slow = {"x": np.full(3, 1.0, np.float32), "sleep": np.array([0.3], np.float32)}
+        in_progress = asyncio.create_task(channel.call(slow))
+        await asyncio.sleep(0.1)
+        draining = asyncio.create_task(asyncio.to_thread(drain))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ChannelDraining, match="replica r1 is shutting down"):
+            await channel.call(_x(5.0))  # on the other connection: sent back, not computed
+        np.testing.assert_array_equal((await in_progress)["y"], np.full(3, 2.0, np.float32))
+        with pytest.raises(ChannelUnreachable):
+            await ReplicaChannel("r1", server.address, TOKEN, limit=1).call(_x(1.0))
+        assert not draining.done(), "the gateway still holds its connections"
+        channel.close()  # what a gateway does with a replica that drains
+        await draining
+
+    run(go())
+    [(done, waited)] = drained
+    assert done, "no batch was left in progress"
+    assert waited < 30.0, "returned once the gateway let go, not after quiet_s"
+    assert [float(inputs["x"][0]) for inputs, _ in replica.calls] == [1.0, 1.0, 1.0]
+
+
+def test_a_drain_waits_quiet_s_for_an_idle_gateway_and_timeout_s_for_a_batch(
+    run: Runner[Any], server: ChannelServer
+) -> None:
+    async def go() -> None:
+        idle = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        await idle.call(_x(1.0))  # an idle connection stays open
+        started = time.monotonic()
+        assert await asyncio.to_thread(server.drain, quiet_s=0.3, timeout_s=30.0) is True
+        assert 0.3 <= time.monotonic() - started < 30.0
+        idle.close()
+
+    run(go())
+
+    stuck = ChannelServer(_sleeper, host="127.0.0.1", token=TOKEN)
+    stuck.start()
+
+    async def stuck_batch() -> None:
+        channel = ReplicaChannel("r1", stuck.address, TOKEN, limit=1)
+        batch = asyncio.create_task(channel.call(_x(1.0)))
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        assert await asyncio.to_thread(stuck.drain, quiet_s=0.1, timeout_s=0.5) is False
+        assert 0.5 <= time.monotonic() - started < 30.0, "waited for the batch, up to timeout_s"
+        batch.cancel()
+        channel.close()
+
+    try:
+        run(stuck_batch())
+    finally:
+        stuck.close()
+
+
+def _sleeper(inputs: dict[str, np.ndarray], carrier: dict[str, str] | None) -> Any:
+    time.sleep(5.0)
+    return {}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_load_is_the_mean_number_of_batches_in_progress_since_it_was_last_read(
+    run: Runner[Any],
+) -> None:
+    clock = _Clock()
+
+    def compute(inputs: dict[str, np.ndarray], carrier: dict[str, str] | None) -> Any:
+        clock.now += float(inputs["x"][0])  # the batch takes that many seconds
+        return {"y": inputs["x"]}
+
+    server = ChannelServer(compute, host="127.0.0.1", token=TOKEN, clock=clock)
+    server.start()
+
+    async def go() -> None:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=1)
+        await channel.call(_x(3.0))
+        clock.now += 1.0  # then idle for a second
+        assert server.load() == pytest.approx(3.0 / 4.0)
+        clock.now += 2.0
+        assert server.load() == 0.0, "counted from the last read"
+        await channel.call(_x(0.5))
+        assert server.load() == 1.0, "busy all the time since the last read"
+        channel.close()
+
+    try:
+        run(go())
+    finally:
+        server.close()
+
+
+def test_batches_in_progress_together_count_together(
+    run: Runner[Any], server: ChannelServer
+) -> None:
+    async def go() -> float:
+        channel = ReplicaChannel("r1", server.address, TOKEN, limit=2)
+        await asyncio.gather(channel.call(_x(1.0)), channel.call(_x(1.0)))  # two connections
+        server.load()
+        slow = {"x": np.full(3, 1.0, np.float32), "sleep": np.array([0.5], np.float32)}
+        await asyncio.gather(channel.call(slow), channel.call(slow))
+        channel.close()
+        return server.load()
+
+    assert 1.0 < run(go()) <= 2.0
 
 
 def test_a_replica_dying_mid_batch_is_channel_gone_not_unreachable(

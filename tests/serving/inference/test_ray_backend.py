@@ -16,6 +16,7 @@ from serving.config import ConfigError, load_config
 from serving.errors import InferenceFailed, ModelNotReady
 from serving.inference.backends.channel import ChannelServer
 from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
+from serving.inference.backends.ray_policy import CHANNEL_BATCHES, channel_aware_policy
 from serving.inference.batcher import batch_deadline_ns
 from tests.helpers.channel_peers import replica_dying_mid_batch
 
@@ -92,6 +93,70 @@ def test_fixed_replica_count_needs_no_autoscaler(demo_store: ModelStore) -> None
     )
     assert options["num_replicas"] == 2
     assert "autoscaling_config" not in options
+
+
+def test_an_autoscaling_deployment_on_channels_is_sized_by_fermions_policy(
+    demo_store: ModelStore,
+) -> None:
+    autoscaling = {"ray.deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}}
+    manifest = demo_store.manifest("digits", 1)
+    on = load_config(None, autoscaling)
+    options = RayBackend(on, demo_store)._deployment_options(manifest, on.ray.deployment)
+    policy = options["autoscaling_config"]["policy"]
+    assert policy == {"policy_function": channel_aware_policy}
+    off = load_config(None, {**autoscaling, "ray.channel": False})
+    options = RayBackend(off, demo_store)._deployment_options(manifest, off.ray.deployment)
+    assert "policy" not in options["autoscaling_config"], "Serve's own policy: no channel"
+
+
+def _context(replicas: int, handles: float, channels: dict[Any, float]) -> Any:
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    config = AutoscalingConfig(min_replicas=0, max_replicas=8, target_ongoing_requests=2)
+    return AutoscalingContext(
+        deployment_id=None,  # type: ignore[arg-type]
+        deployment_name="digits-v1",
+        app_name="fermion.digits.1",
+        current_num_replicas=replicas,
+        target_num_replicas=replicas,
+        running_replicas=[],
+        total_num_requests=handles,
+        total_queued_requests=0.0,
+        aggregated_metrics={CHANNEL_BATCHES: channels} if channels else {},
+        raw_metrics={},
+        capacity_adjusted_min_replicas=0,
+        capacity_adjusted_max_replicas=8,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=config,
+    )
+
+
+def test_the_policy_counts_handles_requests_and_channels_batches_against_the_target() -> None:
+    # Two replicas: one request routed by a handle, 2.5 and 1.5 batches on their channels.
+    wanted, _ = channel_aware_policy(_context(2, 1.0, {"r1": 2.5, "r2": 1.5}))
+    assert wanted == pytest.approx((1.0 + 2.5 + 1.5) / 2)
+    assert channel_aware_policy(_context(2, 3.0, {}))[0] == pytest.approx(1.5), "Serve's own"
+    assert channel_aware_policy(_context(2, 0.0, {"r1": 0.0, "r2": 0.0}))[0] == 0.0
+    # Scaled to zero, no channel reports: the target stands (Serve starts one on a request).
+    assert channel_aware_policy(_context(0, 0.0, {}))[0] == 0
+
+
+def test_the_policy_pickles_by_value_for_serves_controller() -> None:
+    import cloudpickle  # type: ignore[import-untyped]
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
+
+    policy_config = AutoscalingPolicy(policy_function=channel_aware_policy)  # type: ignore[no-untyped-call]
+    config = AutoscalingConfig(policy=policy_config)
+
+    policy = cloudpickle.loads(config.policy.get_serialized_policy_def())
+    assert policy(_context(1, 1.0, {"r1": 3.0}))[0] == pytest.approx(2.0)
+    dunder = {"__builtins__", "__name__", "__package__", "__file__"}
+    assert set(policy.__globals__) - dunder == {"CHANNEL_BATCHES"}, (
+        "nothing of Fermion's but its own constant goes to the controller"
+    )
 
 
 def test_only_the_last_gateway_using_an_application_deletes_it() -> None:
@@ -442,3 +507,32 @@ def test_channels_follow_what_the_replicas_offer_and_withdraw(
     asyncio.run(go())
     assert leases.give_back(deployment.app, "nobody") is True
     assert leases.channels(deployment.app) == {}, "a deleted application's channels go"
+
+
+def test_a_batch_a_draining_replica_sends_back_goes_elsewhere_without_a_retry(
+    demo_store: ModelStore, channel_server: ChannelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = _ScriptedHandle(_OUTPUTS)
+    backend, deployment = _channel_backend(handle, demo_store, {"r1": channel_server.address})
+    drained: list[bool] = []
+
+    async def go() -> dict[str, np.ndarray]:
+        await backend._refresh_channels(deployment)
+        await backend.infer_batch("digits", 1, _INPUTS)  # a connection the replica keeps
+        draining = asyncio.create_task(
+            asyncio.to_thread(
+                lambda: drained.append(channel_server.drain(quiet_s=30.0, timeout_s=60.0))
+            )
+        )
+        await asyncio.sleep(0.1)
+        outputs = await backend.infer_batch("digits", 1, _INPUTS)
+        await asyncio.wait_for(draining, 10.0)  # the gateway let go: no quiet_s to wait
+        return outputs
+
+    with caplog.at_level("INFO", logger="fermion.backends.ray"):
+        assert asyncio.run(go()) is _OUTPUTS
+    assert len(handle.calls) == 1, "sent back uncomputed, then carried by Serve's handle"
+    assert "retrying" not in caplog.text, "nothing was computed: no retry spent"
+    assert "replica r1 is shutting down" in caplog.text
+    assert deployment.channels == {}
+    assert drained == [True]
