@@ -6,12 +6,13 @@ One request at a time (c=1), one sample of the demo model, no HTTP: the time fro
 sending a batch to having its outputs back on the gateway's event loop (uvloop), for
 
 - ``fermion ray``: ``RayBackend.infer_batch``, the path Fermion's backend ``ray`` takes
-  for a deployment of a fixed replica count: Fermion's own channel to the replica
+  for every deployment (by default): Fermion's own channel to the replica
   (``serving/inference/backends/channel.py``: a TCP connection per batch in flight, the
   batch's tensors as raw bytes, ``infer`` on a thread of the replica);
 - ``fermion ray, serve handle``: the same backend and replica through Ray Serve's handle,
-  the path of autoscaling deployments and of ``ray.channel: false`` (its router on the
-  gateway's loop, Serve's gRPC channel to the replica, ``infer`` on the replica's loop);
+  the path of ``ray.channel: false``, and of autoscaling deployments before they took
+  the channel too (its router on the gateway's loop, Serve's gRPC channel to the
+  replica, ``infer`` on the replica's loop);
 - ``ray actor``: a plain Ray actor holding the same ``ReplicaDeployment``, called with
   ``actor.infer.remote`` (Ray's own task RPC, no Serve);
 - ``ray compiled graph``: that actor behind a Ray compiled graph (``experimental_compile``,

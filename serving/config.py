@@ -221,10 +221,10 @@ class RayBackendConfig(_Strict):
     #: Longest wait for one batch's answer, retry and a replica started from zero included;
     #: past it the batch's requests get 503.
     request_timeout_s: float = Field(default=30.0, gt=0)
-    #: Batches of a deployment with a fixed replica count go over Fermion's own channel
-    #: to its replicas (a TCP port per replica, on its node's address) instead of Ray
-    #: Serve's handle; autoscaling deployments always use the handle. False: always the
-    #: handle (e.g. where gateways cannot reach the nodes' ports).
+    #: Batches go over Fermion's own channel to the replicas (a TCP port per replica,
+    #: on its node's address) instead of Ray Serve's handle, autoscaling deployments'
+    #: too (sized by ``backends.ray_policy``). False: always the handle (e.g. where
+    #: gateways cannot reach the nodes' ports).
     channel: bool = True
     #: Every model's deployment, unless ``models.<name>.ray`` replaces it.
     deployment: RayDeploymentConfig = Field(default_factory=RayDeploymentConfig)

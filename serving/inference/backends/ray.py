@@ -1,9 +1,10 @@
 """Backend ``ray``: every served model version is an autoscaling Ray Serve deployment.
 
 All of Fermion's Ray calls live in this module. The gateway keeps HTTP, the V2
-codec and batching; a whole batch crosses to a replica in one remote call
-through a ``DeploymentHandle``. Ray is imported only when this backend starts,
-after the environment it reads at import time is set.
+codec and batching; a whole batch crosses to a replica in one round trip, over
+the replica's channel (``backends.channel``) or through a ``DeploymentHandle``.
+Ray is imported only when this backend starts, after the environment it reads at
+import time is set.
 
 Several gateways may join one cluster with one namespace (a fleet of gateway pods
 behind a load balancer): they share each version's application. Who uses which
