@@ -266,6 +266,16 @@ class ChannelServer:
         for conn in connections:
             _shut(conn, socket.SHUT_RD)  # its thread reads EOF next
 
+    @property
+    def in_progress(self) -> int:
+        """Batches being computed, or waiting for the replica, now."""
+        return self._batches
+
+    @property
+    def draining(self) -> bool:
+        """Whether ``drain`` was called: batches are sent back uncomputed."""
+        return self._draining
+
     def _stop_listening(self) -> None:
         _shut(self._listener)  # wakes the accept
         self._listener.close()

@@ -524,7 +524,9 @@ def test_a_batch_a_draining_replica_sends_back_goes_elsewhere_without_a_retry(
                 lambda: drained.append(channel_server.drain(quiet_s=30.0, timeout_s=60.0))
             )
         )
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(10.0):
+            while not channel_server.draining:
+                await asyncio.sleep(0.005)
         outputs = await backend.infer_batch("digits", 1, _INPUTS)
         await asyncio.wait_for(draining, 10.0)  # the gateway let go: no quiet_s to wait
         return outputs
