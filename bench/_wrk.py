@@ -65,10 +65,12 @@ def run_wrk(
     duration_s: int,
     timeout_s: int = 10,
     headers: dict[str, str] | None = None,
+    nice: int | None = None,
 ) -> WrkResult:
     """Drive ``url`` with ``payload`` on ``connections`` keep-alive connections for a while.
 
-    ``headers``: more request headers (an API key, say).
+    ``headers``: more request headers (an API key, say). ``nice``: run wrk at that
+    niceness (below 0, ahead of the servers it measures, needs the privilege to).
     """
     env = dict(
         os.environ,
@@ -79,6 +81,7 @@ def run_wrk(
     if payload.header_length is not None:
         env["WRK_INFERENCE_HEADER_LENGTH"] = str(payload.header_length)
     argv = [
+        *(["nice", "-n", str(nice)] if nice is not None else []),
         wrk,
         f"-t{min(threads, connections)}",
         f"-c{connections}",

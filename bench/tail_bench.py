@@ -119,7 +119,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--store", type=Path, default=Path(os.environ.get("STORE", "model_store")))
     parser.add_argument("--model", default="digits")
     parser.add_argument("--duration", type=int, default=15, help="seconds per cell (15)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds before each cell (2)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="seconds before each cell (2; 0: none)"
+    )
     parser.add_argument("--passes", type=int, default=3, help="passes over every cell (3)")
     parser.add_argument("--concurrency", default="1,64", help="comma-separated (1,64)")
     parser.add_argument(
@@ -155,6 +157,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=60.0,
         help="before each cell, wait up to this many seconds for other processes to go "
         "idle (60; 0: do not wait)",
+    )
+    parser.add_argument(
+        "--wrk-nice",
+        type=int,
+        help="run wrk at this niceness (e.g. -10, ahead of the servers: is a tail the "
+        "load generator's own wait for a core?)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument(
@@ -272,9 +280,15 @@ def _measure(
     wrk: str,
 ) -> Cell:
     cell = Cell(server.process.name, payload.kind, conc)
-    common: dict[str, Any] = {"connections": conc, "threads": 1, "headers": server.headers}
+    common: dict[str, Any] = {
+        "connections": conc,
+        "threads": 1,
+        "headers": server.headers,
+        "nice": args.wrk_nice,
+    }
     try:
-        run_wrk(wrk, url, payload, body, duration_s=args.warmup, **common)
+        if args.warmup > 0:
+            run_wrk(wrk, url, payload, body, duration_s=args.warmup, **common)
         cpu0, ticks0 = cpu_seconds(server.process.pid), machine_ticks()
         retx0, others0 = tcp_retransmits(), cpu_by_process()
         started = time.monotonic()
