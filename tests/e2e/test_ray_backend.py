@@ -65,6 +65,15 @@ models:
         look_back_period_s: 1
   spin:
     ray: *autoscaling
+  idle:
+    ray:
+      num_cpus: 0.25
+      autoscaling:
+        min_replicas: 0
+        max_replicas: 1
+        downscale_delay_s: 1
+        metrics_interval_s: 0.25
+        look_back_period_s: 1
 """
 
 #: Added to the module gateway's config: its spans, and its replicas', go to the collector.
@@ -114,12 +123,14 @@ def ray_cluster() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def ray_store(demo_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     """Both demo versions of ``digits``, ``spin`` (the A/B models' version 4, which spins
-    as long as asked; it autoscales), and, not served at start: ``other`` (a copy of
-    digits version 1) and ``slow`` (a copy of ``spin``)."""
+    as long as asked; it autoscales), ``idle`` (a copy of digits version 1 that scales
+    to zero), and, not served at start: ``other`` (another copy of digits version 1) and
+    ``slow`` (a copy of ``spin``)."""
     store = ModelStore(tmp_path_factory.mktemp("ray-store"))
     for version in demo_store.versions("digits"):
         store.push(demo_store.version_dir("digits", version))
     store.push(demo_store.version_dir("digits", 1), name="other")
+    store.push(demo_store.version_dir("digits", 1), name="idle")
     ab_store = build_ab_store(tmp_path_factory.getbasetemp() / "ab-store")
     store.push(ab_store.version_dir(AB_MODEL, 4), name="slow")
     store.push(ab_store.version_dir(AB_MODEL, 4), name="spin")
@@ -466,6 +477,31 @@ def test_autoscaling_on_channels_scales_up_under_load_and_down_under_light_load_
     assert len(light.results) > 10
     log = ray_server.log()[log_before:]
     assert "retrying the batch" not in log, log
+
+
+def test_a_deployment_scaled_to_zero_answers_its_next_request_then_takes_the_channel(
+    ray_server: RunningServer, ray_store: ModelStore
+) -> None:
+    # Loaded warm (one replica), then idle: Fermion's policy sees no batch on a handle
+    # or a channel, and Serve stops the replica after the downscale delay.
+    _wait_for(lambda: _replicas("idle", 1) == [], 60, "scaled to zero")
+    url = f"{ray_server.url}/v2/models/idle/infer"
+    x = _samples(ray_store)[:1]
+    log_before = len(ray_server.log())
+    # No replica offers a channel: the batch goes by Serve's handle, which Serve counts,
+    # so it starts one; the request waits for it within request_timeout_s.
+    response = httpx.post(url, json=_body(x), timeout=CLIENT_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    digits = httpx.post(
+        f"{ray_server.url}/v2/models/digits/versions/1/infer", json=_body(x), timeout=30
+    )
+    np.testing.assert_allclose(_logits(response), _logits(digits), rtol=1e-6, atol=1e-6)
+    _wait_for(
+        lambda: f"of {NAMESPACE}.idle.1 at " in ray_server.log()[log_before:],
+        20,
+        "a channel opened to the replica started from zero",
+    )
+    assert httpx.post(url, json=_body(x), timeout=CLIENT_TIMEOUT_S).status_code == 200
 
 
 def test_load_and_unload_while_another_model_serves(
