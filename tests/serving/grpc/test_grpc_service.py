@@ -4,7 +4,6 @@ queue, a failed batch, rate limits, sticky routes, traces and counts, as over HT
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -18,6 +17,7 @@ from serving.config import FermionConfig
 from serving.grpc._proto import grpc_service_pb2 as pb
 from tests.helpers.ab_models import FAIL_AT, MODEL, expected_logits
 from tests.helpers.grpc_inprocess import serve_grpc_in_process
+from tests.helpers.polling import until
 
 C = grpc.StatusCode
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -45,14 +45,6 @@ def _logits(response: pb.ModelInferResponse) -> np.ndarray:
     return out.reshape(list(response.outputs[0].shape))
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(2000):
-        if check():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
-
-
 def _one_at_a_time(store: ModelStore, **extra: Any) -> FermionConfig:
     return FermionConfig.model_validate(
         {
@@ -75,10 +67,10 @@ async def test_a_deadline_shorter_than_the_queue_wait_is_never_computed(
     async with serve_grpc_in_process(_one_at_a_time(ab_store), ab_store) as (gw, stub):
         _, batcher = gw.repository.resolve(MODEL, "4")
         slow = asyncio.ensure_future(stub.ModelInfer(_slow(300.0)))
-        await _until(lambda: batcher.running == 1, "the slow batch runs")
+        await until(lambda: batcher.running == 1, "the slow batch runs")
         error = await _error(stub.ModelInfer(_slow(0.0), timeout=0.2))
         assert error.code() is C.DEADLINE_EXCEEDED
-        await _until(lambda: batcher.queue_depth == 0, "the late request leaves the queue")
+        await until(lambda: batcher.queue_depth == 0, "the late request leaves the queue")
         assert batcher.running == 1, "the slow batch ended first: the check proves nothing"
         await slow
         assert batcher.stats.inference_count == 1  # the slow request's row only
@@ -88,11 +80,11 @@ async def test_a_cancelled_call_leaves_the_queue(ab_store: ModelStore) -> None:
     async with serve_grpc_in_process(_one_at_a_time(ab_store), ab_store) as (gw, stub):
         _, batcher = gw.repository.resolve(MODEL, "4")
         slow = asyncio.ensure_future(stub.ModelInfer(_slow(300.0)))
-        await _until(lambda: batcher.running == 1, "the slow batch runs")
+        await until(lambda: batcher.running == 1, "the slow batch runs")
         queued = stub.ModelInfer(_slow(0.0))
-        await _until(lambda: batcher.queue_depth == 1, "the second request queues")
+        await until(lambda: batcher.queue_depth == 1, "the second request queues")
         queued.cancel()
-        await _until(lambda: batcher.queue_depth == 0, "the cancelled request leaves")
+        await until(lambda: batcher.queue_depth == 0, "the cancelled request leaves")
         assert batcher.running == 1, "the slow batch ended first: the check proves nothing"
         await slow
         assert batcher.stats.inference_count == 1
@@ -102,9 +94,9 @@ async def test_a_full_queue_is_unavailable_with_retry_after(ab_store: ModelStore
     async with serve_grpc_in_process(_one_at_a_time(ab_store), ab_store) as (gw, stub):
         _, batcher = gw.repository.resolve(MODEL, "4")
         slow = asyncio.ensure_future(stub.ModelInfer(_slow(300.0)))
-        await _until(lambda: batcher.running == 1, "the slow batch runs")
+        await until(lambda: batcher.running == 1, "the slow batch runs")
         queued = [asyncio.ensure_future(stub.ModelInfer(_slow(0.0))) for _ in range(2)]
-        await _until(lambda: batcher.queue_depth == 2, "the queue fills")
+        await until(lambda: batcher.queue_depth == 2, "the queue fills")
         error = await _error(stub.ModelInfer(_slow(0.0)))
         assert batcher.running == 1, "the slow batch ended first: not a full queue"
         assert error.code() is C.UNAVAILABLE
@@ -231,7 +223,7 @@ async def test_a_sticky_parameter_and_a_shadow_copy_work_over_grpc(ab_store: Mod
                 if s.name == "fermion_shadow_requests_total" and s.labels["outcome"] == "ok"
             )
 
-        await _until(lambda: mirrored() == 16, "every call mirrored to the shadow")
+        await until(lambda: mirrored() == 16, "every call mirrored to the shadow")
 
 
 async def test_server_ready_is_false_while_the_gateway_drains(ab_store: ModelStore) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import gzip
 import tracemalloc
 import zlib
-from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -18,6 +17,7 @@ from model_store.store import ModelStore
 from serving.config import FermionConfig
 from tests.helpers.ab_models import MODEL
 from tests.helpers.inprocess import InProcessGateway, digits_body, serve_in_process
+from tests.helpers.polling import until
 
 _SLOW = f"/v2/models/{MODEL}/versions/4/infer"  # version 4 spins ~1 s on x[:, 3] = 300
 
@@ -41,14 +41,6 @@ def _rejected(text: str, model: str, reason: str) -> float:
     return 0.0
 
 
-async def _until(check: Callable[[], bool], what: str) -> None:
-    for _ in range(2000):
-        if check():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
-
-
 async def test_a_full_queue_answers_503_with_retry_after_and_counts_it(
     ab_store: ModelStore,
 ) -> None:
@@ -63,11 +55,11 @@ async def test_a_full_queue_answers_503_with_retry_after_and_counts_it(
         _, batcher = gw.repository.resolve(MODEL, "4")
         before = _rejected((await gw.client.get("/metrics")).text, MODEL, "queue_full")
         slow = asyncio.ensure_future(gw.client.post(_SLOW, json=_body(300.0)))
-        await _until(lambda: batcher.running == 1, "the slow batch runs")
+        await until(lambda: batcher.running == 1, "the slow batch runs")
         queued = [
             asyncio.ensure_future(gw.client.post(_SLOW, json=_body(0.0))) for _ in range(queue_size)
         ]
-        await _until(lambda: batcher.queue_depth == queue_size, "the queue fills")
+        await until(lambda: batcher.queue_depth == queue_size, "the queue fills")
         refused = await gw.client.post(_SLOW, json=_body(0.0))
         assert batcher.running == 1, "the slow batch ended before the check: not a full queue"
         assert refused.status_code == 503, refused.text

@@ -26,6 +26,7 @@ from serving.inference.backends.channel import (
     encode,
 )
 from tests.helpers.channel_peers import replica_dying_mid_batch
+from tests.helpers.polling import until
 
 TOKEN = "s3cret-token"
 _T = TypeVar("_T")
@@ -304,9 +305,9 @@ def test_a_draining_server_sends_new_batches_back_uncomputed_and_answers_those_i
         await asyncio.gather(channel.call(_x(1.0)), channel.call(_x(1.0)))  # two connections
         slow = {"x": np.full(3, 1.0, np.float32), "sleep": np.array([0.3], np.float32)}
         in_progress = asyncio.create_task(channel.call(slow))
-        await _until(lambda: server.in_progress == 1)
+        await until(lambda: server.in_progress == 1, "the slow batch in progress")
         draining = asyncio.create_task(asyncio.to_thread(drain))
-        await _until(lambda: server.draining)
+        await until(lambda: server.draining, "the server draining")
         with pytest.raises(ChannelDraining, match="replica r1 is shutting down"):
             await channel.call(_x(5.0))  # on the other connection: sent back, not computed
         np.testing.assert_array_equal((await in_progress)["y"], np.full(3, 2.0, np.float32))
@@ -342,7 +343,7 @@ def test_a_drain_waits_quiet_s_for_an_idle_gateway_and_timeout_s_for_a_batch(
     async def stuck_batch() -> None:
         channel = ReplicaChannel("r1", stuck.address, TOKEN, limit=1)
         batch = asyncio.create_task(channel.call(_x(1.0)))
-        await _until(lambda: stuck.in_progress == 1)
+        await until(lambda: stuck.in_progress == 1, "the stuck batch in progress")
         started = time.monotonic()
         assert await asyncio.to_thread(stuck.drain, quiet_s=0.1, timeout_s=0.5) is False
         assert 0.5 <= time.monotonic() - started < 30.0, "waited for the batch, up to timeout_s"
@@ -353,13 +354,6 @@ def test_a_drain_waits_quiet_s_for_an_idle_gateway_and_timeout_s_for_a_batch(
         run(stuck_batch())
     finally:
         stuck.close()
-
-
-async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait for ``condition``, polling (it is another thread's doing)."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def _sleeper(inputs: dict[str, np.ndarray], carrier: dict[str, str] | None) -> Any:

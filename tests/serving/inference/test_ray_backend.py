@@ -19,6 +19,7 @@ from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
 from serving.inference.backends.ray_policy import CHANNEL_BATCHES, channel_aware_policy
 from serving.inference.batcher import batch_deadline_ns
 from tests.helpers.channel_peers import replica_dying_mid_batch
+from tests.helpers.polling import until
 
 
 def test_defaults_and_per_model_override() -> None:
@@ -524,9 +525,7 @@ def test_a_batch_a_draining_replica_sends_back_goes_elsewhere_without_a_retry(
                 lambda: drained.append(channel_server.drain(quiet_s=30.0, timeout_s=60.0))
             )
         )
-        async with asyncio.timeout(10.0):
-            while not channel_server.draining:
-                await asyncio.sleep(0.005)
+        await until(lambda: channel_server.draining, "the replica draining")
         outputs = await backend.infer_batch("digits", 1, _INPUTS)
         await asyncio.wait_for(draining, 10.0)  # the gateway let go: no quiet_s to wait
         return outputs
