@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -46,8 +48,18 @@ def _answer(response: Any) -> np.ndarray:
 
 @asynccontextmanager
 async def _cloud(store: ModelStore, **config: Any) -> AsyncIterator[LoopbackServer]:
+    """A Fermion upstream on loopback, yielded once it is ready.
+
+    Uvicorn listens before the app's models have loaded; an edge started then would
+    find this upstream not ready and, with slow health checks, leave it out.
+    """
     app = create_app(FermionConfig.model_validate(config), store=store)
-    async with serve_on_loopback(app) as server:
+    async with serve_on_loopback(app) as server, httpx.AsyncClient() as client:
+        deadline = time.monotonic() + 60
+        while (await client.get(server.url + "/v2/health/ready")).status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the upstream at {server.url} never became ready")
+            await asyncio.sleep(0.02)
         yield server
 
 
@@ -170,14 +182,17 @@ async def test_a_batch_without_answer_is_retried_on_another_upstream(
         x = np.ones((1, 4), dtype=np.float32)
         for _ in range(4):  # spread over both
             _answer(await edge.client.post("/v2/models/linear/infer", json=_body(x)))
+        metrics = (await edge.client.get("/metrics")).text
+        where = {"model": "linear", "version": "1"}
+        sent = "fermion_upstream_requests_total"
+        for up in (a, b):  # both took traffic: b is there to take a's
+            assert metric_value(metrics, sent, outcome="ok", upstream=up.url, **where) == 2
         await a.stop()  # the health checks are 30 s apart: only requests find out
         answers = await asyncio.gather(
             *(edge.client.post("/v2/models/linear/infer", json=_body(x)) for _ in range(20))
         )
         assert [r.status_code for r in answers] == [200] * 20
         metrics = (await edge.client.get("/metrics")).text
-        where = {"model": "linear", "version": "1"}
-        sent = "fermion_upstream_requests_total"
         assert metric_value(metrics, sent, outcome="unavailable", upstream=a.url, **where)
         # After failures_to_open batches in a row without answer, the circuit opened.
         assert metric_value(metrics, "fermion_upstream_up", upstream=a.url, **where) == 0
