@@ -73,6 +73,13 @@ _DRAIN_QUIET_S = 2.0
 _DRAIN_TIMEOUT_S = 6.0
 #: The detached actor of a namespace that keeps its leases and replicas' channels.
 _LEASES_ACTOR = "fermion-app-leases"
+#: Held while Serve builds a deployment's configuration. Serve pickles its request
+#: router and autoscaling policy "by value" between a process-wide register and
+#: unregister of their module (``ray.cloudpickle``), so two versions loading at once in
+#: two threads can unregister each other's module: one load then fails with "... is not
+#: registered for pickle by value" (Ray 2.60). Reentrant: ``_deploy`` holds it across
+#: ``_bind_replica`` and ``serve.run_many``.
+_SERVE_CONFIG_LOCK = threading.RLock()
 #: The replica's side of Ray Serve's throughput-optimized data path (see ``_fast_handle``):
 #: a batch runs on the replica's own event loop, not behind a hop to a user-code thread
 #: and another to a thread pool (each replica computes one batch at a time, on the CPUs
@@ -194,6 +201,15 @@ class ReplicaDeployment:
         """The artifact this replica chose, its load and warm-up times, and ``channel``:
         whether it was deployed to offer a channel."""
         return {**self._replica.describe(), "channel": self._deployed_with_channel}
+
+
+def _bind_replica(options: dict[str, Any], *args: Any) -> Any:
+    """A ``ReplicaDeployment`` with Serve ``options`` and its constructor's ``args``, as
+    an application to run; safe from several threads at once."""
+    from ray import serve
+
+    with _SERVE_CONFIG_LOCK:
+        return serve.deployment(**options)(ReplicaDeployment).bind(*args)
 
 
 def _replica_tracing(config: TracingConfig) -> str | None:
@@ -576,17 +592,19 @@ class RayBackend(Backend):
         else:
             executor = self._config.executor_for(manifest.name)
             where = {"namespace": self._ray_config.namespace, "app": app}
-            bound = serve.deployment(**options)(ReplicaDeployment).bind(
-                str(self._store.root.resolve()),
-                manifest.model_dump_json(),
-                list(executor.prefer),
-                executor.intra_op_threads,
-                _replica_tracing(self._config.tracing),
-                json.dumps(where) if channel else None,
-            )
-            # Not serve.run: it waits for RUNNING with no deadline; this load has one.
-            target = serve.RunTarget(bound, name=app, route_prefix=None)
-            handle = serve.run_many([target], wait_for_applications_running=False)[0]
+            with _SERVE_CONFIG_LOCK:
+                bound = _bind_replica(
+                    options,
+                    str(self._store.root.resolve()),
+                    manifest.model_dump_json(),
+                    list(executor.prefer),
+                    executor.intra_op_threads,
+                    _replica_tracing(self._config.tracing),
+                    json.dumps(where) if channel else None,
+                )
+                # Not serve.run: it waits for RUNNING with no deadline; this load has one.
+                target = serve.RunTarget(bound, name=app, route_prefix=None)
+                handle = serve.run_many([target], wait_for_applications_running=False)[0]
             try:
                 self._wait_running(app, deadline)
             except Exception:

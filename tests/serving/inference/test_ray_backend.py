@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from model_store.store import ModelStore
 from serving.config import ConfigError, load_config
 from serving.errors import InferenceFailed, ModelNotReady
 from serving.inference.backends.channel import ChannelServer
-from serving.inference.backends.ray import AppLeases, RayBackend, _Deployment
+from serving.inference.backends.ray import AppLeases, RayBackend, _bind_replica, _Deployment
 from serving.inference.backends.ray_policy import CHANNEL_BATCHES, channel_aware_policy
 from serving.inference.batcher import batch_deadline_ns
 from tests.helpers.channel_peers import replica_dying_mid_batch
@@ -108,6 +109,33 @@ def test_an_autoscaling_deployment_on_channels_is_sized_by_fermions_policy(
     off = load_config(None, {**autoscaling, "ray.channel": False})
     options = RayBackend(off, demo_store)._deployment_options(manifest, off.ray.deployment)
     assert "policy" not in options["autoscaling_config"], "Serve's own policy: no channel"
+
+
+def test_versions_loading_at_once_build_their_deployments_without_a_race(
+    demo_store: ModelStore,
+) -> None:
+    # A gateway loads its versions concurrently, each building its Serve deployment in a
+    # worker thread. Serve pickles the request router and the policy between a global
+    # register and unregister of their module: unguarded, about one build in ten of
+    # these failed with "... is not registered for pickle by value".
+    config = load_config(None, {"ray.deployment": {"autoscaling": {"max_replicas": 2}}})
+    manifest = demo_store.manifest("digits", 1)
+    options = RayBackend(config, demo_store)._deployment_options(manifest, config.ray.deployment)
+    errors: list[BaseException] = []
+
+    def build(thread: int) -> None:
+        for i in range(30):
+            try:
+                _bind_replica({**options, "name": f"digits-{thread}-{i}"}, "store", "{}")
+            except Exception as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
 
 
 def _context(replicas: int, handles: float, channels: dict[Any, float]) -> Any:
