@@ -65,9 +65,15 @@ async def serve_in_process(
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
     ):
-        deadline = time.monotonic() + 60
-        while (await client.get("/v2/health/ready")).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the in-process gateway never became ready")
-            await asyncio.sleep(0.02)
+        await wait_ready(client, "/v2/health/ready", "the in-process gateway")
         yield InProcessGateway(app, client)
+
+
+async def wait_ready(client: httpx.AsyncClient, url: str, what: str) -> None:
+    """Return once ``url`` (a gateway's ``/v2/health/ready``) answers 200, polling every
+    20 ms for up to 60 s; then fail, naming ``what`` never became ready."""
+    deadline = time.monotonic() + 60
+    while (await client.get(url)).status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} never became ready")
+        await asyncio.sleep(0.02)

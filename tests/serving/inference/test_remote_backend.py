@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.http.app import create_app
-from tests.helpers.inprocess import InProcessGateway, serve_in_process
+from tests.helpers.inprocess import InProcessGateway, serve_in_process, wait_ready
 from tests.helpers.loopback import LoopbackServer, serve_on_loopback
 from tests.helpers.prom import metric_value
 from tests.helpers.remote_models import expected, publish_linear
@@ -55,11 +54,7 @@ async def _cloud(store: ModelStore, **config: Any) -> AsyncIterator[LoopbackServ
     """
     app = create_app(FermionConfig.model_validate(config), store=store)
     async with serve_on_loopback(app) as server, httpx.AsyncClient() as client:
-        deadline = time.monotonic() + 60
-        while (await client.get(server.url + "/v2/health/ready")).status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the upstream at {server.url} never became ready")
-            await asyncio.sleep(0.02)
+        await wait_ready(client, server.url + "/v2/health/ready", f"the upstream at {server.url}")
         yield server
 
 
