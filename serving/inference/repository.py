@@ -368,6 +368,7 @@ class ModelRepository:
         rows = b.max_batch_size if max_rows is None else max_rows
         max_batch = min(rows, sv.manifest.max_batch_size) if batched else 1
         runner: BatchRunner = functools.partial(infer_batch, sv.name, sv.version)
+        own = infer_batch == self._backend.infer_batch  # else the upstreams compute it
         return DynamicBatcher(
             # The batcher calls the backend itself: no frame of this module in between.
             runner,
@@ -381,11 +382,8 @@ class ModelRepository:
             model=sv.name,
             version=str(sv.version),
             stats=sv.counter,
-            run_inline=(
-                self._backend.inline_runner(sv.name, sv.version)
-                if infer_batch == self._backend.infer_batch
-                else None
-            ),
+            run_inline=self._backend.inline_runner(sv.name, sv.version) if own else None,
+            run_threaded=self._backend.threaded_runner(sv.name, sv.version) if own else None,
         )
 
     async def _unload_version(self, versions: dict[int, ServedVersion], version: int) -> None:

@@ -15,7 +15,7 @@ from model_store.importer import import_from_string
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
-from serving.inference.batcher import InlineRunner
+from serving.inference.batcher import InlineRunner, ThreadedRunner
 
 __all__ = ["BACKENDS", "Backend", "create_backend"]
 
@@ -57,6 +57,12 @@ class Backend(ABC):
 
     def inline_runner(self, name: str, version: int) -> InlineRunner | None:
         """What runs a lone batch of this version on the event loop; None: never."""
+        return None
+
+    def threaded_runner(self, name: str, version: int) -> ThreadedRunner | None:
+        """This version's worker threads, when the backend computes on its own threads
+        (the batcher then starts batches from them); None: batches go through
+        ``infer_batch``."""
         return None
 
     def replica_counts(self) -> dict[tuple[str, int], int]:

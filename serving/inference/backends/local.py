@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +23,7 @@ from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.errors import ModelNotReady
 from serving.inference.backends import Backend
-from serving.inference.batcher import InlineRunner
+from serving.inference.batcher import InlineRunner, ThreadedRunner
 from serving.inference.executors import ExecutorOptions
 from serving.inference.replica import ModelReplica
 
@@ -38,6 +40,8 @@ class LocalBackend(Backend):
         self._pool: ThreadPoolExecutor | None = None
         #: Batches in the pool now (a lone batch runs inline only when it is 0).
         self._in_pool = 0
+        #: Guards ``_in_pool``: the pool's threads count their own batches.
+        self._count_lock = threading.Lock()
         self._inline_max_ns = int(config.local.inline_max_ms * 1e6)
         #: Versions whose last run took at most ``inline_max_ms`` (none before a run).
         self._short: set[tuple[str, int]] = set()
@@ -84,13 +88,40 @@ class LocalBackend(Backend):
         replica = self._replicas.get(key)
         if replica is None or self._pool is None:
             raise ModelNotReady(f"model {name} version {version} has no replica")
-        self._in_pool += 1
+        with self._count_lock:
+            self._in_pool += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._run, key, replica, inputs
             )
         finally:
-            self._in_pool -= 1
+            with self._count_lock:
+                self._in_pool -= 1
+
+    def threaded_runner(self, name: str, version: int) -> ThreadedRunner:
+        """The pool's threads: they start this version's batches themselves."""
+        return ThreadedRunner(self._submit, functools.partial(self._run_in_pool, (name, version)))
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        pool = self._pool
+        if pool is None:
+            raise ModelNotReady("the inference pool is stopped")
+        pool.submit(job)
+
+    def _run_in_pool(
+        self, key: tuple[str, int], inputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """On a pool thread: run the version's current replica."""
+        replica = self._replicas.get(key)
+        if replica is None:
+            raise ModelNotReady(f"model {key[0]} version {key[1]} has no replica")
+        with self._count_lock:
+            self._in_pool += 1
+        try:
+            return self._run(key, replica, inputs)
+        finally:
+            with self._count_lock:
+                self._in_pool -= 1
 
     def inline_runner(self, name: str, version: int) -> InlineRunner | None:
         if self._inline_max_ns <= 0:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from serving.config import TracingConfig
 from serving.errors import (
     DeadlineExceeded,
     InferenceFailed,
@@ -19,7 +19,7 @@ from serving.errors import (
     ModelNotReady,
     Overloaded,
 )
-from serving.inference.batcher import DynamicBatcher, batch_deadline_ns
+from serving.inference.batcher import DynamicBatcher, ThreadedRunner, batch_deadline_ns
 from serving.observability import tracing
 from serving.observability.counters import VersionCounter
 
@@ -36,6 +36,16 @@ class _DoubleModel:
         x = inputs["x"]
         self.batches.append(x.shape[0])
         await asyncio.sleep(self.delay_s)
+        return self._double(x)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The same on the calling thread (a worker's)."""
+        x = inputs["x"]
+        self.batches.append(x.shape[0])
+        time.sleep(self.delay_s)
+        return self._double(x)
+
+    def _double(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.fail_marker is not None and np.any(x == self.fail_marker):
             raise RuntimeError("poisoned row in batch")
         return {"y": x * 2}
@@ -407,19 +417,23 @@ async def test_a_lower_priority_request_fills_the_batch_behind_a_higher_one() ->
     assert model.batches == [1, 2]  # level 2 is empty: level 3 still joins level 1's batch
 
 
-@pytest.fixture()
-def exporter() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.configure(TracingConfig(), exporter=exporter)
-    yield exporter
-    tracing.shutdown()
-
-
+@pytest.mark.parametrize("on_workers", [False, True], ids=["loop", "worker-threads"])
 async def test_a_batch_is_a_span_under_its_first_request_linked_to_all(
-    exporter: InMemorySpanExporter,
+    exporter: InMemorySpanExporter, on_workers: bool
 ) -> None:
     model = _DoubleModel(delay_s=0.02, fail_marker=-1.0)
-    batcher = DynamicBatcher(model, max_batch_size=8, model="m", version="3")
+    pool = ThreadPoolExecutor(max_workers=1)
+
+    def submit(job: Callable[[], None]) -> None:
+        pool.submit(job)
+
+    batcher = DynamicBatcher(
+        model,
+        max_batch_size=8,
+        model="m",
+        version="3",
+        run_threaded=ThreadedRunner(submit, model.run) if on_workers else None,
+    )
     tracer = tracing.current_tracer()
     assert tracer is not None
 
@@ -459,6 +473,7 @@ async def test_a_batch_is_a_span_under_its_first_request_linked_to_all(
     assert [e.name for e in failed.events] == ["exception"]
     recorded = failed.events[0].attributes or {}
     assert recorded.get("exception.message") == "poisoned row in batch"
+    pool.shutdown(wait=True)
 
 
 @pytest.mark.parametrize(

@@ -6,24 +6,12 @@ is checked end to end in ``tests/e2e/test_ray_backend.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from model_store.store import ModelStore
-from serving.config import TracingConfig
 from serving.inference.backends.ray import ReplicaDeployment
 from serving.observability import tracing
-
-
-@pytest.fixture()
-def exporter() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.configure(TracingConfig(), exporter=exporter)
-    yield exporter
-    tracing.shutdown()
 
 
 def test_replica_span_is_a_child_of_the_span_in_its_carrier(

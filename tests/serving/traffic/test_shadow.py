@@ -7,7 +7,6 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from model_store.store import ModelStore
-from serving.config import RouteConfig, ShadowConfig, TracingConfig
+from serving.config import RouteConfig, ShadowConfig
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.repository import ModelRepository
 from serving.observability import tracing
@@ -298,14 +297,6 @@ async def test_no_copy_at_zero_percent(repository: ModelRepository) -> None:
     assert not _mirror_once(mirror, repository, 1, {"version": 2, "percent": 0})
     assert mirror.in_flight == 0
     assert mirror.window(MODEL, 1, 2).total == ShadowFigures()  # not even counted as shed
-
-
-@pytest.fixture()
-def exporter() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    tracing.configure(TracingConfig(), exporter=exporter)
-    yield exporter
-    tracing.shutdown()
 
 
 async def test_a_copy_is_a_span_of_the_sampled_request_it_mirrors(
