@@ -1,5 +1,8 @@
 """The gateway's HTTP server: uvicorn with guarded connections, and a drain on SIGTERM.
 
+Connections are accepted by :class:`~serving.http.listener.Listener`, every one waiting
+at each turn of the loop, rather than by uvloop's server, which takes one a turn.
+
 SIGTERM starts a drain: readiness answers 503 at once while the listener keeps
 accepting and serving for ``server.drain_s``, so that load balancers take the gateway
 out of rotation first; then the listener closes, requests in flight get
@@ -23,6 +26,7 @@ import uvicorn
 from serving.config import ServerConfig
 from serving.http.connection import ConnectionLimits, Refuser, guarded_protocol
 from serving.http.drain import DrainState
+from serving.http.listener import Listener
 from serving.http.stuck import StuckReport
 
 __all__ = ["GatewayServer"]
@@ -77,6 +81,7 @@ class GatewayServer(uvicorn.Server):
         self.cancelled_requests = 0
         #: Past this, a shutdown still running logs every task's and thread's stack.
         self.stuck_report_s = _STUCK_REPORT_S
+        self._listeners: list[Listener] = []
 
     @property
     def exit_code(self) -> int:
@@ -84,7 +89,22 @@ class GatewayServer(uvicorn.Server):
         return 1 if self.cancelled_requests else 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
+        if sockets is None:  # uvicorn binds host:port itself
+            await super().startup(sockets=None)
+        else:
+            # The lifespan, and no uvicorn server: a Listener accepts from each socket.
+            await super().startup(sockets=[])
+            config = self.config
+
+            def create_protocol() -> asyncio.Protocol:
+                return config.http_protocol_class(  # type: ignore[call-arg]
+                    config=config, server_state=self.server_state, app_state=self.lifespan.state
+                )
+
+            for sock in sockets:
+                listener = Listener(sock, create_protocol, backlog=config.backlog)
+                listener.start()
+                self._listeners.append(listener)
         if self.started and self._announce is not None:
             print(self._announce, flush=True)
 
@@ -111,6 +131,8 @@ class GatewayServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         log.info("shutting down: the listener closes, requests in flight finish")
+        for listener in self._listeners:
+            listener.close()
         for server in self.servers:
             server.close()
         for sock in sockets or []:
