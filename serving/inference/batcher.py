@@ -159,7 +159,7 @@ class DynamicBatcher:
         self._run_batch = run_batch
         self._run_inline = run_inline
         self._threaded = run_threaded
-        #: Guards the queues and the running count: worker threads take batches too.
+        #: Guards the queues: worker threads take batches from them too.
         self._lock = threading.Lock()
         #: The loop requests are answered on (known from the first submit).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -376,10 +376,13 @@ class DynamicBatcher:
 
     def _dispatch(self) -> None:
         """Start batches while there are requests and free runner slots (on the loop)."""
-        while True:
+        # Only the loop adds requests and changes ``_running`` (a worker keeps its slot for
+        # the batch it takes, and gives it back through ``_finish``): nothing to start here
+        # is nothing to start under the lock either.
+        while self._queued and self._running < self.max_concurrent_batches:
             inline: bool | None = None
             with self._lock:
-                if not self._queued or self._running >= self.max_concurrent_batches:
+                if not self._queued:  # a worker took them meanwhile
                     return
                 if self.max_queue_delay_s > 0 and not self._closed and self._should_wait():
                     return
@@ -389,7 +392,8 @@ class DynamicBatcher:
                     self._running += 1
                     if self._threaded is not None:
                         inline = self._run_inline is not None and self._alone(len(batch))
-            self._fail_hopeless(hopeless)
+            if hopeless:
+                self._fail_hopeless(hopeless)
             if not batch:
                 return
             if self._threaded is not None and not inline:
@@ -512,8 +516,7 @@ class DynamicBatcher:
         finally:
             if spans is not None:
                 spans[0].end()
-            with self._lock:
-                self._running -= 1
+            self._running -= 1
             self._dispatch()
 
     # Batches computed on the backend's worker threads (``run_threaded``).
@@ -639,8 +642,7 @@ class DynamicBatcher:
             else:
                 p.future.set_result(outcome)
         if ran.release:
-            with self._lock:
-                self._running -= 1
+            self._running -= 1
             if self._answered is not None:
                 self._answered.set()
         self._dispatch()
