@@ -1,5 +1,9 @@
 """Backend ``local``: replicas in the gateway process, inference in worker threads.
 
+The pool's threads start a version's batches themselves (``threaded_runner``): a thread
+that finishes a batch takes the next one from the batcher's queue, without waiting for
+the event loop to hear of the first.
+
 With ``local.inline_max_ms`` (opt-in), a lone batch (its version's traffic one request
 at a time, nothing in the pool) of a version whose last run was that short runs on the
 event loop instead: handing it to a thread and its answer back costs two wake-ups,
