@@ -112,6 +112,28 @@ class _Ran:
     release: bool = False
 
 
+def _failure(e: Exception) -> FermionError:
+    """What the clients of a failed batch get: a gateway error as it is, else a 500."""
+    return e if isinstance(e, FermionError) else InferenceFailed(f"inference failed: {e}")
+
+
+def _live(batch: list[_Pending], now: int, late: list[tuple[_Pending, str]]) -> list[_Pending]:
+    """The requests of a batch taken from the queue still to compute at ``now``: their
+    queue-wait spans end; one whose client left is skipped, one past its deadline goes
+    to ``late`` (with why) for the loop to fail."""
+    live: list[_Pending] = []
+    for p in batch:
+        if p.queue_span is not None:
+            p.queue_span.end()
+        if p.future.done():  # cancelled by its client meanwhile
+            continue
+        if p.deadline_ns and now >= p.deadline_ns:
+            late.append((p, "deadline passed while the request was queued"))
+            continue
+        live.append(p)
+    return live
+
+
 def _batch_inputs(live: list[_Pending]) -> dict[str, np.ndarray]:
     """The requests' inputs, one after the other along dim 0."""
     if len(live) == 1:
@@ -384,7 +406,7 @@ class DynamicBatcher:
             with self._lock:
                 if not self._queued:  # a worker took them meanwhile
                     return
-                if self.max_queue_delay_s > 0 and not self._closed and self._should_wait():
+                if self.max_queue_delay_s > 0 and self._should_wait():
                     return
                 hopeless = self._pop_hopeless(time.perf_counter_ns()) if self._batch_ns else []
                 batch = self._take_locked() if self._queued else []
@@ -404,16 +426,12 @@ class DynamicBatcher:
             task.add_done_callback(self._tasks.discard)
 
     def _should_wait(self) -> bool:
-        if self._queued_rows >= self.max_batch_size:
-            return False
-        oldest = min(q[0].enqueued_ns for q in self._queues if q)
-        waited = (time.perf_counter_ns() - oldest) / 1e9
-        if waited >= self.max_queue_delay_s:
+        """On the loop: whether the queue gathers more rows (a timer then ends its window)."""
+        left = self._wait_left_s(time.perf_counter_ns())
+        if left <= 0:
             return False
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                self.max_queue_delay_s - waited, self._on_timer
-            )
+            self._timer = asyncio.get_running_loop().call_later(left, self._on_timer)
         return True
 
     def _on_timer(self) -> None:
@@ -457,19 +475,9 @@ class DynamicBatcher:
         rows = 0
         spans: tuple[Any, Any] | None = None
         try:
-            live: list[_Pending] = []
-            for p in batch:
-                if p.queue_span is not None:
-                    p.queue_span.end()
-                if p.future.done():
-                    continue
-                if p.deadline_ns and started >= p.deadline_ns:
-                    self.stats.expired += 1
-                    p.future.set_exception(
-                        DeadlineExceeded("deadline passed while the request was queued")
-                    )
-                    continue
-                live.append(p)
+            late: list[tuple[_Pending, str]] = []
+            live = _live(batch, started, late)
+            self._expire_all(late)
             if not live:
                 return
             rows = sum(p.rows for p in live)
@@ -499,9 +507,7 @@ class DynamicBatcher:
                     # request alone, so that the others are still answered.
                     await self._run_each(live)
                     return
-                error = (
-                    e if isinstance(e, FermionError) else InferenceFailed(f"inference failed: {e}")
-                )
+                error = _failure(e)
                 if spans is not None:
                     spans[0].record_exception(e)
                 self._record(live, rows, started, ok=False)
@@ -545,7 +551,7 @@ class DynamicBatcher:
         now = time.perf_counter_ns()
         with self._lock:
             following: list[_Pending] = []
-            if self._queued and not (self.max_queue_delay_s > 0 and self._waits(now)):
+            if self._queued and not (self.max_queue_delay_s > 0 and self._wait_left_s(now) > 0):
                 hopeless = self._pop_hopeless(now) if self._batch_ns else []
                 ran.expired.extend(
                     (p, "deadline would pass before the request was computed") for p in hopeless
@@ -569,27 +575,27 @@ class DynamicBatcher:
         except RuntimeError:  # the loop is closed: nobody waits for these answers any more
             log.warning("batch of %s finished after its event loop closed", self._attributes)
 
-    def _waits(self, now: int) -> bool:
-        """True while the queue should gather more rows (``max_queue_delay_s``; lock held)."""
+    def _expire_all(self, expired: list[tuple[_Pending, str]]) -> None:
+        """On the loop: fail (504) and count requests whose deadlines passed, with why."""
+        for p, message in expired:
+            self.stats.expired += 1
+            if not p.future.done():
+                p.future.set_exception(DeadlineExceeded(message))
+
+    def _wait_left_s(self, now: int) -> float:
+        """Seconds the queue (not empty) still gathers rows for its next batch: 0 once a
+        batch's worth waits, the oldest request waited ``max_queue_delay_s``, or the
+        batcher closes (lock held)."""
         if self._closed or self._queued_rows >= self.max_batch_size:
-            return False
+            return 0.0
         oldest = min(q[0].enqueued_ns for q in self._queues if q)
-        return (now - oldest) / 1e9 < self.max_queue_delay_s
+        return max(0.0, self.max_queue_delay_s - (now - oldest) / 1e9)
 
     def _compute(self, batch: list[_Pending]) -> _Ran:
         """Compute the live requests of ``batch`` on this thread (a worker's)."""
         ran = _Ran()
         started = time.perf_counter_ns()
-        live: list[_Pending] = []
-        for p in batch:
-            if p.queue_span is not None:
-                p.queue_span.end()
-            if p.future.done():  # cancelled by its client meanwhile
-                continue
-            if p.deadline_ns and started >= p.deadline_ns:
-                ran.expired.append((p, "deadline passed while the request was queued"))
-                continue
-            live.append(p)
+        live = _live(batch, started, ran.expired)
         if live:
             self._compute_live(live, started, ran)
         return ran
@@ -614,7 +620,7 @@ class DynamicBatcher:
                 for p in live:
                     self._compute_live([p], time.perf_counter_ns(), ran)
                 return
-            error = e if isinstance(e, FermionError) else InferenceFailed(f"inference failed: {e}")
+            error = _failure(e)
             if spans is not None:
                 spans[0].record_exception(e)
                 spans[0].end()
@@ -628,10 +634,7 @@ class DynamicBatcher:
 
     def _finish(self, ran: _Ran) -> None:
         """On the loop: answer, fail and count what a worker did; start what can start."""
-        for p, message in ran.expired:
-            self.stats.expired += 1
-            if not p.future.done():
-                p.future.set_exception(DeadlineExceeded(message))
+        self._expire_all(ran.expired)
         for live, rows, started, finished, ok in ran.records:
             self._record(live, rows, started, ok=ok, finished=finished)
         for p, outcome in ran.outcomes:
@@ -678,11 +681,7 @@ class DynamicBatcher:
             except Exception as e:
                 self._record([p], p.rows, started, ok=False)
                 if not p.future.done():
-                    p.future.set_exception(
-                        e
-                        if isinstance(e, FermionError)
-                        else InferenceFailed(f"inference failed: {e}")
-                    )
+                    p.future.set_exception(_failure(e))
                 continue
             self._record([p], p.rows, started, ok=True)
             if not p.future.done():

@@ -92,25 +92,40 @@ class LocalBackend(Backend):
         replica = self._replicas.get(key)
         if replica is None or self._pool is None:
             raise ModelNotReady(f"model {name} version {version} has no replica")
-        with self._count_lock:
-            self._in_pool += 1
+        self._count(1)
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 self._pool, self._run, key, replica, inputs
             )
         finally:
-            with self._count_lock:
-                self._in_pool -= 1
+            self._count(-1)
 
     def threaded_runner(self, name: str, version: int) -> ThreadedRunner:
         """The pool's threads: they start this version's batches themselves."""
         return ThreadedRunner(self._submit, functools.partial(self._run_in_pool, (name, version)))
 
     def _submit(self, job: Callable[[], None]) -> None:
+        """Hand ``job`` to the pool, counted in ``_in_pool`` from now, as ``infer_batch``
+        counts its batches (one waiting for a thread is in the pool too)."""
         pool = self._pool
         if pool is None:
             raise ModelNotReady("the inference pool is stopped")
-        pool.submit(job)
+        self._count(1)
+        try:
+            pool.submit(self._counted, job)
+        except BaseException:
+            self._count(-1)
+            raise
+
+    def _counted(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        with self._count_lock:
+            self._in_pool += change
 
     def _run_in_pool(
         self, key: tuple[str, int], inputs: dict[str, np.ndarray]
@@ -119,13 +134,7 @@ class LocalBackend(Backend):
         replica = self._replicas.get(key)
         if replica is None:
             raise ModelNotReady(f"model {key[0]} version {key[1]} has no replica")
-        with self._count_lock:
-            self._in_pool += 1
-        try:
-            return self._run(key, replica, inputs)
-        finally:
-            with self._count_lock:
-                self._in_pool -= 1
+        return self._run(key, replica, inputs)
 
     def inline_runner(self, name: str, version: int) -> InlineRunner | None:
         if self._inline_max_ns <= 0:
