@@ -11,22 +11,42 @@ through the SDK's OTLP/HTTP exporter to a loopback sink, 64 at a time as the gat
 batch processor sends them, and the exporter thread's CPU per sampled request is
 printed too (off the request path, but holding the GIL).
 
+``--http`` sends each request as HTTP/1.1 bytes through the gateway's own connection
+protocol (``GuardedHttpProtocol``: httptools parsing, uvicorn's request cycle, the
+response written in one piece) on one keep-alive connection over an in-memory
+transport, on uvloop as the server runs, so that the figures add the HTTP layer's and
+the event loop's cost, all of it but the socket's system calls.
+
+``--base CHECKOUT`` compares this checkout with another (a ``git worktree`` of an
+earlier commit, say) on a machine whose speed varies from second to second: each
+configuration runs in one worker process per checkout (this file, importing each
+checkout's ``serving``), the two given ``--rounds`` rounds of requests in turn, and
+the medians and tenth percentiles of the rounds are printed with their ratios.
+
     python -m bench.gateway_overhead --store model_store [--requests 20000] [--only NAME]
+        [--http] [--base CHECKOUT [--rounds 40]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping, Sequence
+from contextlib import asynccontextmanager
+from email.utils import formatdate
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import orjson
+import uvicorn
+import uvloop as _uvloop
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -35,10 +55,16 @@ from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
 from serving.http.app import create_app
+from serving.http.connection import ConnectionLimits, guarded_protocol
+from serving.http.drain import DrainState
 from serving.inference.backends import Backend
 from serving.observability.tracing import EXPORT_BATCH
 
 __all__ = ["main"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+_T = TypeVar("_T")
 
 
 class _ZerosBackend(Backend):
@@ -135,12 +161,76 @@ def _request(
     return scope, body
 
 
-async def _measure(
-    config: FermionConfig, store: ModelStore, case: _Case, n: int
-) -> tuple[list[float], tuple[ReadableSpan, ...]]:
-    """CPU µs per request of each of five rounds, and the spans the last round exported."""
+class _Wire(asyncio.Transport):
+    """An in-memory connection: the protocol's one write of a response is awaited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: asyncio.Future[bytes] | None = None
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.answer is None or self.answer.done():
+            raise RuntimeError("a write that is not a whole response")
+        self.answer.set_result(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default
+        )
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _over_http(app: Any, scope: dict[str, Any], body: bytes, statuses: list[int]) -> Any:
+    """An ASGI-shaped callable that sends ``scope``'s request through the gateway's
+    connection protocol as bytes and waits for the response's bytes."""
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        http=guarded_protocol(ConnectionLimits(), DrainState()),
+        ws="none",
+    )
+    config.load()  # (as the server does: the app behind uvicorn's proxy-headers layer)
+    state = uvicorn.server.ServerState()
+    state.default_headers = [(b"date", formatdate(usegmt=True).encode()), *config.encoded_headers]
+    protocol = config.http_protocol_class(config=config, server_state=state, app_state={})  # type: ignore[call-arg]
+    wire = _Wire()
+    protocol.connection_made(wire)
+    head = [f"POST {scope['path']} HTTP/1.1\r\nhost: bench\r\n".encode()]
+    head += [k + b": " + v + b"\r\n" for k, v in scope["headers"]]
+    raw = b"".join([*head, b"\r\n", body])
+
+    async def call(_scope: Any, _receive: Any, _send: Any) -> None:
+        wire.answer = asyncio.get_running_loop().create_future()
+        protocol.data_received(raw)
+        answer = await wire.answer
+        statuses.append(int(answer[9:12]))
+
+    return call
+
+
+@asynccontextmanager
+async def _driver(
+    config: FermionConfig, store: ModelStore, case: _Case, *, http: bool = False
+) -> AsyncIterator[tuple[Callable[[int], Awaitable[float]], InMemorySpanExporter | None]]:
+    """A gateway of ``config`` started and warmed up, and a coroutine function that
+    sends it ``n`` requests and gives their CPU µs per request (this thread's and the
+    others' of the process), with the exporter of traced cases."""
     exporter = InMemorySpanExporter() if case.traced else None
-    app = create_app(config, store=store, backend=_ZerosBackend(), span_exporter=exporter)
+    gateway = create_app(config, store=store, backend=_ZerosBackend(), span_exporter=exporter)
     model = store.models()[0]
     scope, body = _request(model, case.headers, json=case.json)
     statuses: list[int] = []
@@ -152,25 +242,114 @@ async def _measure(
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    rounds: list[float] = []
-    async with app.router.lifespan_context(app):
-        while not app.state.repository.ready:
-            await asyncio.sleep(0.01)
-        for _ in range(200):  # warm-up
+    app = _over_http(gateway, scope, body, statuses) if http else gateway
+
+    async def requests(n: int) -> float:
+        started = time.process_time()
+        for _ in range(n):
             await app(dict(scope), receive, send)
+        return (time.process_time() - started) / n * 1e6
+
+    async with gateway.router.lifespan_context(gateway):
+        while not gateway.state.repository.ready:
+            await asyncio.sleep(0.01)
+        await requests(200)  # warm-up
+        yield requests, exporter
+    if set(statuses) != {200}:
+        raise RuntimeError(f"unexpected statuses {sorted(set(statuses))}")
+
+
+async def _measure(
+    config: FermionConfig, store: ModelStore, case: _Case, n: int, *, http: bool = False
+) -> tuple[list[float], tuple[ReadableSpan, ...]]:
+    """CPU µs per request of each of five rounds, and the spans the last round exported."""
+    rounds: list[float] = []
+    async with _driver(config, store, case, http=http) as (requests, exporter):
         for _ in range(5):
             if exporter is not None:
                 exporter.clear()
-            started = time.process_time()
-            for _ in range(n // 5):
-                await app(dict(scope), receive, send)
-            rounds.append((time.process_time() - started) / (n // 5) * 1e6)
+            rounds.append(await requests(n // 5))
     spans = exporter.get_finished_spans() if exporter is not None else ()
     if exporter is not None and not spans:
         raise RuntimeError("tracing sampled every request but no span was exported")
-    if set(statuses) != {200}:
-        raise RuntimeError(f"unexpected statuses {sorted(set(statuses))}")
     return rounds, spans
+
+
+async def _serve_rounds(
+    config: FermionConfig, store: ModelStore, case: _Case, n: int, *, http: bool
+) -> None:
+    """``--worker``: a round of ``n`` requests for each ``go`` line on stdin, its CPU µs
+    per request printed; any other line ends it."""
+    async with _driver(config, store, case, http=http) as (requests, _):
+        print("ready", flush=True)
+        for line in sys.stdin:  # (blocks the loop between rounds: nothing else runs)
+            if line.strip() != "go":
+                break
+            print(f"{await requests(n):.3f}", flush=True)
+
+
+def _compare(args: argparse.Namespace, names: list[str]) -> None:
+    """Each configuration measured in this checkout and in ``args.base`` at once: a
+    worker process per checkout, given rounds of requests in turn (which goes first
+    alternates), so that both see the same moments of a machine whose speed varies."""
+    trees = {"this": _ROOT, "base": args.base.resolve()}
+    per_round = max(50, args.requests // args.rounds)
+    print(f"{args.rounds} rounds of {per_round} requests in turn; CPU µs per request")
+    columns = ("this: median, p10", "base: median, p10", "this/base")
+    print(f"{'configuration':40} {columns[0]:>18} {columns[1]:>18} {columns[2]:>15}")
+    for name in names:
+        workers = {
+            label: subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    *("--worker", name, "--requests", str(per_round)),
+                    *("--store", str(args.store.resolve())),
+                    *(["--http"] if args.http else []),
+                ],
+                cwd=tree,
+                env={**os.environ, "PYTHONPATH": str(tree)},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for label, tree in trees.items()
+        }
+        results: dict[str, list[float]] = {label: [] for label in workers}
+        try:
+            for label, worker in workers.items():
+                assert worker.stdout is not None
+                if worker.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"the {label} worker did not start ({trees[label]})")
+            order = list(workers)
+            for i in range(args.rounds):
+                for label in order if i % 2 == 0 else order[::-1]:
+                    worker = workers[label]
+                    assert worker.stdin is not None and worker.stdout is not None
+                    worker.stdin.write("go\n")
+                    worker.stdin.flush()
+                    results[label].append(float(worker.stdout.readline()))
+        finally:
+            for worker in workers.values():
+                if worker.stdin is not None:
+                    worker.stdin.close()
+            for worker in workers.values():
+                worker.wait(timeout=60)
+        this, base = (_median_p10(results[label]) for label in ("this", "base"))
+        print(
+            f"{name:40} {this[0]:9.1f}, {this[1]:6.1f} {base[0]:9.1f}, {base[1]:6.1f} "
+            f"{this[0] / base[0]:7.3f}, {this[1] / base[1]:.3f}"
+        )
+
+
+def _median_p10(values: list[float]) -> tuple[float, float]:
+    return statistics.median(values), statistics.quantiles(values, n=10)[0]
+
+
+def _run(measure: Coroutine[Any, Any, _T], *, uvloop: bool) -> _T:
+    """``measure`` run on a new event loop: uvloop's (the server's) or asyncio's own."""
+    with asyncio.Runner(loop_factory=_uvloop.new_event_loop if uvloop else None) as runner:
+        return runner.run(measure)
 
 
 def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
@@ -250,11 +429,34 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure FermionConfig() alone (runs on older trees too, for a baseline)",
     )
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="send each request as HTTP/1.1 bytes through the gateway's connection protocol",
+    )
+    parser.add_argument(
+        "--base",
+        type=Path,
+        metavar="CHECKOUT",
+        help="measure each configuration here and in CHECKOUT at once, and print the ratios",
+    )
+    parser.add_argument("--rounds", type=int, default=40, help="rounds each, with --base (40)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     store = ModelStore(args.store)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.worker is not None:
+            case = _configs(Path(tmp) / "keys.json", store)[args.worker]
+            config = FermionConfig.model_validate(case.data)
+            _run(
+                _serve_rounds(config, store, case, args.requests, http=args.http), uvloop=args.http
+            )
+            return 0
         if args.defaults_only:
-            rounds, _ = asyncio.run(_measure(FermionConfig(), store, _Case({}, {}), args.requests))
+            rounds, _ = _run(
+                _measure(FermionConfig(), store, _Case({}, {}), args.requests, http=args.http),
+                uvloop=args.http,
+            )
             print(f"defaults: {statistics.median(rounds):.1f} µs/request")
             return 0
         configs = _configs(Path(tmp) / "keys.json", store)
@@ -264,12 +466,18 @@ def main(argv: list[str] | None = None) -> int:
                 for name, case in configs.items()
                 if name == _ALL_OFF or any(name.startswith(o) for o in args.only)
             }
+        if args.base is not None:
+            _compare(args, list(configs))
+            return 0
         results: dict[str, list[float]] = {name: [] for name in configs}
         traced: tuple[ReadableSpan, ...] = ()
         for _ in range(3):  # interleave the configurations
             for name, case in configs.items():
                 config = FermionConfig.model_validate(case.data)
-                rounds, spans = asyncio.run(_measure(config, store, case, args.requests // 3))
+                rounds, spans = _run(
+                    _measure(config, store, case, args.requests // 3, http=args.http),
+                    uvloop=args.http,
+                )
                 results[name] += rounds
                 traced = spans or traced
     base = statistics.median(results[_ALL_OFF])

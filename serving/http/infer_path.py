@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from serving.auth import AccessControl
 from serving.errors import FermionError
 from serving.http.capture import PayloadCapture
-from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED
+from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED, RESPOND
 from serving.http.middleware.access_log import access_record
 from serving.http.middleware.auth import authorize
 from serving.http.middleware.body_limit import declared_over, read_past
@@ -43,6 +43,8 @@ log = logging.getLogger("fermion.gateway")
 
 #: The route templates of inference, without and with a version (as spans name them).
 INFER_ROUTES: Final = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
+
+_NONE: Final[dict[str, Any]] = {}
 
 #: Where access lines go (``emit_access``: the ``fermion.access`` logger).
 AccessSink = Callable[[dict[str, Any]], None]
@@ -105,8 +107,13 @@ class InferPath:
             if answer is not None:
                 status = answer.status
                 headers = [*answer.headers, (REQUEST_ID, request_id)]
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": answer.body})
+                respond = (scope.get("extensions") or _NONE).get(RESPOND) if post else None
+                if respond is not None:
+                    await respond(status, headers, answer.body)  # one call, one write
+                else:
+                    start = {"type": "http.response.start", "status": status, "headers": headers}
+                    await send(start)
+                    await send({"type": "http.response.body", "body": answer.body})
         except BaseException as e:
             escaped = e
             raise

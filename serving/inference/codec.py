@@ -8,6 +8,14 @@ tensors are numpy views of the request body (read-only, possibly unaligned): the
 are never copied. JSON numbers are converted by the stdlib ``array`` module, which
 rejects strings, nulls and out-of-range integers in C, so no Python loop runs per
 element except for BYTES tensors.
+
+Clients of the binary extension send the same JSON header with every request (only
+the tensors' bytes change), so what a short header decodes to is remembered (``_Plan``)
+and the next body with that very header only has its tensors cut out of the binary
+part: no JSON parse, no signature checks. A plan is made only from a header that
+decoded whole, for the same signature and batch limit, and a body whose binary part
+has another length is decoded afresh (to name what is wrong). It saves about a tenth of
+a binary request's CPU in the gateway (``bench.gateway_overhead --http``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from serving.inference.tensors import (
     InferRequest,
     InputSet,
     Signature,
+    SignatureTensor,
     check_output,
     check_output_parameters,
     check_shape,
@@ -90,7 +99,10 @@ def decode_request(
     Raises ``InvalidInput`` for anything malformed or not matching the signature.
     """
     header, binary = _split(body, header_length)
-    return _decode(_loads(header), header, binary, signature(manifest), max_batch_size)
+    sig = signature(manifest)
+    if binary is not _NO_BINARY and len(header) <= _PLAN_BYTES:
+        return _decode_binary(header, binary, sig, max_batch_size)
+    return _decode(_loads(header), header, binary, sig, max_batch_size)
 
 
 async def decode_request_async(
@@ -108,6 +120,8 @@ async def decode_request_async(
     """
     header, binary = _split(body, header_length)
     sig = signature(manifest)
+    if binary is not _NO_BINARY and len(header) <= _PLAN_BYTES:
+        return _decode_binary(header, binary, sig, max_batch_size)
     if len(header) <= SLICE_BYTES:
         return _decode(_loads(header), header, binary, sig, max_batch_size)
     skeleton, sliced = await cut_arrays(header)
@@ -140,6 +154,80 @@ class _Decoded:
     values: array[Any]
 
 
+#: An input cut from the binary part: its name, signature, shape and byte range.
+_Slot = tuple[str, SignatureTensor, tuple[int, ...], int, int]
+#: Headers up to this long have their decoding remembered (a V2 header is ~200 bytes).
+_PLAN_BYTES: Final = 4096
+#: Plans kept at most; past it all are forgotten (a client varying its header on
+#: purpose only makes its own requests decode in full).
+_MAX_PLANS: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a binary body's JSON header decoded to, but for the tensors' bytes."""
+
+    sig: Signature
+    id: str | None
+    slots: tuple[_Slot, ...]
+    #: Bytes of binary data the inputs take, all of it.
+    size: int
+    batch_size: int
+    outputs: tuple[str, ...]
+    binary_outputs: frozenset[str]
+    parameters: dict[str, Any]
+
+    def replay(self, binary: memoryview) -> InferRequest:
+        """The request of a body with this header and ``binary`` (``size`` bytes)."""
+        inputs = {
+            name: from_raw(binary[start:end], shape, spec, _BINARY_FIELD)
+            for name, spec, shape, start, end in self.slots
+        }
+        return InferRequest(
+            id=self.id,
+            inputs=inputs,
+            batch_size=self.batch_size,
+            outputs=list(self.outputs),
+            binary_outputs=self.binary_outputs,
+            parameters=dict(self.parameters),
+        )
+
+
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+#: Plans by (header, signature's id, batch limit); a plan holds its signature, so an
+#: id is never reused while its plans are kept.
+_PLANS: dict[tuple[bytes, int, int | None], _Plan] = {}
+
+
+def _decode_binary(
+    header: memoryview, binary: memoryview, sig: Signature, max_batch_size: int | None
+) -> InferRequest:
+    """``_decode`` of a body with a binary part and a short header, through the plan of
+    its header."""
+    key = (header.tobytes(), id(sig), max_batch_size)
+    plan = _PLANS.get(key)
+    if plan is not None and plan.sig is sig and plan.size == len(binary):
+        return plan.replay(binary)
+    slots: list[_Slot] = []
+    req = _decode(_loads(header), header, binary, sig, max_batch_size, slots)
+    # Every input from the binary part, and parameters a later request cannot change in
+    # place (each gets its own copy of the dict): then the header's decoding is its plan.
+    if len(slots) == len(req.inputs) and all(type(v) in _SCALARS for v in req.parameters.values()):
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = _Plan(
+            sig=sig,
+            id=req.id,
+            slots=tuple(slots),
+            size=len(binary),
+            batch_size=req.batch_size,
+            outputs=tuple(req.outputs),
+            binary_outputs=req.binary_outputs,
+            parameters=dict(req.parameters),
+        )
+    return req
+
+
 def _split(
     body: bytes | bytearray | memoryview, header_length: int | None
 ) -> tuple[Any, memoryview]:
@@ -169,8 +257,10 @@ def _decode(
     binary: memoryview,
     sig: Signature,
     max_batch_size: int | None,
+    slots: list[_Slot] | None = None,
 ) -> InferRequest:
-    """The request parsed as ``req`` from JSON ``text``, checked against ``sig``."""
+    """The request parsed as ``req`` from JSON ``text``, checked against ``sig``;
+    ``slots`` (when given) gets each input taken from the binary part."""
     header_length = None if binary is _NO_BINARY else len(text)
     if not isinstance(req, dict):
         raise InvalidInput("request body must be a JSON object")
@@ -235,6 +325,8 @@ def _decode(
                     f"{len(binary) - offset} bytes of binary data are left"
                 )
             inputs.add(name, from_raw(binary[offset:end], shape, spec, _BINARY_FIELD))
+            if slots is not None:
+                slots.append((name, spec, shape, offset, end))
             offset, last_binary = end, name
         elif data is None:
             raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")

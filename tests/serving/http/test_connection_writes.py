@@ -7,58 +7,43 @@ given (no server: what is checked is the sequence of writes, which a socket hide
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
-from serving.http.connection import ConnectionLimits, guarded_protocol
+from serving.http.connection import RESPOND, ConnectionLimits, guarded_protocol
 from serving.http.drain import DrainState
+from tests.helpers.memory_transport import MemoryTransport
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-class _RecordingTransport(asyncio.Transport):
-    """Keeps every write; closing is recorded, nothing is sent anywhere."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
-            name, default
-        )
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+def _connect(app: App, *, access_log: bool = False) -> tuple[Any, MemoryTransport]:
+    """A new connection of the gateway's protocol to ``app``, and its transport.
+    uvicorn's access log is off, as the gateway runs it."""
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=access_log)
+    config.load()
+    state = ServerState()
+    state.default_headers = [(b"server", b"test")]  # as uvicorn's startup sets them
+    protocol = guarded_protocol(ConnectionLimits(), DrainState())(
+        config=config, server_state=state, app_state={}
+    )
+    transport = MemoryTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
 
 
-async def _serve(app: App, request: bytes, *, settle: int = 20) -> _RecordingTransport:
+async def _serve(
+    app: App, request: bytes, *, settle: int = 20, access_log: bool = False
+) -> MemoryTransport:
     """``request`` fed to a new connection, then the loop run a while; ``closed`` tells
     whether the protocol closed the connection itself."""
-    config = uvicorn.Config(app, lifespan="off", log_level="warning")
-    config.load()
-    protocol = guarded_protocol(ConnectionLimits(), DrainState())(
-        config=config, server_state=ServerState(), app_state={}
-    )
-    transport = _RecordingTransport()
-    protocol.connection_made(transport)
+    protocol, transport = _connect(app, access_log=access_log)
     protocol.data_received(request)
     for _ in range(settle):
         await asyncio.sleep(0)
@@ -124,18 +109,13 @@ async def test_a_stream_sends_its_head_before_its_body_is_ready() -> None:
         await ready.wait()
         await send({"type": "http.response.body", "body": b"late"})
 
-    box: list[_RecordingTransport] = []
+    box: list[MemoryTransport] = []
 
     def transport_writes() -> list[bytes]:
         return box[0].writes
 
-    config = uvicorn.Config(app, lifespan="off", log_level="warning")
-    config.load()
-    protocol = guarded_protocol(ConnectionLimits(), DrainState())(
-        config=config, server_state=ServerState(), app_state={}
-    )
-    box.append(_RecordingTransport())
-    protocol.connection_made(box[0])
+    protocol, transport = _connect(app)
+    box.append(transport)
     protocol.data_received(_post(b"{}"))
     for _ in range(10):
         await asyncio.sleep(0)
@@ -184,3 +164,131 @@ async def test_keep_alive_answers_one_write_each() -> None:
     assert len(transport.writes) == 2
     assert all(w.endswith(b"\r\n\r\n[1]") for w in transport.writes)
     assert not transport.closed
+
+
+def _responder(body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> App:
+    """An app that answers through the request's ``Responder``, not ``send``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        answer = (
+            headers
+            if headers is not None
+            else [
+                (b"Content-Type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        )
+        await scope["extensions"][RESPOND](200, answer, body)
+
+    return app
+
+
+async def test_the_responder_writes_the_whole_answer_once() -> None:
+    transport = await _serve(_responder(b'{"ok":1}'), _post(b"{}"))
+    assert len(transport.writes) == 1
+    head, _, body = transport.writes[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert b"content-type: application/json" in lines  # names lowercased, as send does
+    assert b"content-length: 8" in lines
+    assert lines[1] == b"server: test"  # the server's default headers first
+    assert b"connection: close" not in lines
+    assert body == b'{"ok":1}'
+    assert not transport.closed
+
+
+async def test_the_responder_answers_pipelined_requests_in_order() -> None:
+    transport = await _serve(_responder(b"[1]"), _post(b"{}") + _post(b"{}"), settle=40)
+    assert len(transport.writes) == 2
+    assert all(w.endswith(b"\r\n\r\n[1]") for w in transport.writes)
+    assert not transport.closed
+
+
+async def test_the_responder_closes_an_http_1_0_connection() -> None:
+    request = _post(b"{}").replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    transport = await _serve(_responder(b"{}"), request)
+    assert len(transport.writes) == 1
+    assert b"\r\nconnection: close\r\n" in transport.writes[0]
+    assert transport.closed
+
+
+async def test_the_responder_closes_when_the_answer_says_so() -> None:
+    headers = [(b"content-length", b"2"), (b"connection", b"keep-alive, Close")]
+    transport = await _serve(_responder(b"{}", headers), _post(b"{}") + _post(b"{}"))
+    assert len(transport.writes) == 1  # the second request is never answered
+    assert transport.writes[0].count(b"connection:") == 1
+    assert transport.closed
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"content-length", b"3")],  # not the body's length
+        [],  # no length at all
+        [(b"content-length", b"2"), (b"x-id", b"a\x01b")],  # a control character
+    ],
+    ids=["wrong-length", "no-length", "control-character"],
+)
+async def test_a_bad_answer_to_the_responder_becomes_a_500(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    transport = await _serve(_responder(b"{}", headers), _post(b"{}"))
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 500 ")
+    assert transport.writes[0].endswith(b"Internal Server Error")
+    assert transport.closed
+
+
+async def test_the_responder_writes_through_send_while_uvicorns_access_log_is_on() -> None:
+    transport = await _serve(_responder(b"[2]"), _post(b"{}"), access_log=True)
+    assert len(transport.writes) == 1
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[0].endswith(b"\r\n\r\n[2]")
+
+
+async def test_the_responder_of_a_head_request_sends_no_body() -> None:
+    transport = await _serve(_responder(b"12345"), _post(b"", method=b"HEAD"))
+    assert len(transport.writes) == 1
+    assert transport.writes[0].endswith(b"content-length: 5\r\n\r\n")
+
+
+async def test_the_responder_writes_nothing_once_the_client_is_gone() -> None:
+    answered: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.sleep(0.01)  # the client leaves meanwhile
+        await scope["extensions"][RESPOND](200, [(b"content-length", b"2")], b"{}")
+        answered.append(True)
+
+    protocol, transport = _connect(app)
+    protocol.data_received(_post(b"{}"))
+    await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    await asyncio.sleep(0.05)
+    assert answered == [True]
+    assert transport.writes == []
+
+
+@pytest.mark.parametrize("app", ["responder", "send"])
+async def test_an_answered_request_leaves_nothing_for_the_garbage_collector(app: str) -> None:
+    """Every request's objects (cycle, scope, headers) are freed as the answer goes out:
+    a reference loop among them would leave them to the collector, whose full passes
+    over a heap of many requests' objects stall the loop for milliseconds."""
+    answer = _responder(b"{}") if app == "responder" else _answer(b"{}")
+    request = _post(b"{}")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            await _serve(answer, request + request, settle=40)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, RequestResponseCycle)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
