@@ -51,6 +51,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bench._otlp import span_sink
+from bench._transport import MemoryTransport
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
 from serving.config import FermionConfig
@@ -161,37 +162,6 @@ def _request(
     return scope, body
 
 
-class _Wire(asyncio.Transport):
-    """An in-memory connection: the protocol's one write of a response is awaited."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.answer: asyncio.Future[bytes] | None = None
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self.answer is None or self.answer.done():
-            raise RuntimeError("a write that is not a whole response")
-        self.answer.set_result(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
-            name, default
-        )
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def _over_http(app: Any, scope: dict[str, Any], body: bytes, statuses: list[int]) -> Any:
     """An ASGI-shaped callable that sends ``scope``'s request through the gateway's
     connection protocol as bytes and waits for the response's bytes."""
@@ -207,16 +177,18 @@ def _over_http(app: Any, scope: dict[str, Any], body: bytes, statuses: list[int]
     state = uvicorn.server.ServerState()
     state.default_headers = [(b"date", formatdate(usegmt=True).encode()), *config.encoded_headers]
     protocol = config.http_protocol_class(config=config, server_state=state, app_state={})  # type: ignore[call-arg]
-    wire = _Wire()
+    wire = MemoryTransport()
     protocol.connection_made(wire)
     head = [f"POST {scope['path']} HTTP/1.1\r\nhost: bench\r\n".encode()]
     head += [k + b": " + v + b"\r\n" for k, v in scope["headers"]]
     raw = b"".join([*head, b"\r\n", body])
 
     async def call(_scope: Any, _receive: Any, _send: Any) -> None:
-        wire.answer = asyncio.get_running_loop().create_future()
+        if not wire.answers.empty():
+            raise RuntimeError("a response came in more than one write")
         protocol.data_received(raw)
-        answer = await wire.answer
+        answer = await wire.answers.get()
+        wire.writes.clear()
         statuses.append(int(answer[9:12]))
 
     return call

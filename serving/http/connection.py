@@ -107,6 +107,15 @@ class _Refused(Exception):
     """Raised from a parser callback to stop parsing; the refusal is on the protocol."""
 
 
+def _head_start(status: int, defaults: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """A response head's status line and the server's default headers (date, server),
+    as pieces to join; the caller adds its own headers and the blank line."""
+    head = [STATUS_LINE[status]]
+    for name, value in defaults:
+        head += (name, b": ", value, b"\r\n")
+    return head
+
+
 class _HeldHead:
     """A cycle's transport while its response head waits for the body's first write."""
 
@@ -184,9 +193,7 @@ class _OneWriteCycle(RequestResponseCycle):
             return
         if self.response_started:
             raise RuntimeError("respond() after the response was started")
-        content = [STATUS_LINE[status]]
-        for name, value in self.default_headers:
-            content += (name, b": ", value, b"\r\n")
+        content = _head_start(status, self.default_headers)
         length = -1
         close = False
         for name, value in headers:
@@ -400,9 +407,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._discarding = True
         close = self.drain.draining or not self.parser.should_keep_alive()
         body = encode_error(error.message)
-        head = [STATUS_LINE[error.status_code]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
+        head = _head_start(error.status_code, self.server_state.default_headers)
         for key, text in error.headers().items():
             head += [key.lower().encode("latin-1"), b": ", text.encode("latin-1"), b"\r\n"]
         head += [b"x-request-id: ", request_id_of(self.headers), b"\r\n"]
@@ -435,9 +440,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         body = encode_error(message)
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
+        head = _head_start(status, self.server_state.default_headers)
         head += [
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",

@@ -16,9 +16,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from uvicorn.server import ServerState
 
+from bench._transport import MemoryTransport
 from serving.http.connection import RESPOND, ConnectionLimits, guarded_protocol
 from serving.http.drain import DrainState
-from tests.helpers.memory_transport import MemoryTransport
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 

@@ -26,6 +26,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
+from bench._transport import MemoryTransport
 from model_store.store import ModelStore
 from serving.auth import create_key
 from serving.config import FermionConfig
@@ -33,7 +34,6 @@ from serving.http.app import create_app
 from serving.http.connection import ConnectionLimits, guarded_protocol
 from serving.http.drain import DrainState
 from tests.helpers.inprocess import digits_body
-from tests.helpers.memory_transport import MemoryTransport
 
 
 def _request(path: str, body: bytes, headers: dict[str, str]) -> bytes:

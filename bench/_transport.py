@@ -1,9 +1,12 @@
-"""An in-memory asyncio transport for driving the gateway's connection protocol in tests."""
+"""An in-memory asyncio transport, to drive the gateway's connection protocol without a
+socket (``gateway_overhead --http``; the tests use it too)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+__all__ = ["MemoryTransport"]
 
 
 class MemoryTransport(asyncio.Transport):
