@@ -260,11 +260,18 @@ async def _serve_rounds(
             print(f"{await requests(n):.3f}", flush=True)
 
 
-def _compare(args: argparse.Namespace, names: list[str]) -> None:
+def _compare(args: argparse.Namespace, names: list[str], scratch: Path) -> None:
     """Each configuration measured in this checkout and in ``args.base`` at once: a
     worker process per checkout, given rounds of requests in turn (which goes first
-    alternates), so that both see the same moments of a machine whose speed varies."""
+    alternates), so that both see the same moments of a machine whose speed varies.
+
+    Both workers run this checkout's ``bench`` (a folder holding only a link to it comes
+    first on their path) and import ``serving`` and ``model_store`` from their own
+    checkout, so an older checkout needs none of this bench's modules."""
     trees = {"this": _ROOT, "base": args.base.resolve()}
+    shim = scratch / "path"
+    shim.mkdir()
+    (shim / "bench").symlink_to(_ROOT / "bench", target_is_directory=True)
     per_round = max(50, args.requests // args.rounds)
     print(f"{args.rounds} rounds of {per_round} requests in turn; CPU µs per request")
     columns = ("this: median, p10", "base: median, p10", "this/base")
@@ -280,7 +287,7 @@ def _compare(args: argparse.Namespace, names: list[str]) -> None:
                     *(["--http"] if args.http else []),
                 ],
                 cwd=tree,
-                env={**os.environ, "PYTHONPATH": str(tree)},
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(tree)])},
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name == _ALL_OFF or any(name.startswith(o) for o in args.only)
             }
         if args.base is not None:
-            _compare(args, list(configs))
+            _compare(args, list(configs), Path(tmp))
             return 0
         results: dict[str, list[float]] = {name: [] for name in configs}
         traced: tuple[ReadableSpan, ...] = ()
