@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from serving.auth import AccessControl
+from serving.auth.scopes import INFER
 from serving.errors import FermionError
 from serving.http.capture import PayloadCapture
 from serving.http.connection import CANCEL_ON_DISCONNECT, DISCONNECTED, RESPOND
@@ -132,9 +133,11 @@ class InferPath:
     ) -> Answer | None:
         """The answer to send (None: the client went, nobody is left to answer)."""
         try:
+            post = scope["method"] == "POST"
             if self._access is not None and scope["path"] not in self._public:
-                authorize(self._access, scope)
-            if scope["method"] != "POST":
+                # (Another method needs what its path does: required_scope says.)
+                authorize(self._access, scope, (INFER, model) if post else None)
+            if not post:
                 return error_answer(_MethodNotAllowed(scope["method"], scope["path"]))
             if self._limiter is not None:
                 await self._take_token(scope, model)

@@ -25,13 +25,14 @@ def _credential(headers: list[tuple[bytes, bytes]]) -> str | None:
     return credential(authorization, api_key)
 
 
-def authorize(access: AccessControl, scope: Scope) -> None:
+def authorize(access: AccessControl, scope: Scope, needs: tuple[str, str] | None = None) -> None:
     """Admit the request of ``scope`` or raise its 401/403 (a FermionError).
 
     The principal is left in ``scope["state"]["principal"]`` for logs and rate limits;
-    health probes need no credential.
+    health probes need no credential. ``needs``: the ``(kind, model)`` the request
+    needs where the caller knows it (``required_scope`` of its path otherwise).
     """
-    kind, model = required_scope(scope["method"], scope["path"])
+    kind, model = needs or required_scope(scope["method"], scope["path"])
     if kind != OPEN:
         principal = access.check(_credential(scope["headers"]), kind, model)
         scope.setdefault("state", {})["principal"] = principal

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving.auth import ApiKeys, Principal, create_key, read_keys, required_scope, revoke_key
+from serving.auth import keys as keys_module
 from serving.auth.scopes import infer_model, parse_scopes
 from serving.cli import main
 
@@ -78,6 +79,61 @@ def test_expired_key_is_refused(tmp_path: Path) -> None:
     keys = ApiKeys(path)
     assert keys.authenticate(live) is not None
     assert keys.authenticate(old) is None
+
+
+def test_a_verified_key_is_hashed_once_and_an_unknown_one_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.json"
+    key = create_key(path, "k", ["read"])
+    hashed: list[str] = []
+    real = keys_module.hash_key
+
+    def counted(key: str) -> str:
+        hashed.append(key)
+        return real(key)
+
+    monkeypatch.setattr(keys_module, "hash_key", counted)
+    keys = ApiKeys(path, check_interval_s=3600)
+    for _ in range(3):
+        principal = keys.authenticate(key)
+        assert principal is not None and principal.name == "k"
+    assert hashed == [key]
+    for _ in range(2):
+        assert keys.authenticate(key + "x") is None
+    assert hashed == [key, key + "x", key + "x"]  # never remembered
+
+
+def test_a_remembered_key_is_forgotten_when_revoked_or_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.json"
+    revoked = create_key(path, "revoked", ["read"])
+    expiring = create_key(
+        path, "expiring", ["read"], expires_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    keys = ApiKeys(path)
+    assert keys.authenticate(revoked) is not None
+    assert keys.authenticate(expiring) is not None
+    assert revoke_key(path, "revoked")
+    time.sleep(0.06)  # past the check interval
+    assert keys.authenticate(revoked) is None
+    assert keys.authenticate(expiring) is not None
+    later = time.time() + 2 * 3600
+    monkeypatch.setattr(time, "time", lambda: later)  # (the module keys.py reads it from)
+    assert keys.authenticate(expiring) is None
+
+
+def test_remembered_keys_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_module, "_VERIFIED_MAX", 2)
+    path = tmp_path / "keys.json"
+    made = [create_key(path, f"k{i}", ["read"]) for i in range(5)]
+    keys = ApiKeys(path, check_interval_s=3600)
+    for key in made:
+        assert keys.authenticate(key) is not None
+        assert len(keys._verified) <= 2
+    for key in made:  # forgotten ones are looked up again
+        assert keys.authenticate(key) is not None
 
 
 def test_corrupt_file_fails_closed(tmp_path: Path) -> None:
