@@ -61,6 +61,9 @@ batch_deadline_ns: ContextVar[int | None] = ContextVar("fermion_batch_deadline_n
 BatchRunner = Callable[[dict[str, np.ndarray]], Awaitable[dict[str, np.ndarray]]]
 #: Lone batches in a row before one may run inline (traffic of one request at a time).
 _LONE_STREAK = 8
+#: A queued request's deadline this close has come when the sweep runs (the event
+#: loop's timers fire to the millisecond).
+_SWEEP_SLACK_NS = 1_000_000
 #: Runs a batch on the calling thread, or declines (None) without doing anything.
 InlineRunner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray] | None]
 
@@ -209,6 +212,9 @@ class DynamicBatcher:
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        #: The deadline sweep's timer and when it is due (``_expire_due``).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_ns = 0
         self._closed = False
         #: Triton-style statistics of this version (shared with its metrics).
         self.stats = (
@@ -351,10 +357,10 @@ class DynamicBatcher:
         tracer = _tracing.recording_tracer()
         if tracer is not None:
             pending.span, pending.queue_span = _tracing.start_queue_span(tracer, self._attributes)
-        timer: asyncio.TimerHandle | None = None
         if deadline_ns is not None:
             pending.deadline_ns = deadline_ns
-            timer = loop.call_later((deadline_ns - now) / 1e9, self._expire, pending)
+            if self._sweep is None or deadline_ns < self._sweep_ns:
+                self._arm_sweep(loop, deadline_ns, now)
         with self._lock:
             self._queues[level].append(pending)
             pending.queued = True
@@ -367,9 +373,6 @@ class DynamicBatcher:
             # The client went away: never compute a request nobody waits for.
             self._unqueue(pending)
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     def _unqueue(self, pending: _Pending) -> bool:
         """Remove a request still waiting in its queue; False when it was already taken."""
@@ -388,13 +391,53 @@ class DynamicBatcher:
             pending.queue_span.end()
         return True
 
-    def _expire(self, pending: _Pending) -> None:
-        # A request already taken into a batch is checked again just before it runs.
-        if self._unqueue(pending) and not pending.future.done():
-            self.stats.expired += 1
-            pending.future.set_exception(
-                DeadlineExceeded("deadline passed while the request was queued")
-            )
+    # Deadlines of queued requests: one timer for the whole queue, the sweep. It is due
+    # no later than the soonest deadline queued (a request with a sooner one moves it);
+    # it fails the queued requests whose deadlines have come and re-arms for the soonest
+    # left. Requests usually leave the queue long before their deadlines, and with one
+    # timeout for all a later arrival has a later deadline, so the timer rarely moves: a
+    # timer per request (armed, then cancelled) cost every request on the loop. (A
+    # request taken into a batch is checked again just before it runs.)
+
+    def _arm_sweep(self, loop: asyncio.AbstractEventLoop, due_ns: int, now: int) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_ns = due_ns
+        self._sweep = loop.call_later((due_ns - now) / 1e9, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """The sweep: fail the queued requests whose deadlines have come; re-arm."""
+        self._sweep = None
+        now = time.perf_counter_ns()
+        # The loop's timers fire to the millisecond: a deadline within it has come.
+        due = now + _SWEEP_SLACK_NS
+        expired: list[_Pending] = []
+        soonest = 0
+        with self._lock:
+            for level, queue in enumerate(self._queues):
+                come = [p for p in queue if 0 < p.deadline_ns <= due]
+                if come:
+                    queue = self._queues[level] = deque(
+                        p for p in queue if not 0 < p.deadline_ns <= due
+                    )
+                    expired += come
+                for p in queue:
+                    if p.deadline_ns and (not soonest or p.deadline_ns < soonest):
+                        soonest = p.deadline_ns
+            for p in expired:
+                p.queued = False
+                self._queued -= 1
+                self._queued_rows -= p.rows
+        for p in expired:
+            if p.queue_span is not None:
+                p.queue_span.end()
+            if not p.future.done():
+                self.stats.expired += 1
+                p.future.set_exception(
+                    DeadlineExceeded("deadline passed while the request was queued")
+                )
+        if soonest:
+            self._arm_sweep(self._loop or asyncio.get_running_loop(), soonest, now)
 
     def _dispatch(self) -> None:
         """Start batches while there are requests and free runner slots (on the loop)."""
@@ -727,3 +770,6 @@ class DynamicBatcher:
                     self._answered = asyncio.Event()
                 self._answered.clear()
                 await self._answered.wait()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None

@@ -405,6 +405,36 @@ async def test_a_request_whose_deadline_passed_as_its_batch_was_taken_is_dropped
     assert model.rows == [0.0, 2.0] and batcher.stats.expired == 1
 
 
+async def test_a_sooner_deadline_queued_behind_a_later_one_expires_on_time() -> None:
+    # One timer watches the queue's deadlines: a request arriving with a sooner deadline
+    # than every queued one must move it, and each expiry re-arms it for the next.
+    model = _DoubleModel(delay_s=0.4)
+    batcher = DynamicBatcher(model, max_batch_size=1, priority_levels=2)
+    busy = asyncio.ensure_future(batcher.submit(_req(0.0), 1))
+    await asyncio.sleep(0.01)  # the runner is taken: the rest wait in the queue
+    now = time.perf_counter_ns()
+    patient = asyncio.ensure_future(batcher.submit(_req(1.0), 1, deadline_ns=now + 10**10))
+    hurried = asyncio.ensure_future(
+        batcher.submit(_req(2.0), 1, deadline_ns=now + 30_000_000, priority=2)
+    )
+    middling = asyncio.ensure_future(batcher.submit(_req(3.0), 1, deadline_ns=now + 90_000_000))
+    unbounded = asyncio.ensure_future(batcher.submit(_req(4.0), 1))
+    await asyncio.sleep(0)
+    assert batcher.queue_depth == 4
+    for task, by_ms in ((hurried, 30), (middling, 90)):
+        with pytest.raises(DeadlineExceeded) as raised:
+            await asyncio.wait_for(task, 1.0)
+        assert raised.value.message == "deadline passed while the request was queued"
+        assert (time.perf_counter_ns() - now) / 1e6 < by_ms + 200  # not at the 10 s one
+    assert batcher.stats.expired == 2 and batcher.queue_depth == 2
+    assert not patient.done() and not unbounded.done()
+    assert (await busy)["y"][0, 0] == 0.0
+    assert (await patient)["y"][0, 0] == 2.0
+    assert (await unbounded)["y"][0, 0] == 8.0
+    assert model.batches == [1, 1, 1]
+    await batcher.close()
+
+
 async def test_a_lower_priority_request_fills_the_batch_behind_a_higher_one() -> None:
     model = _DoubleModel(delay_s=0.02)
     batcher = DynamicBatcher(model, max_batch_size=8, priority_levels=3)
