@@ -29,7 +29,12 @@ gone. ``GuardedHttpProtocol`` is that protocol with, before any application work
   second wake-up of the client for every response);
 - a whole answer can be given at once, without ASGI's two messages: the request's
   ``scope["extensions"][RESPOND]`` (``Responder``) writes status, headers and body in
-  one write, with less work than the two ``send`` calls (the inference path's).
+  one write, with less work than the two ``send`` calls (the inference path's);
+- one keep-alive timer per idle stretch of a connection, not per request: uvicorn arms
+  a timer after every response and cancels it at the next request's first bytes. Here
+  the timer stays armed across requests and, when it fires, closes the connection only
+  if it has been idle for the whole timeout since its last response (else it waits for
+  the rest, or for the next response when a request is under way).
 """
 
 from __future__ import annotations
@@ -264,6 +269,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._task: asyncio.Task[None] | None = None
         self._discarding = False  # the body of a request refused from its head
         self._completed = 0  # requests read whole on this connection
+        #: When the connection last went idle (loop time); None while a request is on.
+        self._idle_since: float | None = None
 
     # -- connection ----------------------------------------------------------------
 
@@ -275,10 +282,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         task = self._task
         super().connection_lost(exc)
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self.timeout_keep_alive_task):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self.timeout_keep_alive_task = None
         if (
             task is not None
             and not task.done()
@@ -367,10 +374,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._discarding = False
             self._in_head = True
             self._head_bytes = 0
-            if not self.transport.is_closing() and self.timeout_keep_alive_task is None:
-                self.timeout_keep_alive_task = self.loop.call_later(
-                    self.timeout_keep_alive, self.timeout_keep_alive_handler
-                )
+            if not self.transport.is_closing():
+                self._went_idle()
             return
         super().on_message_complete()
         cycle = self.cycle
@@ -385,6 +390,44 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
         self._task = task
+
+    # -- keep-alive ----------------------------------------------------------------
+
+    def on_response_complete(self) -> None:
+        # uvicorn's, but for the keep-alive timer (``_went_idle``).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            self._idle_since = None
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._went_idle()
+
+    def _unset_keepalive_if_required(self) -> None:
+        # (uvicorn's cancels its timer: here the timer will find the connection busy.)
+        self._idle_since = None
+
+    def _went_idle(self) -> None:
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self._keep_alive_due
+            )
+
+    def _keep_alive_due(self) -> None:
+        """The keep-alive timer: close a connection idle for the whole timeout."""
+        self.timeout_keep_alive_task = None
+        since = self._idle_since
+        if since is None or self.transport.is_closing():
+            return  # a request is on: its response arms the timer again
+        left = since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(left, self._keep_alive_due)
+            return
+        self.timeout_keep_alive_handler()
 
     # -- refusals ------------------------------------------------------------------
 
