@@ -21,10 +21,12 @@ the event loop's cost, all of it but the socket's system calls.
 earlier commit, say) on a machine whose speed varies from second to second: each
 configuration runs in one worker process per checkout (this file, importing each
 checkout's ``serving``), the two given ``--rounds`` rounds of requests in turn, and
-the medians and tenth percentiles of the rounds are printed with their ratios.
+the medians and tenth percentiles of the rounds are printed with their ratios. The
+rounds are shared by ``--pairs`` pairs of fresh workers: one process can run a few
+percent faster or slower than another of the same code for its whole life.
 
     python -m bench.gateway_overhead --store model_store [--requests 20000] [--only NAME]
-        [--http] [--base CHECKOUT [--rounds 40]]
+        [--http] [--base CHECKOUT [--rounds 40] [--pairs 4]]
 """
 
 from __future__ import annotations
@@ -265,6 +267,11 @@ def _compare(args: argparse.Namespace, names: list[str], scratch: Path) -> None:
     worker process per checkout, given rounds of requests in turn (which goes first
     alternates), so that both see the same moments of a machine whose speed varies.
 
+    ``args.pairs`` pairs of fresh workers share the rounds: one process of a checkout
+    can run a few percent faster or slower than the next for the whole of its life (its
+    memory's layout), which one pair would take for the checkout's own difference. The
+    medians and tenth percentiles are of every round, the ratio's range of the pairs'.
+
     Both workers run this checkout's ``bench`` (a folder holding only a link to it comes
     first on their path) and import ``serving`` and ``model_store`` from their own
     checkout, so an older checkout needs none of this bench's modules."""
@@ -273,52 +280,80 @@ def _compare(args: argparse.Namespace, names: list[str], scratch: Path) -> None:
     shim.mkdir()
     (shim / "bench").symlink_to(_ROOT / "bench", target_is_directory=True)
     per_round = max(50, args.requests // args.rounds)
-    print(f"{args.rounds} rounds of {per_round} requests in turn; CPU µs per request")
-    columns = ("this: median, p10", "base: median, p10", "this/base")
-    print(f"{'configuration':40} {columns[0]:>18} {columns[1]:>18} {columns[2]:>15}")
+    pairs = max(1, min(args.pairs, args.rounds // 2))
+    print(
+        f"{args.rounds} rounds of {per_round} requests in turn, over {pairs} pair(s) of "
+        "workers; CPU µs per request"
+    )
+    columns = ("this: median, p10", "base: median, p10", "this/base", "pairs' ratios")
+    print(
+        f"{'configuration':40} {columns[0]:>18} {columns[1]:>18} {columns[2]:>15} {columns[3]:>13}"
+    )
     for name in names:
-        workers = {
-            label: subprocess.Popen(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    *("--worker", name, "--requests", str(per_round)),
-                    *("--store", str(args.store.resolve())),
-                    *(["--http"] if args.http else []),
-                ],
-                cwd=tree,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(tree)])},
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for label, tree in trees.items()
-        }
-        results: dict[str, list[float]] = {label: [] for label in workers}
-        try:
-            for label, worker in workers.items():
-                assert worker.stdout is not None
-                if worker.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"the {label} worker did not start ({trees[label]})")
-            order = list(workers)
-            for i in range(args.rounds):
-                for label in order if i % 2 == 0 else order[::-1]:
-                    worker = workers[label]
-                    assert worker.stdin is not None and worker.stdout is not None
-                    worker.stdin.write("go\n")
-                    worker.stdin.flush()
-                    results[label].append(float(worker.stdout.readline()))
-        finally:
-            for worker in workers.values():
-                if worker.stdin is not None:
-                    worker.stdin.close()
-            for worker in workers.values():
-                worker.wait(timeout=60)
+        results: dict[str, list[float]] = {label: [] for label in trees}
+        ratios: list[float] = []
+        for pair in range(pairs):
+            rounds = args.rounds // pairs + (pair < args.rounds % pairs)
+            got = _pair_rounds(args, name, trees, shim, per_round, rounds)
+            for label, values in got.items():
+                results[label] += values
+            ratios.append(statistics.median(got["this"]) / statistics.median(got["base"]))
         this, base = (_median_p10(results[label]) for label in ("this", "base"))
         print(
             f"{name:40} {this[0]:9.1f}, {this[1]:6.1f} {base[0]:9.1f}, {base[1]:6.1f} "
-            f"{this[0] / base[0]:7.3f}, {this[1] / base[1]:.3f}"
+            f"{this[0] / base[0]:7.3f}, {this[1] / base[1]:.3f} "
+            f"{min(ratios):6.3f}-{max(ratios):.3f}"
         )
+
+
+def _pair_rounds(
+    args: argparse.Namespace,
+    name: str,
+    trees: dict[str, Path],
+    shim: Path,
+    per_round: int,
+    rounds: int,
+) -> dict[str, list[float]]:
+    """CPU µs per request of each of ``rounds`` rounds given in turn to one new worker
+    per checkout, by checkout."""
+    workers = {
+        label: subprocess.Popen(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                *("--worker", name, "--requests", str(per_round)),
+                *("--store", str(args.store.resolve())),
+                *(["--http"] if args.http else []),
+            ],
+            cwd=tree,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(tree)])},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for label, tree in trees.items()
+    }
+    results: dict[str, list[float]] = {label: [] for label in workers}
+    try:
+        for label, worker in workers.items():
+            assert worker.stdout is not None
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the {label} worker did not start ({trees[label]})")
+        order = list(workers)
+        for i in range(rounds):
+            for label in order if i % 2 == 0 else order[::-1]:
+                worker = workers[label]
+                assert worker.stdin is not None and worker.stdout is not None
+                worker.stdin.write("go\n")
+                worker.stdin.flush()
+                results[label].append(float(worker.stdout.readline()))
+    finally:
+        for worker in workers.values():
+            if worker.stdin is not None:
+                worker.stdin.close()
+        for worker in workers.values():
+            worker.wait(timeout=60)
+    return results
 
 
 def _median_p10(values: list[float]) -> tuple[float, float]:
@@ -420,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         help="measure each configuration here and in CHECKOUT at once, and print the ratios",
     )
     parser.add_argument("--rounds", type=int, default=40, help="rounds each, with --base (40)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=4,
+        help="pairs of fresh workers sharing the rounds, with --base (4)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     store = ModelStore(args.store)
