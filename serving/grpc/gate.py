@@ -26,8 +26,10 @@ from serving.observability.tracing import (
     PROPAGATOR,
     detach,
     make_current,
+    mark_sampled_out,
     new_root,
     start_server_span,
+    unmark_sampled_out,
 )
 
 __all__ = ["SERVICE", "Call", "CallGate", "Context", "Handler", "metadata_of"]
@@ -136,7 +138,11 @@ class CallGate:
             # Sampled first: a call sampled out builds no span (see TracingMiddleware).
             root, recorded = new_root()
             if not recorded:
-                return await self._answer(method, kind, model, handler, request, call)
+                unsampled = mark_sampled_out()
+                try:
+                    return await self._answer(method, kind, model, handler, request, call)
+                finally:
+                    unmark_sampled_out(unsampled)
         span = start_server_span(
             self._tracer,
             f"{SERVICE}/{method}",

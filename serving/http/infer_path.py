@@ -36,7 +36,11 @@ from serving.http.responses import Answer, RejectHook, error_answer
 from serving.inference.codec import HttpInferBody
 from serving.inference.limits import RateLimiter, caller_key
 from serving.inference.service import InferCall, InferenceService
-from serving.observability.tracing import current_tracer
+from serving.observability.tracing import (
+    current_tracer,
+    mark_sampled_out,
+    unmark_sampled_out,
+)
 
 __all__ = ["INFER_ROUTES", "AccessSink", "InferPath"]
 
@@ -96,9 +100,12 @@ class InferPath:
         if exchange is not None:
             receive = exchange.receive(receive)
         traced = None
+        unsampled = None
         if self._tracer is not None:
             route = INFER_ROUTES[version is not None] if post else None  # 405: no route
             traced = start_request_span(self._tracer, scope, route=route)
+            if traced is None:
+                unsampled = mark_sampled_out()
         started = time.perf_counter_ns()
         answer: Answer | None = None
         status = 0  # of the answer sent (0: none)
@@ -125,6 +132,8 @@ class InferPath:
                 self._access_log(access_record(scope, reported, started))
             if traced is not None:
                 end_request_span(traced, reported, escaped)
+            elif unsampled is not None:
+                unmark_sampled_out(unsampled)
             if exchange is not None:
                 exchange.finish(scope, answer if status else None)
 

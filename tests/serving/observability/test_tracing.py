@@ -219,6 +219,41 @@ async def test_sampled_out_requests_keep_their_trace_id_and_build_no_span(
     assert 0 < len(sampled) < 40
     # Every span of an inference belongs to a sampled request: the others built none.
     assert {format(s.context.trace_id, "032x") for s in spans} == sampled
+    # ... and a sampled request after sampled-out ones (one task serves them all here)
+    # still has its children: a request's sampled-out mark never reaches another.
+    for trace_id in sampled:
+        names = {s.name for s in spans if format(s.context.trace_id, "032x") == trace_id}
+        assert {"fermion.route", "fermion.queue", "fermion.batch"} <= names
+
+
+def test_a_request_marked_sampled_out_asks_nothing_until_a_span_is_made_current(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tracing.configure(TracingConfig(), exporter=InMemorySpanExporter())
+    tracer = tracing.current_tracer()
+    assert tracer is not None
+    asked: list[None] = []
+    real = trace.get_current_span
+
+    def counted(context: object = None) -> trace.Span:
+        asked.append(None)
+        return real()
+
+    monkeypatch.setattr(trace, "get_current_span", counted)
+    assert tracing.recording_tracer() is None and len(asked) == 1  # asked: no mark yet
+    token = tracing.mark_sampled_out()
+    assert tracing.recording_tracer() is None
+    assert tracing.inject_context() == {}
+    assert len(asked) == 1  # the mark answered
+    span = tracer.start_span("fermion.batch")  # a root, recorded (ratio 1)
+    current = tracing.make_current(span)
+    assert tracing.recording_tracer() is tracer  # a span made current ends the mark
+    assert tracing.inject_context()["traceparent"].startswith("00-")
+    tracing.detach(current)
+    span.end()
+    tracing.unmark_sampled_out(token)
+    before = len(asked)
+    assert tracing.recording_tracer() is None and len(asked) == before + 1  # asked again
 
 
 class _Receiver(BaseHTTPRequestHandler):
