@@ -166,12 +166,12 @@ class ApiKeys:
     interval.
 
     A key found in the file is remembered (up to ``_VERIFIED_MAX`` of them) until the
-    file is next read, so that its caller's later requests skip the sha256: hashing
-    was about 16 µs of a request's time in the gateway (``bench.gateway_overhead``).
-    Only keys the file holds are remembered, so
-    unknown keys cannot grow it; expiry is checked on every use. (The lookup compares
-    a key's string only with an entry of the same randomised ``hash()``: its time
-    tells nothing about a key held.)
+    file is next read, as ``JwtVerifier`` remembers tokens, so that its caller's later
+    requests skip the sha256: hashing was about 16 µs of a request's time in the gateway
+    (``bench.gateway_overhead``). Only keys the file holds are remembered, so unknown
+    keys cannot grow it; expiry is checked on every use. (The lookup compares a key's
+    string only with an entry of the same randomised ``hash()``: its time tells nothing
+    about a key held.)
     """
 
     def __init__(self, path: Path, *, check_interval_s: float = 0.05) -> None:
