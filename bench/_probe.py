@@ -33,6 +33,7 @@ from typing import Any
 __all__ = ["main"]
 
 _CAPACITY = 4_000_000
+_RESPOND = "fermion.respond"  # serving.http.connection.RESPOND (checked in main)
 
 
 class _Series:
@@ -106,6 +107,17 @@ class _Timed:
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 REQUESTS.add(start - T0, (time.perf_counter() - start) * 1e3)
 
+        # The inference path answers through the connection's one-call responder
+        # (``serving.http.connection.RESPOND``) where it has one, not through ``send``.
+        extensions = scope.get("extensions") or {}
+        respond = extensions.get(_RESPOND)
+        if respond is not None:
+
+            async def timed_respond(status: int, headers: Any, body: bytes) -> None:
+                await respond(status, headers, body)
+                REQUESTS.add(start - T0, (time.perf_counter() - start) * 1e3)
+
+            scope = {**scope, "extensions": {**extensions, _RESPOND: timed_respond}}
         await self.app(scope, receive, timed_send)
 
 
@@ -153,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         ModelRepository.start = start_and_freeze  # type: ignore[method-assign]
     import serving.http.app as app_module
     from serving.cli import main as fermion
+    from serving.http.connection import RESPOND
+
+    if RESPOND != _RESPOND:
+        raise RuntimeError(f"the responder's key is {RESPOND!r} now: update bench/_probe.py")
 
     create_app = app_module.create_app
 

@@ -20,9 +20,10 @@ sampled). ``--features default`` measures ``fermion serve``'s defaults instead, 
 comma-separated subset of ``auth,deadline,priorities,shadow,tracing`` only those (to
 find what one feature costs).
 
-``--probe DIR`` adds one probed cell per Fermion (c=64, JSON): the gateway runs
-under ``bench/_probe.py`` (cycle collections, event-loop lag, per-request server
-time), and DIR gets the records and ``timeline.svg``.
+``--probe DIR`` adds one probed cell per Fermion (JSON, c=64 or
+``--probe-concurrency``): the gateway runs under ``bench/_probe.py`` (cycle
+collections, event-loop lag, per-request server time), and DIR gets the records and
+``timeline.svg``.
 
     .venv/bin/python -m bench.tail_bench --store model_store [--passes 3] [--duration 15]
         [--base ../main/.venv/bin/fermion] [--ray [--ray-autoscaling]] [--probe DIR] [--check]
@@ -150,7 +151,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the ray phase's deployments autoscale (1 to 2 replicas, held at 1 for the run "
         "by a 600 s upscale delay): what a hop costs an autoscaling deployment",
     )
-    parser.add_argument("--probe", type=Path, help="probed c=64 JSON cells; records in DIR")
+    parser.add_argument("--probe", type=Path, help="probed JSON cells; records in DIR")
+    parser.add_argument(
+        "--probe-concurrency",
+        type=int,
+        default=64,
+        help="the probed cells' concurrency (64)",
+    )
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -511,7 +518,7 @@ def _probe_cells(
     work: Path,
     wrk: str,
 ) -> list[str]:
-    """One probed c=64 JSON cell per Fermion; the records and plot go to ``args.probe``."""
+    """One probed JSON cell per Fermion; the records and plot go to ``args.probe``."""
     args.probe.mkdir(parents=True, exist_ok=True)
     records = []
     lines = []
@@ -523,11 +530,12 @@ def _probe_cells(
             _prepare(server, model, payloads, _sample(model)[1])
             wait_quiet(args.wait_quiet, OTHER_CPU_MAX)
             url = f"{process.base_url}/v2/models/{model.name}/infer"
-            cell = _measure(server, url, payloads["json"], files["json"], 64, args, wrk)
+            conc = args.probe_concurrency
+            cell = _measure(server, url, payloads["json"], files["json"], conc, args, wrk)
         if cell.result is not None:
             r = cell.result
             lines.append(
-                f"{name} probed c=64 json: {r.rps:.0f} req/s, p50 {r.ms('p50'):.2f} ms, "
+                f"{name} probed c={conc} json: {r.rps:.0f} req/s, p50 {r.ms('p50'):.2f} ms, "
                 f"p99 {r.ms('p99'):.2f} ms, max {r.ms('max'):.1f} ms (wrk)"
             )
         record = json.loads(out.read_text())
