@@ -100,6 +100,10 @@ class ServerConfig(_Strict):
     #: before a young collection; above what requests hold in flight, so that collections
     #: follow the cyclic garbage made, not the traffic. null: Python's own (700).
     gc_young_threshold: int | None = Field(default=20_000, ge=100, le=10_000_000)
+    #: The GIL's switch interval (``serving/inference/gil.py``): how long an inference
+    #: thread that finished its batch waits for the busy event loop to let go of the GIL.
+    #: null: Python's own (5 ms).
+    gil_switch_interval_ms: float | None = Field(default=0.2, gt=0.0, le=100.0)
 
 
 class StoreConfig(_Strict):

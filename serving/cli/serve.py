@@ -97,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.cli.workers import WorkerSlot, bind_listener, supervise, with_siblings
     from serving.http.app import create_app
     from serving.http.server import GatewayServer
+    from serving.inference.gil import switch_interval
     from serving.inference.heap import HeapPolicy
 
     overrides: dict[str, Any] = {}
@@ -184,7 +185,8 @@ def _serve(args: argparse.Namespace) -> int:
         refuser=app.state.service,
         announce=f"Fermion listening on {base_url}",
     )
-    with sock:
+    interval_ms = config.server.gil_switch_interval_ms
+    with sock, switch_interval(None if interval_ms is None else interval_ms / 1e3):
         server.run(sockets=[sock])
     return server.exit_code if server.started else _STARTUP_FAILURE
 
