@@ -9,7 +9,11 @@ The gateway runs in this process, unchanged, with three observers added around i
 - an event-loop lag probe: a task that asks to wake up every millisecond and records
   how late it woke (a stall of the loop shows as one late wake-up);
 - the outermost ASGI layer: when each inference request started and how long the
-  server took to answer it (the body's last byte sent).
+  server took to answer it (the body's last byte sent);
+- ONNX Runtime's ``run`` in the inference threads: each batch's rows, wall time and
+  the calling thread's own CPU time. With one intra-op thread (the default) ONNX
+  Runtime computes in that thread, so wall time beyond CPU time is time the thread
+  was not running: mostly waiting for the GIL to come back once the batch is done.
 
 For experiments on any checkout, ``PROBE_FREEZE=1`` freezes the heap once the models
 are loaded and ``PROBE_THRESHOLD=a,b,c`` sets the collector's thresholds.
@@ -63,6 +67,7 @@ T0 = time.perf_counter()
 GC = _Series(4)  # start s, generation, duration ms, collected
 LAG = _Series(2)  # wake-up s, lateness ms
 REQUESTS = _Series(2)  # start s, server time ms
+BATCHES = _Series(4)  # start s, rows, wall ms, the thread's CPU ms
 _gc_started = [0.0]
 
 
@@ -121,6 +126,23 @@ class _Timed:
         await self.app(scope, receive, timed_send)
 
 
+def _time_batches() -> None:
+    """Record each ONNX Runtime run's rows, wall time and the calling thread's CPU time."""
+    from serving.inference.executors.onnxruntime import OnnxRuntimeExecutor
+
+    run = OnnxRuntimeExecutor.run
+
+    def timed_run(self: Any, inputs: Any) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        outputs = run(self, inputs)
+        wall_ms = (time.perf_counter() - wall) * 1e3
+        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+        BATCHES.add(wall - T0, rows, wall_ms, (time.thread_time() - cpu) * 1e3)
+        return outputs
+
+    OnnxRuntimeExecutor.run = timed_run  # type: ignore[method-assign]
+
+
 def _heap() -> dict[str, int]:
     counts = {f"gen{g}": len(gc.get_objects(g)) for g in range(3)}
     counts["frozen"] = gc.get_freeze_count()
@@ -134,6 +156,7 @@ def _write(out: Path) -> None:
                 "gc": GC.table(),
                 "lag": LAG.table(),
                 "requests": REQUESTS.table(),
+                "batches": BATCHES.table(),
                 "heap_at_exit": _heap(),
                 "thresholds": list(gc.get_threshold()),
             }
@@ -176,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return _Timed(create_app(*a, **kw))
 
     app_module.create_app = probed_create_app
+    _time_batches()
     gc.callbacks.append(_on_gc)
     try:
         return fermion(fermion_args)

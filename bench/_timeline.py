@@ -35,6 +35,12 @@ class ProbeSummary:
     lag_max_ms: float
     lags_over_5ms: int
     heap_at_exit: dict[str, int]
+    #: ONNX Runtime runs: how many, mean rows, and their wall time beyond the calling
+    #: thread's CPU time (mean, p90, ms): the thread waiting, mostly for the GIL.
+    batches: int = 0
+    batch_rows: float = 0.0
+    batch_wait_ms: float = 0.0
+    batch_wait_p90_ms: float = 0.0
 
     def lines(self) -> list[str]:
         """The summary as text lines."""
@@ -47,6 +53,12 @@ class ProbeSummary:
             out.append(
                 f"  gen{generation} collections: {n} ({n / max(self.seconds, 1e-9):.1f}/s), "
                 f"{total:.0f} ms in all, longest {longest:.1f} ms"
+            )
+        if self.batches:
+            out.append(
+                f"  ONNX Runtime runs: {self.batches} ({self.batch_rows:.1f} rows each); wall "
+                f"time beyond the thread's CPU: mean {self.batch_wait_ms:.2f} ms, "
+                f"p90 {self.batch_wait_p90_ms:.2f} ms"
             )
         heap = self.heap_at_exit
         out.append(f"  heap at exit: {heap}")
@@ -77,6 +89,8 @@ def summarize(label: str, probe: dict[str, Any]) -> ProbeSummary:
             n, total, longest = collections.get(int(generation), (0, 0.0, 0.0))
             collections[int(generation)] = (n + 1, total + ms, max(longest, ms))
     lags = [ms for at, ms in probe["lag"] if t0 <= at <= t1]
+    batches = [b for b in probe.get("batches", []) if t0 <= b[0] <= t1]
+    waits = [wall - cpu for _, _, wall, cpu in batches]
     return ProbeSummary(
         label=label,
         requests=len(times),
@@ -88,6 +102,10 @@ def summarize(label: str, probe: dict[str, Any]) -> ProbeSummary:
         lag_max_ms=max(lags, default=0.0),
         lags_over_5ms=sum(1 for ms in lags if ms > 5),
         heap_at_exit=probe.get("heap_at_exit", {}),
+        batches=len(batches),
+        batch_rows=statistics.fmean(b[1] for b in batches) if batches else 0.0,
+        batch_wait_ms=statistics.fmean(waits) if waits else 0.0,
+        batch_wait_p90_ms=_quantile(waits, 0.9),
     )
 
 
