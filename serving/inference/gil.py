@@ -1,8 +1,8 @@
 """The GIL's switch interval: how long an inference thread waits for the event loop.
 
-An inference thread runs a batch with the GIL released (ONNX Runtime, TensorRT and
-torch all let go of it while they compute) and needs it back to return the batch's
-outputs, split them and start the next batch. Under load the event loop holds the GIL
+An inference thread runs a batch with the GIL released (ONNX Runtime and torch let
+go of it while they compute) and needs it back to return the batch's outputs, split
+them and start the next batch. Under load the event loop holds the GIL
 almost all the time, and CPython makes a thread that asks for it wait a whole switch
 interval (5 ms by default) before the holder is told to let go. The batch is done,
 but its answers, and the next batch, wait up to 5 ms behind Python code that has
@@ -10,10 +10,10 @@ nothing to do with them: at saturation every batch pays it, twice.
 
 ``server.gil_switch_interval_ms`` sets a shorter interval for the gateway process
 (``switch_interval`` around the server's run). Measured on a 2-core VM under
-``wrk -c64`` (README, Tail latency, thirteenth round), the ONNX Runtime call's wall
-time beyond its own CPU time went from 2.1 ms a batch on average (a tenth of the
-batches over 5.3 ms) to 0.8 ms at 0.2 ms, and binary-body throughput rose by a
-quarter or more.
+``wrk -c64`` (README, Tail latency, thirteenth round): ONNX Runtime's run took 2.7 ms
+a batch beyond its thread's own CPU time on average (a tenth of the batches over 7
+ms) at 5 ms, 1.6 ms at 0.2 ms (``bench.tail_bench --probe``), and binary-body
+throughput rose by 11-25%.
 """
 
 from __future__ import annotations
