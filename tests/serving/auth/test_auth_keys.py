@@ -15,6 +15,7 @@ from serving.auth import ApiKeys, Principal, create_key, read_keys, required_sco
 from serving.auth import keys as keys_module
 from serving.auth.scopes import infer_model, parse_scopes
 from serving.cli import main
+from tests.helpers.spies import spy
 
 
 def test_keys_file_holds_only_a_hash(tmp_path: Path) -> None:
@@ -86,14 +87,7 @@ def test_a_verified_key_is_hashed_once_and_an_unknown_one_every_time(
 ) -> None:
     path = tmp_path / "keys.json"
     key = create_key(path, "k", ["read"])
-    hashed: list[str] = []
-    real = keys_module.hash_key
-
-    def counted(key: str) -> str:
-        hashed.append(key)
-        return real(key)
-
-    monkeypatch.setattr(keys_module, "hash_key", counted)
+    hashed = spy(monkeypatch, keys_module, "hash_key")
     keys = ApiKeys(path, check_interval_s=3600)
     for _ in range(3):
         principal = keys.authenticate(key)

@@ -16,6 +16,7 @@ from model_store.manifest import Artifact, ModelManifest, TensorSpec
 from serving.errors import InvalidInput
 from serving.inference import codec
 from serving.inference.codec import InferRequest, decode_request, decode_request_async
+from tests.helpers.spies import spy
 
 Body = tuple[bytes, int]
 
@@ -115,14 +116,7 @@ def test_a_repeated_header_decodes_each_bodys_own_tensors() -> None:
 def test_a_repeated_header_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
     m = _manifest()
     _decode(_body(_floats(1.0), _ints(1)), m)
-    parsed: list[object] = []
-    loads = codec._loads
-
-    def counted(text: Any) -> Any:
-        parsed.append(text)
-        return loads(text)
-
-    monkeypatch.setattr(codec, "_loads", counted)
+    parsed = spy(monkeypatch, codec, "_loads")
     again = _decode(_body(_floats(3.0), _ints(3)), m)
     assert parsed == []
     np.testing.assert_array_equal(again.inputs["a"], np.full((2, 3), 3.0, np.float32))

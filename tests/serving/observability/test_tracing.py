@@ -32,6 +32,7 @@ from serving.http.middleware.access_log import ACCESS_LOGGER
 from serving.inference.batcher import DynamicBatcher
 from serving.observability import tracing
 from tests.helpers.inprocess import digits_body, serve_in_process
+from tests.helpers.spies import spy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -232,14 +233,7 @@ def test_a_request_marked_sampled_out_asks_nothing_until_a_span_is_made_current(
     tracing.configure(TracingConfig(), exporter=InMemorySpanExporter())
     tracer = tracing.current_tracer()
     assert tracer is not None
-    asked: list[None] = []
-    real = trace.get_current_span
-
-    def counted(context: object = None) -> trace.Span:
-        asked.append(None)
-        return real()
-
-    monkeypatch.setattr(trace, "get_current_span", counted)
+    asked = spy(monkeypatch, trace, "get_current_span")
     assert tracing.recording_tracer() is None and len(asked) == 1  # asked: no mark yet
     token = tracing.mark_sampled_out()
     assert tracing.recording_tracer() is None
