@@ -384,12 +384,16 @@ class DynamicBatcher:
             return False
         # (A request not in the deque would cost its repr in remove's ValueError.)
         self._queues[pending.level].remove(pending)
+        self._left_queue_locked(pending)
+        return True
+
+    def _left_queue_locked(self, pending: _Pending) -> None:
+        """Count out a request just taken out of its queue (not into a batch)."""
         pending.queued = False
         self._queued -= 1
         self._queued_rows -= pending.rows
         if pending.queue_span is not None:
             pending.queue_span.end()
-        return True
 
     # Deadlines of queued requests: one timer for the whole queue, the sweep. It is due
     # no later than the soonest deadline queued (a request with a sooner one moves it);
@@ -425,12 +429,8 @@ class DynamicBatcher:
                     if p.deadline_ns and (not soonest or p.deadline_ns < soonest):
                         soonest = p.deadline_ns
             for p in expired:
-                p.queued = False
-                self._queued -= 1
-                self._queued_rows -= p.rows
+                self._left_queue_locked(p)
         for p in expired:
-            if p.queue_span is not None:
-                p.queue_span.end()
             if not p.future.done():
                 self.stats.expired += 1
                 p.future.set_exception(
