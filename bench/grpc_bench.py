@@ -4,8 +4,8 @@ One ``fermion serve`` answers both transports; one asyncio load generator
 (``bench/_asyncload.py``) drives every cell, so the ratios compare the transports and
 not two load tools. At each concurrency the cells run back to back: grpc (raw tensors),
 http-binary (the binary tensor extension), http-json. ``--profile DIR`` then samples
-the server with py-spy (``--gil``: the Python side's CPU) during one more grpc and one
-more http-binary cell at the highest concurrency and prints where it goes per request.
+the server with py-spy (``--gil``: the Python side's CPU) during one more cell of each
+kind at the highest concurrency and prints where it goes per request.
 
     .venv/bin/python -m bench.grpc_bench [--quick] [--store model_store] [--profile DIR]
 """
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(_table(rows[-1:]).splitlines()[-1], flush=True)
         if args.profile is not None:
-            report["profile"] = {k: _profile(args, server, run, k) for k in ("grpc", "http-binary")}
+            report["profile"] = {k: _profile(args, server, run, k) for k in _KINDS}
     finally:
         server.stop()
         loop.close()
