@@ -61,6 +61,7 @@ from serving.http.app import create_app
 from serving.http.connection import ConnectionLimits, guarded_protocol
 from serving.http.drain import DrainState
 from serving.inference.backends import Backend
+from serving.observability.otlp_export import export_session
 from serving.observability.tracing import EXPORT_BATCH
 
 __all__ = ["main"]
@@ -373,7 +374,7 @@ def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
 
     batch = list(spans[-EXPORT_BATCH:])
     with span_sink() as url:
-        exporter = OTLPSpanExporter(endpoint=url)
+        exporter = OTLPSpanExporter(endpoint=url, session=export_session(url))
         exporter.export(batch)  # the connection is opened once
         started = time.thread_time()
         for _ in range(batches):

@@ -23,6 +23,7 @@ from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
+from serving.observability.otlp_export import export_session, hashed_resource
 from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
@@ -236,7 +237,10 @@ def _exporter(config: TracingConfig) -> SpanExporter:
         )
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter(endpoint=config.endpoint or _HTTP_DEFAULT, headers=dict(config.headers))
+    endpoint = config.endpoint or _HTTP_DEFAULT
+    return OTLPSpanExporter(
+        endpoint=endpoint, headers=dict(config.headers), session=export_session(endpoint)
+    )
 
 
 def _root_sampler(config: TracingConfig) -> Sampler:
@@ -280,7 +284,8 @@ def configure(
 
     root = _root_sampler(config)
     sampler = ParentBased(root) if config.sampler.startswith("parentbased_") else root
-    resource = Resource.create({"service.name": config.service_name})
+    # Hashed once: the exporter's encoder hashes it for every span (otlp_export).
+    resource = hashed_resource(Resource.create({"service.name": config.service_name}))
     provider = TracerProvider(
         # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
         resource=resource,
