@@ -23,7 +23,7 @@ from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
-from serving.observability.otlp_export import export_session, hashed_resource
+from serving.observability.otlp_export import hashed_resource, span_exporter
 from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
@@ -235,12 +235,7 @@ def _exporter(config: TracingConfig) -> SpanExporter:
             insecure=not endpoint.startswith("https://"),
             headers=dict(config.headers),
         )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    endpoint = config.endpoint or _HTTP_DEFAULT
-    return OTLPSpanExporter(
-        endpoint=endpoint, headers=dict(config.headers), session=export_session(endpoint)
-    )
+    return span_exporter(config.endpoint or _HTTP_DEFAULT, config.headers)
 
 
 def _root_sampler(config: TracingConfig) -> Sampler:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from serving.observability.otlp_export import export_session, hashed_resource
+from serving.observability import otlp_export
+from serving.observability.otlp_export import export_session, hashed_resource, span_exporter
 from tests.helpers.spies import spy
 
 
@@ -135,3 +143,99 @@ def test_an_environment_requests_would_apply_keeps_the_exporters_own_session(
     else:
         monkeypatch.setenv(name, value)
     assert export_session(endpoint) is None
+
+
+@dataclass
+class _Collector:
+    """A loopback OTLP/HTTP receiver that answers its posts with ``statuses`` in turn
+    (200 once they run out)."""
+
+    statuses: list[int]
+    received: list[ExportTraceServiceRequest] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+
+
+@contextmanager
+def _collector(*statuses: int) -> Iterator[_Collector]:
+    collector = _Collector(list(statuses))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            collector.headers.append({k.lower(): v for k, v in self.headers.items()})
+            status = collector.statuses.pop(0) if collector.statuses else 200
+            if status == 200:
+                collector.received.append(ExportTraceServiceRequest.FromString(body))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    collector.url = f"http://127.0.0.1:{server.server_port}/v1/traces"
+    try:
+        yield collector
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _spans(count: int) -> tuple[ReadableSpan, ...]:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=hashed_resource(_resource()))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("fermion")
+    for i in range(count):
+        with tracer.start_as_current_span(f"request-{i}", attributes={"fermion.model": "digits"}):
+            pass
+    provider.shutdown()
+    return memory.get_finished_spans()
+
+
+def test_the_exporter_posts_fermions_encoding_through_the_sdks_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded = spy(monkeypatch, otlp_export, "encode_spans")
+    spans = _spans(3)
+    with _collector() as collector:
+        exporter = span_exporter(collector.url, {"x-tenant": "blue"})
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        exporter.shutdown()
+    assert encoded == [spans]  # this SDK's client took Fermion's bytes: no fallback
+    (message,) = collector.received
+    names = [s.name for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert names == ["request-0", "request-1", "request-2"]
+    assert collector.headers[0]["x-tenant"] == "blue"
+    assert collector.headers[0]["content-type"] == "application/x-protobuf"
+
+
+def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> None:
+    with _collector(503) as collector:
+        exporter = span_exporter(collector.url, {})
+        started = time.monotonic()
+        assert exporter.export(_spans(2)) is SpanExportResult.SUCCESS
+        waited = time.monotonic() - started
+        exporter.shutdown()
+    assert len(collector.headers) == 2 and len(collector.received) == 1
+    assert waited < 5.0  # the SDK's first backoff, about a second
+
+
+def test_a_collector_that_refuses_the_batch_is_not_asked_again() -> None:
+    with _collector(400) as collector:
+        exporter = span_exporter(collector.url, {})
+        assert exporter.export(_spans(2)) is SpanExportResult.FAILURE
+        exporter.shutdown()
+    assert len(collector.headers) == 1 and collector.received == []
+
+
+def test_a_shut_down_exporter_sends_nothing() -> None:
+    with _collector() as collector:
+        exporter = span_exporter(collector.url, {})
+        exporter.shutdown()
+        assert exporter.export(_spans(1)) is SpanExportResult.FAILURE
+    assert collector.headers == []
