@@ -46,6 +46,9 @@ _HAS_IS_REMOTE: Final = 0x100
 _IS_REMOTE: Final = 0x200
 #: Encoded attributes remembered at most (a few hundred in a gateway's spans).
 _KEY_VALUES_MAX: Final = 4096
+#: Longer str and bytes values (a stack trace, a message) are encoded every time, so
+#: that what is remembered stays under a megabyte.
+_REMEMBER_LENGTH: Final = 128
 _key_values: dict[tuple[int, str, type, Any], bytes] = {}
 
 
@@ -107,7 +110,7 @@ def _attributes(tag: int, attributes: Mapping[str, Any] | None) -> bytes:
     parts = []
     for key, value in attributes.items():
         kind = type(value)
-        if kind in _SCALARS:
+        if kind in _NUMBERS or (kind in _TEXTS and len(value) <= _REMEMBER_LENGTH):
             remembered = (tag, key, kind, value)
             cached = _key_values.get(remembered)
             if cached is None:
@@ -123,7 +126,8 @@ def _attributes(tag: int, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(parts)
 
 
-_SCALARS: Final = frozenset({str, bool, int, float, bytes})
+_NUMBERS: Final = frozenset({bool, int, float})
+_TEXTS: Final = frozenset({str, bytes})
 
 
 #: Span.kind, field 6: OTLP numbers the kinds from 1 (SPAN_KIND_INTERNAL), the API from 0.

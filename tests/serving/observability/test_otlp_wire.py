@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from serving.observability import otlp_wire
 from serving.observability.otlp_export import hashed_resource
 from serving.observability.otlp_wire import encode_spans
 
@@ -130,4 +131,19 @@ def test_integers_of_every_width_survive(value: int) -> None:
     message = _same_as_the_sdk(memory.get_finished_spans())
     (span,) = message.resource_spans[0].scope_spans[0].spans
     assert span.attributes[0].value.int_value == value
+    provider.shutdown()
+
+
+def test_long_values_are_encoded_each_time_and_short_ones_remembered() -> None:
+    otlp_wire._key_values.clear()
+    provider, memory = _provider(Resource.create({}))
+    long_text = "frame\n" * 1000
+    with provider.get_tracer("t").start_as_current_span(
+        "s", attributes={"short": "digits", "long": long_text, "n": 3}
+    ):
+        pass
+    spans = memory.get_finished_spans()
+    _same_as_the_sdk(spans)
+    remembered = {key for _, key, _, _ in otlp_wire._key_values}
+    assert {"short", "n"} <= remembered and "long" not in remembered
     provider.shutdown()
