@@ -110,19 +110,20 @@ def _attributes(tag: int, attributes: Mapping[str, Any] | None) -> bytes:
     parts = []
     for key, value in attributes.items():
         kind = type(value)
-        if kind in _NUMBERS or (kind in _TEXTS and len(value) <= _REMEMBER_LENGTH):
-            remembered = (tag, key, kind, value)
-            cached = _key_values.get(remembered)
-            if cached is None:
+        remember = kind in _NUMBERS or (kind in _TEXTS and len(value) <= _REMEMBER_LENGTH)
+        remembered = (tag, key, kind, value) if remember else None
+        encoded = _key_values.get(remembered) if remembered is not None else None
+        if encoded is None:
+            try:  # a value protobuf cannot hold (a lone surrogate in a str, a set)
+                encoded = _field(tag, _key_value(key, value))
+            except Exception as e:
+                log.error("tracing: attribute %r not exported: %s", key, e)
+                continue
+            if remembered is not None:
                 if len(_key_values) >= _KEY_VALUES_MAX:
                     _key_values.clear()
-                cached = _key_values[remembered] = _field(tag, _key_value(key, value))
-            parts.append(cached)
-            continue
-        try:
-            parts.append(_field(tag, _key_value(key, value)))
-        except Exception as e:
-            log.error("tracing: attribute %r not exported: %s", key, e)
+                _key_values[remembered] = encoded
+        parts.append(encoded)
     return b"".join(parts)
 
 

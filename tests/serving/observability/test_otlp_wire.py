@@ -147,3 +147,15 @@ def test_long_values_are_encoded_each_time_and_short_ones_remembered() -> None:
     remembered = {key for _, key, _, _ in otlp_wire._key_values}
     assert {"short", "n"} <= remembered and "long" not in remembered
     provider.shutdown()
+
+
+def test_an_attribute_protobuf_cannot_hold_is_left_out_as_the_sdk_leaves_it_out() -> None:
+    provider, memory = _provider(Resource.create({}))
+    with provider.get_tracer("t").start_as_current_span(
+        "s", attributes={"lone surrogate": "\ud800", "kept": "x"}
+    ):
+        pass
+    message = _same_as_the_sdk(memory.get_finished_spans())
+    (span,) = message.resource_spans[0].scope_spans[0].spans
+    assert [a.key for a in span.attributes] == ["kept"]
+    provider.shutdown()
