@@ -61,7 +61,6 @@ from serving.http.app import create_app
 from serving.http.connection import ConnectionLimits, guarded_protocol
 from serving.http.drain import DrainState
 from serving.inference.backends import Backend
-from serving.observability.otlp_export import span_exporter
 from serving.observability.tracing import EXPORT_BATCH
 
 __all__ = ["main"]
@@ -371,6 +370,10 @@ def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
     """CPU µs of this thread per span to export ``spans`` over OTLP/HTTP, 64 a time,
     with the gateway's exporter (``tracing.exporter: otlp-http``)."""
     from opentelemetry.sdk.trace.export import SpanExportResult
+
+    # Here, not at the top: a --base worker imports this module with a checkout that
+    # may not have it.
+    from serving.observability.otlp_export import span_exporter
 
     batch = list(spans[-EXPORT_BATCH:])
     with span_sink() as url:
