@@ -4,16 +4,14 @@ The batch processor's thread encodes and posts each batch of spans holding the G
 so every microsecond of it is one the event loop may wait for (up to a switch
 interval at a time). Measured on the 2-core VM (``bench.gateway_overhead``, a
 sampled request's 5 spans, 64 to an export): about 60-70 µs of that thread's CPU a
-span with the SDK's exporter as it comes. Three places did work no export needs:
+span with the SDK's exporter as it comes. Two places did work no export needs:
 
 - The SDK's encoder builds a protobuf object per span, attribute and value, then
-  serialises them: 20-30 µs a span. ``span_exporter`` writes the same message
-  straight to bytes (``otlp_wire``, about 10 µs) and hands them to the SDK's own
-  HTTP client, which keeps its retries, backoff, compression and TLS settings.
-- That encoder groups spans by resource with a dict keyed on the span's
-  ``Resource``, and ``Resource.__hash__`` serialises every attribute to JSON on each
-  call: about 10 µs a span for a resource that never changes. ``hashed_resource``
-  computes that hash once.
+  serialises them: 30-40 µs a span, about 10 µs of it hashing the span's
+  ``Resource`` to group the spans (``Resource.__hash__`` dumps every attribute to
+  JSON). ``span_exporter`` writes the same message straight to bytes (``otlp_wire``,
+  about 10 µs a span) and hands them to the SDK's own HTTP client, which keeps its
+  retries, backoff, compression and TLS settings.
 - ``requests`` looks the environment up on every post (proxies, CA bundles, netrc),
   about 0.7 ms an export. ``export_session`` turns that off, but only where the
   lookup would find nothing for the collector's URL, so nothing an export does
@@ -31,33 +29,16 @@ from serving.observability.otlp_wire import encode_spans
 
 if TYPE_CHECKING:
     import requests
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["export_session", "hashed_resource", "span_exporter"]
+__all__ = ["export_session", "span_exporter"]
 
 log = logging.getLogger("fermion.tracing")
 
 #: The variables ``requests`` takes a CA bundle from, for an https URL, when
 #: ``trust_env`` is on.
 _CA_BUNDLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
-
-
-def hashed_resource(resource: Resource) -> Resource:
-    """``resource`` as a ``Resource`` whose hash is computed once (it is immutable):
-    equal to it and with the same hash."""
-    from opentelemetry.sdk.resources import Resource
-
-    class _HashedResource(Resource):
-        __slots__ = ()
-
-        def __hash__(self) -> int:
-            return digest
-
-    hashed = _HashedResource(resource.attributes, resource.schema_url)
-    digest = Resource.__hash__(hashed)
-    return hashed
 
 
 def _environment_applies(endpoint: str) -> bool:

@@ -23,7 +23,7 @@ from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
-from serving.observability.otlp_export import hashed_resource, span_exporter
+from serving.observability.otlp_export import span_exporter
 from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
@@ -279,8 +279,7 @@ def configure(
 
     root = _root_sampler(config)
     sampler = ParentBased(root) if config.sampler.startswith("parentbased_") else root
-    # Hashed once: the exporter's encoder hashes it for every span (otlp_export).
-    resource = hashed_resource(Resource.create({"service.name": config.service_name}))
+    resource = Resource.create({"service.name": config.service_name})
     provider = TracerProvider(
         # OTEL_RESOURCE_ATTRIBUTES are merged in; the service name given here wins.
         resource=resource,

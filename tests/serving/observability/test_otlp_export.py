@@ -1,73 +1,26 @@
-"""The OTLP/HTTP exporter's per-span and per-post savings change nothing it sends."""
+"""The OTLP/HTTP exporter: what it skips per post changes nothing it sends, and it sends
+Fermion's encoding through the SDK's own client."""
 
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from serving.observability import otlp_export
-from serving.observability.otlp_export import export_session, hashed_resource, span_exporter
+from serving.observability.otlp_export import export_session, span_exporter
+from tests.helpers.otlp_collector import otlp_collector
 from tests.helpers.spies import spy
 
 
 def _resource() -> Resource:
     return Resource.create({"service.name": "fermion-test", "deployment.environment": "ci"})
-
-
-def test_a_hashed_resource_is_equal_hashes_alike_and_never_rehashes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    plain = _resource()
-    hashed = hashed_resource(plain)
-    assert hashed == plain and plain == hashed
-    assert hash(hashed) == hash(plain)
-    assert dict(hashed.attributes) == dict(plain.attributes)
-    assert hashed.schema_url == plain.schema_url
-    calls = spy(monkeypatch, Resource, "__hash__")
-    for _ in range(3):
-        assert hash(hashed) == hash(plain)
-    assert calls == [plain] * 3  # the plain one's, every time; the hashed one's never
-
-
-def test_spans_of_a_hashed_resource_encode_as_the_plain_resources_would() -> None:
-    plain = _resource()
-    exported: dict[str, tuple[list[tuple[str, str]], list[str]]] = {}
-    for label, resource in (("plain", plain), ("hashed", hashed_resource(plain))):
-        memory = InMemorySpanExporter()
-        provider = TracerProvider(resource=resource)
-        provider.add_span_processor(SimpleSpanProcessor(memory))
-        tracer = provider.get_tracer("fermion")
-        for _ in range(3):
-            with (
-                tracer.start_as_current_span("request", attributes={"fermion.model": "digits"}),
-                tracer.start_as_current_span("fermion.execute"),
-            ):
-                pass
-        message = encode_spans(memory.get_finished_spans())
-        # All six spans under one resource, as the SDK groups them.
-        assert len(message.resource_spans) == 1
-        (group,) = message.resource_spans
-        exported[label] = (
-            sorted((a.key, a.value.string_value) for a in group.resource.attributes),
-            [span.name for scope in group.scope_spans for span in scope.spans],
-        )
-        provider.shutdown()
-    assert exported["hashed"] == exported["plain"]
-    assert len(exported["plain"][1]) == 6
 
 
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -145,49 +98,9 @@ def test_an_environment_requests_would_apply_keeps_the_exporters_own_session(
     assert export_session(endpoint) is None
 
 
-@dataclass
-class _Collector:
-    """A loopback OTLP/HTTP receiver that answers its posts with ``statuses`` in turn
-    (200 once they run out)."""
-
-    statuses: list[int]
-    received: list[ExportTraceServiceRequest] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
-    url: str = ""
-
-
-@contextmanager
-def _collector(*statuses: int) -> Iterator[_Collector]:
-    collector = _Collector(list(statuses))
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            collector.headers.append({k.lower(): v for k, v in self.headers.items()})
-            status = collector.statuses.pop(0) if collector.statuses else 200
-            if status == 200:
-                collector.received.append(ExportTraceServiceRequest.FromString(body))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    collector.url = f"http://127.0.0.1:{server.server_port}/v1/traces"
-    try:
-        yield collector
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _spans(count: int) -> tuple[ReadableSpan, ...]:
     memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=hashed_resource(_resource()))
+    provider = TracerProvider(resource=_resource())
     provider.add_span_processor(SimpleSpanProcessor(memory))
     tracer = provider.get_tracer("fermion")
     for i in range(count):
@@ -202,7 +115,7 @@ def test_the_exporter_posts_fermions_encoding_through_the_sdks_client(
 ) -> None:
     encoded = spy(monkeypatch, otlp_export, "encode_spans")
     spans = _spans(3)
-    with _collector() as collector:
+    with otlp_collector() as collector:
         exporter = span_exporter(collector.url, {"x-tenant": "blue"})
         assert exporter.export(spans) is SpanExportResult.SUCCESS
         exporter.shutdown()
@@ -215,7 +128,7 @@ def test_the_exporter_posts_fermions_encoding_through_the_sdks_client(
 
 
 def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> None:
-    with _collector(503) as collector:
+    with otlp_collector(503) as collector:
         exporter = span_exporter(collector.url, {})
         started = time.monotonic()
         assert exporter.export(_spans(2)) is SpanExportResult.SUCCESS
@@ -226,7 +139,7 @@ def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> 
 
 
 def test_a_collector_that_refuses_the_batch_is_not_asked_again() -> None:
-    with _collector(400) as collector:
+    with otlp_collector(400) as collector:
         exporter = span_exporter(collector.url, {})
         assert exporter.export(_spans(2)) is SpanExportResult.FAILURE
         exporter.shutdown()
@@ -234,7 +147,7 @@ def test_a_collector_that_refuses_the_batch_is_not_asked_again() -> None:
 
 
 def test_a_shut_down_exporter_sends_nothing() -> None:
-    with _collector() as collector:
+    with otlp_collector() as collector:
         exporter = span_exporter(collector.url, {})
         exporter.shutdown()
         assert exporter.export(_spans(1)) is SpanExportResult.FAILURE

@@ -16,8 +16,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 
 from serving.observability import otlp_wire
-from serving.observability.otlp_export import hashed_resource
 from serving.observability.otlp_wire import encode_spans
+from tests.helpers.spies import spy
 
 REMOTE = SpanContext(
     trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736,
@@ -106,16 +106,21 @@ def test_every_kind_of_span_encodes_as_the_sdk_encodes_it() -> None:
     assert encode_spans(spans) == encode_spans(spans)
 
 
-def test_a_hashed_resource_groups_and_encodes_alike() -> None:
-    resource = hashed_resource(Resource.create({"service.name": "fermion"}))
-    provider, memory = _provider(resource)
-    tracer = provider.get_tracer("fermion")
-    for i in range(5):
-        with tracer.start_as_current_span(f"request-{i}", attributes={"fermion.model": "digits"}):
-            pass
-    message = _same_as_the_sdk(memory.get_finished_spans())
-    assert len(message.resource_spans) == 1
-    provider.shutdown()
+def test_spans_of_interleaved_resources_group_as_the_sdk_groups_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spans = _every_kind_of_span()
+    first, second = spans[:7], spans[7:]
+    interleaved = [s for pair in zip(first, second, strict=True) for s in pair]
+    message = _same_as_the_sdk(interleaved)
+    assert len(message.resource_spans) == 2
+    # A resource is hashed once per run of spans that share it, not once per span.
+    hashed = spy(monkeypatch, Resource, "__hash__")
+    encode_spans(first)
+    assert len(hashed) == 1
+    hashed.clear()
+    encode_spans(interleaved)
+    assert len(hashed) == len(interleaved)
 
 
 def test_no_spans_is_an_empty_request() -> None:

@@ -7,12 +7,9 @@ import asyncio
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import ClassVar
 
 import grpc
 import numpy as np
@@ -32,6 +29,7 @@ from serving.http.middleware.access_log import ACCESS_LOGGER
 from serving.inference.batcher import DynamicBatcher
 from serving.observability import tracing
 from tests.helpers.inprocess import digits_body, serve_in_process
+from tests.helpers.otlp_collector import otlp_collector
 from tests.helpers.spies import spy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -250,35 +248,12 @@ def test_a_request_marked_sampled_out_asks_nothing_until_a_span_is_made_current(
     assert tracing.recording_tracer() is None and len(asked) == before + 1  # asked again
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: ClassVar[list[ExportTraceServiceRequest]] = []
-    headers_seen: ClassVar[list[str]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        message = ExportTraceServiceRequest()
-        message.ParseFromString(body)
-        _Receiver.received.append(message)
-        _Receiver.headers_seen.append(self.headers.get("x-tenant", ""))
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+    with otlp_collector() as collector:
         config = FermionConfig(
             tracing=TracingConfig(
                 exporter="otlp-http",
-                endpoint=endpoint,
+                endpoint=collector.url,
                 headers={"x-tenant": "blue"},
                 service_name="fermion-test",
             )
@@ -289,12 +264,9 @@ async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -
             )
             assert r.status_code == 200
         # Leaving the app shut the tracer down, which flushed the batch processor.
-    finally:
-        server.shutdown()
-        server.server_close()
     spans = [
         span
-        for message in _Receiver.received
+        for message in collector.received
         for resource_spans in message.resource_spans
         for scope_spans in resource_spans.scope_spans
         for span in scope_spans.spans
@@ -304,13 +276,13 @@ async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -
     assert {"fermion.batch", "fermion.execute"} <= ours
     services = {
         attr.value.string_value
-        for message in _Receiver.received
+        for message in collector.received
         for rs in message.resource_spans
         for attr in rs.resource.attributes
         if attr.key == "service.name"
     }
     assert services == {"fermion-test"}
-    assert set(_Receiver.headers_seen) == {"blue"}
+    assert {headers.get("x-tenant", "") for headers in collector.headers} == {"blue"}
 
 
 async def test_shadow_call_is_a_span_of_its_request(demo_store: ModelStore) -> None:
@@ -394,23 +366,15 @@ async def test_spans_are_exported_in_small_batches(
     else:
         monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", env_size)
     limit = int(env_size) if env_size else tracing.EXPORT_BATCH
-    _Receiver.received.clear()
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
-        config = FermionConfig(tracing=TracingConfig(exporter="otlp-http", endpoint=endpoint))
+    with otlp_collector() as collector:
+        config = FermionConfig(tracing=TracingConfig(exporter="otlp-http", endpoint=collector.url))
         async with serve_in_process(config, demo_store) as gw:
             for _ in range(30):  # about 6 spans each
                 r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
                 assert r.status_code == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     sizes = [
         sum(len(ss.spans) for rs in m.resource_spans for ss in rs.scope_spans)
-        for m in _Receiver.received
+        for m in collector.received
     ]
     assert sum(sizes) >= 30 * 5
     assert max(sizes) <= limit
