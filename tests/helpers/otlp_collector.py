@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -15,35 +15,50 @@ __all__ = ["Collector", "otlp_collector"]
 
 @dataclass
 class Collector:
-    """What the receiver got: each post's headers (lower-case names) and the requests
-    it answered 200; it answers its posts with ``statuses`` in turn, then 200."""
+    """What the receiver got: each post's headers (lower-case names) and the client's
+    address it came from, and the requests it answered 200. It answers its posts with
+    ``statuses`` in turn, then 200; ``retry_after`` goes out with every answer but
+    200 when set. With ``hang_up`` set it closes each connection once it has answered,
+    without saying so (as a collector does with one it finds idle)."""
 
     statuses: list[int]
     received: list[ExportTraceServiceRequest] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    retry_after: str | None = None
+    hang_up: bool = False
     url: str = ""
 
 
 @contextmanager
-def otlp_collector(*statuses: int) -> Iterator[Collector]:
-    """A receiver on 127.0.0.1 and a free port (``Collector.url``) until the block ends."""
+def otlp_collector(*statuses: int, keep_alive: bool = False) -> Iterator[Collector]:
+    """A receiver on 127.0.0.1 and a free port (``Collector.url``) until the block ends;
+    HTTP/1.1 with connections kept open when ``keep_alive``, else HTTP/1.0."""
     collector = Collector(list(statuses))
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             collector.headers.append({k.lower(): v for k, v in self.headers.items()})
+            collector.peers.append(self.client_address)
             status = collector.statuses.pop(0) if collector.statuses else 200
             if status == 200:
                 collector.received.append(ExportTraceServiceRequest.FromString(body))
             self.send_response(status)
+            if status != 200 and collector.retry_after is not None:
+                self.send_header("Retry-After", collector.retry_after)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            if collector.hang_up:
+                self.close_connection = True
 
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     collector.url = f"http://127.0.0.1:{server.server_port}/v1/traces"
