@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["SpanSink", "span_sink"]
+__all__ = ["SpanSink", "grpc_span_sink", "span_sink"]
 
 _HOST = "127.0.0.1"
 
@@ -47,3 +47,26 @@ def span_sink() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def grpc_span_sink() -> Iterator[str]:
+    """The ``http://`` endpoint (no TLS) of an OTLP/gRPC traces sink served in this
+    process until the block ends; it answers every export with success."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(f"{_HOST}:0")
+    server.start()
+    try:
+        yield f"http://{_HOST}:{port}"
+    finally:
+        server.stop(grace=None)

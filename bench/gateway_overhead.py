@@ -7,9 +7,9 @@ and the batcher. Prints microseconds per request for each configuration (CPU tim
 the process, so that other load on the machine matters less), measured interleaved
 in one run so that they compare. A request sampled by tracing is measured with every
 request sampled, its spans going to an in-memory exporter; those spans are then sent
-through the SDK's OTLP/HTTP exporter to a loopback sink, 64 at a time as the gateway's
-batch processor sends them, and the exporter thread's CPU per sampled request is
-printed too (off the request path, but holding the GIL).
+through the gateway's OTLP/HTTP and OTLP/gRPC exporters to loopback sinks, 64 at a time
+as the gateway's batch processor sends them, and the exporter thread's CPU per sampled
+request is printed too (off the request path, but holding the GIL).
 
 ``--http`` sends each request as HTTP/1.1 bytes through the gateway's own connection
 protocol (``GuardedHttpProtocol``: httptools parsing, uvicorn's request cycle, the
@@ -52,7 +52,7 @@ import uvloop as _uvloop
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bench._otlp import span_sink
+from bench._otlp import grpc_span_sink, span_sink
 from bench._transport import MemoryTransport
 from model_store.manifest import ModelManifest
 from model_store.store import ModelStore
@@ -366,18 +366,23 @@ def _run(measure: Coroutine[Any, Any, _T], *, uvloop: bool) -> _T:
         return runner.run(measure)
 
 
-def _export_cpu_us(spans: Sequence[ReadableSpan], batches: int = 20) -> float:
-    """CPU µs of this thread per span to export ``spans`` over OTLP/HTTP, 64 a time,
-    with the gateway's exporter (``tracing.exporter: otlp-http``)."""
+def _export_cpu_us(spans: Sequence[ReadableSpan], grpc: bool, batches: int = 20) -> float:
+    """CPU µs of this thread per span to export ``spans`` over OTLP/HTTP (or gRPC), 64
+    a time, with the gateway's exporter (``tracing.exporter: otlp-http``, ``otlp-grpc``)."""
     from opentelemetry.sdk.trace.export import SpanExportResult
 
     # Here, not at the top: a --base worker imports this module with a checkout that
     # may not have it.
-    from serving.observability.otlp_export import span_exporter
+    from serving.observability import otlp_export
 
     batch = list(spans[-EXPORT_BATCH:])
-    with span_sink() as url:
-        exporter = span_exporter(url, {})
+    sink, make = (
+        (grpc_span_sink, otlp_export.grpc_span_exporter)
+        if grpc
+        else (span_sink, otlp_export.span_exporter)
+    )
+    with sink() as url:
+        exporter = make(url, {})
         exporter.export(batch)  # the connection is opened once
         started = time.thread_time()
         for _ in range(batches):
@@ -512,12 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     if not traced:  # no configuration sampled by tracing was measured
         return 0
     spans_per_request = len(traced) / (args.requests // 3 // 5)  # one round's requests
-    per_span = _export_cpu_us(traced)
-    print(
-        f"OTLP/HTTP export of a sampled request's {spans_per_request:.0f} spans, on the "
-        f"exporter's thread: {per_span * spans_per_request:.1f} µs "
-        f"({per_span:.1f} µs a span, {EXPORT_BATCH} spans an export)"
-    )
+    for protocol, grpc in (("HTTP", False), ("gRPC", True)):
+        per_span = _export_cpu_us(traced, grpc)
+        print(
+            f"OTLP/{protocol} export of a sampled request's {spans_per_request:.0f} spans, on "
+            f"the exporter's thread: {per_span * spans_per_request:.1f} µs "
+            f"({per_span:.1f} µs a span, {EXPORT_BATCH} spans an export)"
+        )
     return 0
 
 

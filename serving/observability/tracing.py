@@ -23,7 +23,7 @@ from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from serving.config import TracingConfig
-from serving.observability.otlp_export import span_exporter
+from serving.observability.otlp_export import grpc_span_exporter, span_exporter
 from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
@@ -225,16 +225,7 @@ def _exporter(config: TracingConfig) -> SpanExporter:
 
         return ConsoleSpanExporter()
     if config.exporter == "otlp-grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        endpoint = config.endpoint or _GRPC_DEFAULT
-        return GrpcExporter(
-            endpoint=endpoint,
-            insecure=not endpoint.startswith("https://"),
-            headers=dict(config.headers),
-        )
+        return grpc_span_exporter(config.endpoint or _GRPC_DEFAULT, config.headers)
     return span_exporter(config.endpoint or _HTTP_DEFAULT, config.headers)
 
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
-__all__ = ["Collector", "otlp_collector"]
+__all__ = ["Collector", "GrpcCollector", "otlp_collector", "otlp_grpc_collector"]
 
 
 @dataclass
@@ -67,3 +73,35 @@ def otlp_collector(*statuses: int, keep_alive: bool = False) -> Iterator[Collect
     finally:
         server.shutdown()
         server.server_close()
+
+
+class GrpcCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC traces receiver: each export's request and its metadata (a dict)."""
+
+    def __init__(self) -> None:
+        self.received: list[ExportTraceServiceRequest] = []
+        self.metadata: list[dict[str, str]] = []
+        self.endpoint = ""
+
+    def Export(
+        self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ExportTraceServiceResponse:
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
+        self.received.append(request)
+        return ExportTraceServiceResponse()
+
+
+@contextmanager
+def otlp_grpc_collector() -> Iterator[GrpcCollector]:
+    """A receiver on 127.0.0.1 and a free port (``GrpcCollector.endpoint``, an
+    ``http://`` URL: no TLS) until the block ends."""
+    collector = GrpcCollector()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    collector.endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield collector
+    finally:
+        server.stop(grace=None)

@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from serving.observability import otlp_export
-from serving.observability.otlp_export import export_session, span_exporter
-from tests.helpers.otlp_collector import otlp_collector
+from serving.observability.otlp_export import export_session, grpc_span_exporter, span_exporter
+from tests.helpers.otlp_collector import otlp_collector, otlp_grpc_collector
 from tests.helpers.spies import spy
 
 
@@ -125,6 +126,20 @@ def test_the_exporter_posts_fermions_encoding_through_the_sdks_client(
     assert names == ["request-0", "request-1", "request-2"]
     assert collector.headers[0]["x-tenant"] == "blue"
     assert collector.headers[0]["content-type"] == "application/x-protobuf"
+
+
+def test_the_grpc_exporter_sends_fermions_encoding_as_the_sdks_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded = spy(monkeypatch, otlp_export, "encode_spans")
+    spans = _spans(3)
+    with otlp_grpc_collector() as collector:
+        exporter = grpc_span_exporter(collector.endpoint, {"x-tenant": "blue"})
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        exporter.shutdown()
+    assert encoded == [spans]  # this SDK took Fermion's encoding: no fallback
+    assert collector.received == [sdk_encode(spans)]
+    assert collector.metadata[0]["x-tenant"] == "blue"
 
 
 def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> None:

@@ -9,17 +9,10 @@ import logging
 import socket
 import time
 from collections.abc import Iterator
-from concurrent import futures
 
-import grpc
 import numpy as np
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -29,7 +22,7 @@ from serving.http.middleware.access_log import ACCESS_LOGGER
 from serving.inference.batcher import DynamicBatcher
 from serving.observability import tracing
 from tests.helpers.inprocess import digits_body, serve_in_process
-from tests.helpers.otlp_collector import otlp_collector
+from tests.helpers.otlp_collector import otlp_collector, otlp_grpc_collector
 from tests.helpers.spies import spy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -415,27 +408,11 @@ def test_otel_environment_variables_fill_what_the_file_leaves_out() -> None:
     assert off.sampler == "always_off"
 
 
-class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.received: list[ExportTraceServiceRequest] = []
-
-    def Export(
-        self, request: ExportTraceServiceRequest, context: object
-    ) -> ExportTraceServiceResponse:
-        self.received.append(request)
-        return ExportTraceServiceResponse()
-
-
 async def test_otlp_grpc_export_configured_by_the_environment(
     demo_store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    collector = _Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    with otlp_grpc_collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
         monkeypatch.setenv("OTEL_SERVICE_NAME", "fermion-grpc-test")
         async with serve_in_process(FermionConfig(), demo_store) as gw:
@@ -443,8 +420,6 @@ async def test_otlp_grpc_export_configured_by_the_environment(
                 "/v2/models/digits/infer", json=digits_body(), headers={"traceparent": TRACEPARENT}
             )
             assert r.status_code == 200
-    finally:
-        server.stop(grace=None)
     names = {
         span.name
         for message in collector.received
