@@ -12,7 +12,9 @@ SDK's own interface for one. Importing this module loads the SDK's exporter pack
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -49,11 +51,13 @@ class PlainTransport(BaseHTTPTransport):
     A connection the peer says it will close, or one a request failed on, is dropped,
     and the next request connects anew. The SDK's client asks again at once after a
     connection error (what a kept-open connection the collector closed while idle
-    gives) and backs off for the rest. Requests are sent one at a time.
+    gives) and backs off for the rest. Requests are sent one at a time. Once closed,
+    it sends nothing more.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._closed = False
         self._connection: http.client.HTTPConnection | None = None
         self._origin: tuple[str, int] | None = None
         self._url = ""
@@ -71,6 +75,8 @@ class PlainTransport(BaseHTTPTransport):
         if timeout is not None and timeout <= 0:
             return PlainResult(error=TimeoutError("no time was left for the request"))
         with self._lock:
+            if self._closed:
+                return PlainResult(error=ConnectionAbortedError("the transport is closed"))
             try:
                 return self._send(method, url, headers or {}, timeout, data)
             except Exception as e:  # any failure is the request's, as in the SDK's
@@ -127,5 +133,13 @@ class PlainTransport(BaseHTTPTransport):
         return isinstance(exception, OSError | http.client.HTTPException)
 
     def close(self) -> None:
+        """Drop the connection, a request in flight on it included: that request fails
+        at once rather than when the collector answers or its timeout ends."""
+        self._closed = True
+        connection = self._connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # wakes a thread blocked reading it
+                sock.shutdown(socket.SHUT_RDWR)
         with self._lock:
             self._drop()

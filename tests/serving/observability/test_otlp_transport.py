@@ -159,6 +159,33 @@ def test_a_collector_that_never_answers_times_out_and_is_left() -> None:
         transport.close()
 
 
+def test_closing_fails_a_request_in_flight_at_once_and_sends_nothing_more() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts, never answers
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/v1/traces"
+        transport = PlainTransport()
+        results: list[object] = []
+        posting = threading.Thread(
+            target=lambda: results.append(transport.request("POST", url, data=b"x", timeout=30))
+        )
+        posting.start()
+        server.settimeout(5)
+        accepted, _ = server.accept()
+        with accepted:
+            time.sleep(0.1)  # the request is sent, its answer awaited
+            started = time.monotonic()
+            transport.close()
+            posting.join(timeout=5)
+            waited = time.monotonic() - started
+        assert not posting.is_alive() and waited < 2.0  # not the request's 30 s
+        (result,) = results
+        assert result.status_code is None and result.error is not None  # type: ignore[attr-defined]
+        after = transport.request("POST", url, data=b"x", timeout=1)
+        assert isinstance(after.error, ConnectionAbortedError)
+        server.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            server.accept()  # no connection was made for it
+
+
 def test_a_url_that_is_not_plain_http_is_an_error_not_a_post() -> None:
     transport = PlainTransport()
     result = transport.request("POST", "https://collector.internal/v1/traces", data=b"x")
