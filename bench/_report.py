@@ -53,6 +53,13 @@ class Cell:
     #: How many times the cell was measured (more than once when the machine was busy).
     attempts: int = 1
     error: str | None = None
+    #: When the measured run began and ended (``time.monotonic``), where recorded.
+    started: float = 0.0
+    ended: float = 0.0
+    #: A sleeping process's p99 lateness meanwhile, in ms, and its wake-ups over 1 ms
+    #: late (``bench/_host_lateness.py``), where measured.
+    host_late_p99_ms: float | None = None
+    host_late_wakeups: int | None = None
 
     @property
     def other_cpu(self) -> float:
@@ -102,6 +109,9 @@ class Cell:
                 "tcp_retransmits": self.tcp_retransmits,
                 "other_processes": self.other_top,
             }
+            if self.host_late_p99_ms is not None:
+                out["host_late_p99_ms"] = round(self.host_late_p99_ms, 3)
+                out["host_late_wakeups"] = self.host_late_wakeups
             b = bare.result if bare is not None else None
             if b is not None:
                 out["rps_vs_bare"] = round(r.rps / b.rps, 3)

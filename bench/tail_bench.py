@@ -23,7 +23,9 @@ find what one feature costs).
 ``--probe DIR`` adds one probed cell per Fermion (JSON, c=64 or
 ``--probe-concurrency``): the gateway runs under ``bench/_probe.py`` (cycle
 collections, event-loop lag, per-request server time), and DIR gets the records and
-``timeline.svg``.
+``timeline.svg``. ``--host-lateness`` prints, per cell, how often a sleeping process
+beside the run woke over 1 ms late (``bench/_host_lateness.py``): the machine's slow
+windows, which decide the c=1 medians on a shared VM.
 
     .venv/bin/python -m bench.tail_bench --store model_store [--passes 3] [--duration 15]
         [--base ../main/.venv/bin/fermion] [--ray [--ray-autoscaling]] [--probe DIR] [--check]
@@ -39,13 +41,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench._host_lateness import Lateness, host_lateness
 from bench._otlp import SpanSink, span_sink
 from bench._payloads import Payload, binary_payload, check_answer, json_payload
 from bench._procs import (
@@ -144,6 +147,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="local.inline_max_ms of this checkout's servers, not --base's (0, the default: off)",
     )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
+    parser.add_argument(
+        "--host-lateness",
+        action="store_true",
+        help="run a 1 ms sleeper beside the passes and show how late it woke in each cell "
+        "(the machine's slow windows; adds about 1000 wake-ups a second)",
+    )
     parser.add_argument("--ray", action="store_true", help="then Fermion on backend ray")
     parser.add_argument(
         "--ray-autoscaling",
@@ -298,9 +307,10 @@ def _measure(
             run_wrk(wrk, url, payload, body, duration_s=args.warmup, **common)
         cpu0, ticks0 = cpu_seconds(server.process.pid), machine_ticks()
         retx0, others0 = tcp_retransmits(), cpu_by_process()
-        started = time.monotonic()
+        cell.started = started = time.monotonic()
         cell.result = run_wrk(wrk, url, payload, body, duration_s=args.duration, **common)
-        wall = time.monotonic() - started
+        cell.ended = time.monotonic()
+        wall = cell.ended - started
         ticks1 = machine_ticks()
         cell.tcp_retransmits = tcp_retransmits() - retx0
         cell.other_top = busiest_others(others0, cpu_by_process(), server.process.pid, wall)
@@ -460,6 +470,43 @@ def _table(passes: list[list[Cell]]) -> list[str]:
     return lines
 
 
+def _note_lateness(lateness: Lateness, passes: list[list[Cell]]) -> None:
+    """Give each measured cell the sleeper's lateness during its run."""
+    for cells in passes:
+        for cell in cells:
+            seen = lateness.window(cell.started, cell.ended) if cell.ended else None
+            if seen is not None:
+                cell.host_late_p99_ms, cell.host_late_wakeups = seen
+
+
+def _lateness_lines(passes: list[list[Cell]]) -> list[str]:
+    """Each cell's p99 beside how often a sleeping process woke over 1 ms late meanwhile,
+    and their rank correlation per concurrency: how much of the cells' spread the
+    machine's slow windows account for."""
+    lines = ["host lateness (a 1 ms sleeper beside the run):"]
+    by_conc: dict[int, list[tuple[float, float]]] = {}
+    for n, cells in enumerate(passes, 1):
+        for c in cells:
+            if c.result is None or c.host_late_wakeups is None or c.host_late_p99_ms is None:
+                continue
+            rate = c.host_late_wakeups / max(c.ended - c.started, 1e-9)
+            ratio = c.result.latency_us["p99"] / c.result.latency_us["p50"]
+            by_conc.setdefault(c.concurrency, []).append((ratio, rate))
+            lines.append(
+                f"  pass {n} {c.label:<16} c={c.concurrency:<3} p99/p50 {ratio:5.2f}x   "
+                f"sleeper p99 {c.host_late_p99_ms:5.2f} ms late, {rate:5.1f}/s over 1 ms"
+            )
+    for conc, pairs in sorted(by_conc.items()):
+        if len(pairs) >= 4:
+            ranks = np.argsort(np.argsort(np.array(pairs), axis=0), axis=0)
+            rho = float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
+            lines.append(
+                f"  c={conc}: rank correlation of p99/p50 with late wake-ups {rho:+.2f} "
+                f"over {len(pairs)} cells"
+            )
+    return lines
+
+
 def _checks(ratios: dict[str, float]) -> list[dict[str, Any]]:
     checks = []
     for name, key, bound, kind in TARGETS:
@@ -580,8 +627,14 @@ def main(argv: list[str] | None = None) -> int:
         "features": note,
         "cores": os.cpu_count(),
     }
-    with tempfile.TemporaryDirectory(prefix="fermion-tail-") as tmp, span_sink() as traces:
+    with (
+        tempfile.TemporaryDirectory(prefix="fermion-tail-") as tmp,
+        span_sink() as traces,
+        ExitStack() as sleeper,
+    ):
         work = Path(tmp)
+        if args.host_lateness:
+            sleeper.enter_context(host_lateness(work / "lateness.bin"))
         files = {k: work / f"body.{k}" for k in payloads}
         for kind, path in files.items():
             path.write_bytes(payloads[kind].body)
@@ -620,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Each ray cell beside a local JSON cell of the same pass.
                     local_json = [_Server(s.process, ["json"], s.headers) for s in pairs]
                     ray_passes = _passes([*local_json, *rays], model, payloads, files, args, wrk)
+        sleeper.close()
+        if args.host_lateness:
+            _note_lateness(Lateness.read(work / "lateness.bin"), [*passes, *ray_passes])
         if args.probe is not None:
             report += _probe_cells(args, clis, config, model, payloads, files, work, wrk)
         record["span_exports_received"] = SpanSink.received
@@ -633,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     if ray_passes:
         print("\nray phase (Fermion local beside Fermion on backend ray):")
         print("\n".join(_table(ray_passes)))
+    if args.host_lateness:
+        print()
+        print("\n".join(_lateness_lines([*passes, *ray_passes])))
     if report:
         print()
         print("\n".join(report))
