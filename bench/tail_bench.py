@@ -497,14 +497,23 @@ def _lateness_lines(passes: list[list[Cell]]) -> list[str]:
                 f"sleeper p99 {c.host_late_p99_ms:5.2f} ms late, {rate:5.1f}/s over 1 ms"
             )
     for conc, pairs in sorted(by_conc.items()):
-        if len(pairs) >= 4:
-            ranks = np.argsort(np.argsort(np.array(pairs), axis=0), axis=0)
-            rho = float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
+        ratios, rates = (_average_ranks([pair[i] for pair in pairs]) for i in (0, 1))
+        if len(pairs) >= 4 and ratios.std() > 0 and rates.std() > 0:
+            rho = float(np.corrcoef(ratios, rates)[0, 1])
             lines.append(
                 f"  c={conc}: rank correlation of p99/p50 with late wake-ups {rho:+.2f} "
                 f"over {len(pairs)} cells"
             )
     return lines
+
+
+def _average_ranks(values: list[float]) -> np.ndarray:
+    """Ranks from 0, tied values sharing their mean rank (as Spearman's rho takes them)."""
+    array = np.asarray(values, dtype=np.float64)
+    ranks = np.empty(len(array))
+    ranks[np.argsort(array, kind="stable")] = np.arange(len(array))
+    _, tie = np.unique(array, return_inverse=True)
+    return (np.bincount(tie, weights=ranks) / np.bincount(tie))[tie]
 
 
 def _checks(ratios: dict[str, float]) -> list[dict[str, Any]]:
@@ -691,7 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_table(ray_passes)))
     if args.host_lateness:
         print()
-        print("\n".join(_lateness_lines([*passes, *ray_passes])))
+        print("\n".join(_lateness_lines(passes)))
+        if ray_passes:
+            print("ray phase:")
+            print("\n".join(_lateness_lines(ray_passes)[1:]))
     if report:
         print()
         print("\n".join(report))
