@@ -15,8 +15,44 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-__all__ = ["Collector", "GrpcCollector", "otlp_collector", "otlp_grpc_collector"]
+__all__ = [
+    "Collector",
+    "GrpcCollector",
+    "finished_spans",
+    "otlp_collector",
+    "otlp_grpc_collector",
+    "span_names",
+]
+
+
+def finished_spans(count: int) -> tuple[ReadableSpan, ...]:
+    """``count`` ended SDK spans, ``request-0`` on, of one resource, to export."""
+    memory = InMemorySpanExporter()
+    resource = Resource.create({"service.name": "fermion-test", "deployment.environment": "ci"})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("fermion")
+    for i in range(count):
+        with tracer.start_as_current_span(f"request-{i}", attributes={"fermion.model": "digits"}):
+            pass
+    provider.shutdown()
+    return memory.get_finished_spans()
+
+
+def span_names(received: list[ExportTraceServiceRequest]) -> list[str]:
+    """The names of the spans in ``received``, in order."""
+    return [
+        span.name
+        for message in received
+        for rs in message.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    ]
 
 
 @dataclass

@@ -9,19 +9,17 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
 
 from serving.observability import otlp_export
 from serving.observability.otlp_export import export_session, grpc_span_exporter, span_exporter
-from tests.helpers.otlp_collector import otlp_collector, otlp_grpc_collector
+from tests.helpers.otlp_collector import (
+    finished_spans,
+    otlp_collector,
+    otlp_grpc_collector,
+    span_names,
+)
 from tests.helpers.spies import spy
-
-
-def _resource() -> Resource:
-    return Resource.create({"service.name": "fermion-test", "deployment.environment": "ci"})
 
 
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -99,31 +97,18 @@ def test_an_environment_requests_would_apply_keeps_the_exporters_own_session(
     assert export_session(endpoint) is None
 
 
-def _spans(count: int) -> tuple[ReadableSpan, ...]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=_resource())
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("fermion")
-    for i in range(count):
-        with tracer.start_as_current_span(f"request-{i}", attributes={"fermion.model": "digits"}):
-            pass
-    provider.shutdown()
-    return memory.get_finished_spans()
-
-
 def test_the_exporter_posts_fermions_encoding_through_the_sdks_client(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     encoded = spy(monkeypatch, otlp_export, "encode_spans")
-    spans = _spans(3)
+    spans = finished_spans(3)
     with otlp_collector() as collector:
         exporter = span_exporter(collector.url, {"x-tenant": "blue"})
         assert exporter.export(spans) is SpanExportResult.SUCCESS
         exporter.shutdown()
     assert encoded == [spans]  # this SDK's client took Fermion's bytes: no fallback
-    (message,) = collector.received
-    names = [s.name for rs in message.resource_spans for ss in rs.scope_spans for s in ss.spans]
-    assert names == ["request-0", "request-1", "request-2"]
+    assert len(collector.received) == 1
+    assert span_names(collector.received) == ["request-0", "request-1", "request-2"]
     assert collector.headers[0]["x-tenant"] == "blue"
     assert collector.headers[0]["content-type"] == "application/x-protobuf"
 
@@ -132,7 +117,7 @@ def test_the_grpc_exporter_sends_fermions_encoding_as_the_sdks_message(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     encoded = spy(monkeypatch, otlp_export, "encode_spans")
-    spans = _spans(3)
+    spans = finished_spans(3)
     with otlp_grpc_collector() as collector:
         exporter = grpc_span_exporter(collector.endpoint, {"x-tenant": "blue"})
         assert exporter.export(spans) is SpanExportResult.SUCCESS
@@ -146,7 +131,7 @@ def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> 
     with otlp_collector(503) as collector:
         exporter = span_exporter(collector.url, {})
         started = time.monotonic()
-        assert exporter.export(_spans(2)) is SpanExportResult.SUCCESS
+        assert exporter.export(finished_spans(2)) is SpanExportResult.SUCCESS
         waited = time.monotonic() - started
         exporter.shutdown()
     assert len(collector.headers) == 2 and len(collector.received) == 1
@@ -156,7 +141,7 @@ def test_a_collector_that_is_briefly_unavailable_gets_the_batch_on_a_retry() -> 
 def test_a_collector_that_refuses_the_batch_is_not_asked_again() -> None:
     with otlp_collector(400) as collector:
         exporter = span_exporter(collector.url, {})
-        assert exporter.export(_spans(2)) is SpanExportResult.FAILURE
+        assert exporter.export(finished_spans(2)) is SpanExportResult.FAILURE
         exporter.shutdown()
     assert len(collector.headers) == 1 and collector.received == []
 
@@ -165,5 +150,5 @@ def test_a_shut_down_exporter_sends_nothing() -> None:
     with otlp_collector() as collector:
         exporter = span_exporter(collector.url, {})
         exporter.shutdown()
-        assert exporter.export(_spans(1)) is SpanExportResult.FAILURE
+        assert exporter.export(finished_spans(1)) is SpanExportResult.FAILURE
     assert collector.headers == []

@@ -10,38 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.export import SpanExportResult
 
 from serving.observability.otlp_export import export_transport, span_exporter
 from serving.observability.otlp_transport import PlainTransport
-from tests.helpers.otlp_collector import otlp_collector
+from tests.helpers.otlp_collector import finished_spans, otlp_collector, span_names
 from tests.helpers.spies import spy
-
-
-def _spans(count: int) -> tuple[ReadableSpan, ...]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "fermion-test"}))
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("fermion")
-    for i in range(count):
-        with tracer.start_as_current_span(f"request-{i}"):
-            pass
-    provider.shutdown()
-    return memory.get_finished_spans()
-
-
-def _names(received: list[ExportTraceServiceRequest]) -> list[str]:
-    return [
-        span.name
-        for message in received
-        for rs in message.resource_spans
-        for ss in rs.scope_spans
-        for span in ss.spans
-    ]
 
 
 @pytest.fixture
@@ -60,11 +34,11 @@ def test_a_plain_http_collector_gets_every_export_over_one_connection(
     with otlp_collector(keep_alive=True) as collector:
         exporter = span_exporter(collector.url, {"x-tenant": "blue"})
         for _ in range(3):
-            assert exporter.export(_spans(2)) is SpanExportResult.SUCCESS
+            assert exporter.export(finished_spans(2)) is SpanExportResult.SUCCESS
         exporter.shutdown()
     assert len(posted) == 3  # this SDK took the transport: no silent fallback
     assert len(collector.received) == 3 and len(set(collector.peers)) == 1
-    assert _names(collector.received) == ["request-0", "request-1"] * 3
+    assert span_names(collector.received) == ["request-0", "request-1"] * 3
     assert collector.headers[0]["x-tenant"] == "blue"
     assert collector.headers[0]["content-type"] == "application/x-protobuf"
 
@@ -74,7 +48,7 @@ def test_a_collector_that_closes_each_connection_gets_each_export_on_a_new_one()
     with otlp_collector() as collector:  # HTTP/1.0: it says so
         exporter = span_exporter(collector.url, {})
         for _ in range(3):
-            assert exporter.export(_spans(1)) is SpanExportResult.SUCCESS
+            assert exporter.export(finished_spans(1)) is SpanExportResult.SUCCESS
         exporter.shutdown()
     assert len(collector.received) == 3 and len(set(collector.peers)) == 3
 
@@ -84,10 +58,10 @@ def test_a_connection_the_collector_closed_unannounced_costs_no_backoff() -> Non
     with otlp_collector(keep_alive=True) as collector:
         collector.hang_up = True
         exporter = span_exporter(collector.url, {})
-        assert exporter.export(_spans(1)) is SpanExportResult.SUCCESS
+        assert exporter.export(finished_spans(1)) is SpanExportResult.SUCCESS
         time.sleep(0.05)  # the collector has closed the connection it kept open
         started = time.monotonic()
-        assert exporter.export(_spans(1)) is SpanExportResult.SUCCESS
+        assert exporter.export(finished_spans(1)) is SpanExportResult.SUCCESS
         waited = time.monotonic() - started
         exporter.shutdown()
     assert len(collector.received) == 2 and len(set(collector.peers)) == 2
@@ -100,7 +74,7 @@ def test_the_sdks_client_reads_retry_after_from_the_answer() -> None:
         collector.retry_after = "0"
         exporter = span_exporter(collector.url, {})
         started = time.monotonic()
-        assert exporter.export(_spans(1)) is SpanExportResult.SUCCESS
+        assert exporter.export(finished_spans(1)) is SpanExportResult.SUCCESS
         waited = time.monotonic() - started
         exporter.shutdown()
     assert len(collector.headers) == 2 and len(collector.received) == 1
