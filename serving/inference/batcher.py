@@ -354,9 +354,10 @@ class DynamicBatcher:
             raise DeadlineExceeded("deadline passed before the request was queued")
         shape_key = tuple(a.shape[1:] for a in inputs.values()) if self._batched else ()
         pending = _Pending(inputs, rows, shape_key, loop.create_future(), now, level)
-        tracer = _tracing.recording_tracer()
-        if tracer is not None:
-            pending.span, pending.queue_span = _tracing.start_queue_span(tracer, self._attributes)
+        recording = _tracing.recording_span()
+        if recording is not None:
+            pending.span = recording[1]
+            pending.queue_span = _tracing.start_child(*recording, "fermion.queue", self._attributes)
         if deadline_ns is not None:
             pending.deadline_ns = deadline_ns
             if self._sweep is None or deadline_ns < self._sweep_ns:

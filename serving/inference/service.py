@@ -25,7 +25,7 @@ from serving.inference.batcher import DynamicBatcher
 from serving.inference.limits import TIMEOUT_HEADER, RequestLimits
 from serving.inference.repository import ModelRepository, ServedVersion, VersionBatcher
 from serving.inference.tensors import InferRequest
-from serving.observability.tracing import recording_tracer
+from serving.observability.tracing import recording_span, start_child
 
 __all__ = [
     "InferCall",
@@ -274,16 +274,18 @@ class InferenceService(Generic[R]):
 
     def _find(self, name: str, version: str | None) -> ServedVersion:
         """The served version a request names (404 when none), within a route span."""
-        tracer = recording_tracer()
-        if tracer is None:
+        recording = recording_span()
+        if recording is None:
             return self._repository.get(name, version)
-        # An unknown model is an answer (404), not an exception to record on the trace.
-        with tracer.start_as_current_span(
-            "fermion.route", record_exception=False, set_status_on_exception=False
-        ) as span:
+        # Nothing is started under it, so it is never made current. An unknown model is an
+        # answer (404), not an exception to record on the trace.
+        span = start_child(*recording, "fermion.route")
+        try:
             served = self._repository.get(name, version)
             span.set_attributes({"fermion.model": name, "fermion.version": str(served.version)})
             return served
+        finally:
+            span.end()
 
     def _max_batch(self, batcher: VersionBatcher) -> int:
         """The most rows a request to ``batcher`` may have (``limits.max_batch`` caps it)."""

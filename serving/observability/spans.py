@@ -47,7 +47,10 @@ __all__ = ["SlotSpan", "SlotTracer"]
 
 #: Attribute value types stored without validation (the API accepts them as they are).
 _PLAIN = frozenset({str, bool, int, float})
+_KEYS = frozenset({str})
 _EMPTY_STATE = TraceState()
+#: A new span's status (``Status`` is immutable: one serves them all).
+_UNSET = Status(StatusCode.UNSET)
 
 
 def _flags(sampled: bool, random_id: bool) -> TraceFlags:
@@ -141,6 +144,30 @@ class SlotTracer(trace.Tracer):
             return NonRecordingSpan(ctx)
         return SlotSpan(self, name, ctx, remote, kind, result.attributes, links or (), start_time)
 
+    def start_child(
+        self,
+        parent: trace.Span,
+        name: str,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        links: Sequence[Link] = (),
+    ) -> trace.Span:
+        """An internal span under ``parent``: what ``start_span`` gives with ``parent``
+        current, without building a context to carry it (the gateway's own child spans:
+        route, queue, batch, executor run)."""
+        if isinstance(parent, SlotSpan) and parent._end is None:
+            context = parent._context
+            ctx = SpanContext(
+                context.trace_id,
+                self.ids.generate_span_id(),
+                False,
+                context.trace_flags,
+                context.trace_state,
+            )
+            return SlotSpan(self, name, ctx, context, SpanKind.INTERNAL, attributes, links)
+        return self.start_span(
+            name, trace.set_span_in_context(parent), attributes=attributes, links=links
+        )
+
     def start_as_current_span(  # type: ignore[override]  # the API's own manager type is private
         self,
         name: str,
@@ -224,7 +251,7 @@ class SlotSpan(trace.Span):
                     if link.context.is_valid or link.attributes or link.context.trace_state
                 ],
             )
-        self._status = Status(StatusCode.UNSET)
+        self._status = _UNSET
         self._end: int | None = None
         self._start = start_time or time_ns()
         if attributes:
@@ -249,6 +276,7 @@ class SlotSpan(trace.Span):
                 max_value_len=self._tracer.limits.max_span_attribute_length,
             )
             if key not in checked:
+                self._dropped += checked.dropped  # (an invalid key counts, as the SDK's)
                 return
             value = checked[key]
         attributes = self._attributes
@@ -262,8 +290,25 @@ class SlotSpan(trace.Span):
         attributes[key] = value
 
     def set_attributes(self, attributes: Mapping[str, AttributeValue]) -> None:
+        if not self._attributes and type(attributes) is dict and self._plain(attributes):
+            self._attributes.update(attributes)  # (a new span's, the gateway's usual case)
+            return
         for key, value in attributes.items():
             self.set_attribute(key, value)
+
+    def _plain(self, attributes: dict[str, AttributeValue]) -> bool:
+        """Whether ``attributes`` would be stored as they are, one by one: str keys and
+        plain values, within the count limit, with no length limit to cut a str to."""
+        limits = self._tracer.limits
+        if self._end is not None or limits.max_span_attribute_length is not None:
+            return False
+        count = limits.max_span_attributes
+        return (
+            (count is None or len(attributes) <= count)
+            and _PLAIN.issuperset(map(type, attributes.values()))
+            and _KEYS.issuperset(map(type, attributes))
+            and "" not in attributes
+        )
 
     def add_event(
         self, name: str, attributes: Attributes = None, timestamp: int | None = None

@@ -43,11 +43,12 @@ __all__ = [
     "make_current",
     "mark_sampled_out",
     "new_root",
+    "recording_span",
     "recording_tracer",
     "resolve",
     "shutdown",
     "start_batch_spans",
-    "start_queue_span",
+    "start_child",
     "start_server_span",
     "unmark_sampled_out",
 ]
@@ -202,10 +203,18 @@ def recording_tracer() -> Tracer | None:
 
     Child spans of a request that was sampled out are never created.
     """
+    recording = recording_span()
+    return None if recording is None else recording[0]
+
+
+def recording_span() -> tuple[Tracer, Span] | None:
+    """The tracer and the current span when that span records (a sampled request's),
+    else None: what ``start_child`` needs to start a span under it."""
     tracer = _State.tracer
-    if tracer is None or _SAMPLED_OUT.get() or not trace.get_current_span().is_recording():
+    if tracer is None or _SAMPLED_OUT.get():
         return None
-    return tracer
+    span = trace.get_current_span()
+    return (tracer, span) if span.is_recording() else None
 
 
 def mark_sampled_out() -> Token[bool]:
@@ -335,9 +344,19 @@ def shutdown() -> None:
     flushing.join(SHUTDOWN_WAIT_S)
 
 
-def start_queue_span(tracer: Tracer, attributes: Mapping[str, Any]) -> tuple[Span, Span]:
-    """The current (request) span, and a new queue-wait span under it."""
-    return trace.get_current_span(), tracer.start_span("fermion.queue", attributes=attributes)
+def start_child(
+    tracer: Tracer,
+    parent: Span,
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    links: Sequence[Link] = (),
+) -> Span:
+    """An internal span under ``parent`` (current or not), as ``tracer.start_span`` with
+    ``parent`` current would start it."""
+    if isinstance(tracer, SlotTracer):
+        return tracer.start_child(parent, name, attributes, links)
+    context = trace.set_span_in_context(parent)
+    return tracer.start_span(name, context=context, attributes=attributes, links=links)
 
 
 def make_current(span: Span, parent: Context | None = None) -> Token[Context]:
@@ -363,13 +382,5 @@ def start_batch_spans(
 ) -> tuple[Span, Span]:
     """A batch span (child of the first request, linked to all) and its executor-run span."""
     links = [Link(s.get_span_context()) for s in requests if s.get_span_context().is_valid]
-    batch = tracer.start_span(
-        "fermion.batch",
-        context=trace.set_span_in_context(requests[0]),
-        links=links,
-        attributes=attributes,
-    )
-    run = tracer.start_span(
-        "fermion.execute", context=trace.set_span_in_context(batch), attributes=attributes
-    )
-    return batch, run
+    batch = start_child(tracer, requests[0], "fermion.batch", attributes, links)
+    return batch, start_child(tracer, batch, "fermion.execute", attributes)

@@ -102,6 +102,15 @@ def _calls(tracer: Tracer) -> None:
             "fermion.route", record_exception=False, set_status_on_exception=False
         ):
             pass
+        # The gateway's own children, started under a span that need not be current.
+        tracing.start_child(
+            tracer,
+            server,
+            "fermion.child",
+            {"fermion.model": "digits", "fermion.rows": 2, "": 1, "fermion.shape": [1, 2]},
+            [Link(_REMOTE, {"why": "sibling"})],
+        ).end()
+        tracing.start_child(tracer, trace.NonRecordingSpan(_REMOTE), "fermion.remote.child").end()
         server.add_event("fermion.retry", {"fermion.attempt": 1, "fermion.why": "overloaded"})
         server.record_exception(KeyError("k"), {"fermion.extra": 1}, escaped=True)
         server.set_status(StatusCode.UNSET)
@@ -111,6 +120,7 @@ def _calls(tracer: Tracer) -> None:
     server.end()
     server.set_attribute("after.end", 1)  # ignored: the span is exported already
     server.end()  # a second end exports nothing more
+    tracing.start_child(tracer, server, "fermion.after.end", {"fermion.rows": 1}).end()
     # A root: a trace of its own, whatever span is current.
     with tracer.start_as_current_span("fermion.background", context=Context()) as root:
         tracer.start_span("fermion.background.step").end()
@@ -214,7 +224,7 @@ def test_configured_spans_export_what_the_sdk_exports(
         _calls(tracer)
         made[kind] = _view(exporter.get_finished_spans())
     # The root and its child only where the sampler records new traces.
-    assert len(made["sdk"]) == (7 if name == "always_on" else 5)
+    assert len(made["sdk"]) == (10 if name == "always_on" else 8)
     assert made["slots"] == made["sdk"]
 
 
