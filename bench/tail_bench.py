@@ -16,9 +16,10 @@ production gateway runs with: API key auth (every request carries a key), a
 deadline on every request (``limits.default_timeout_ms``), two priority levels, a
 shadow route (1% of requests mirrored to another version, with its isolation
 bounds) and tracing (OTLP over HTTP to a sink in this process, 1% of requests
-sampled). ``--features default`` measures ``fermion serve``'s defaults instead, and a
-comma-separated subset of ``auth,deadline,priorities,shadow,tracing`` only those (to
-find what one feature costs).
+sampled; ``--sample-ratio`` sets another share). ``--features default`` measures
+``fermion serve``'s defaults instead, and a comma-separated subset of
+``auth,deadline,priorities,shadow,tracing`` only those (to find what one feature
+costs).
 
 ``--probe DIR`` adds one probed cell per Fermion (JSON, c=64 or
 ``--probe-concurrency``): the gateway runs under ``bench/_probe.py`` (cycle
@@ -107,6 +108,17 @@ def _features(text: str) -> frozenset[str]:
     return chosen
 
 
+def _ratio(text: str) -> float:
+    """``--sample-ratio``: a share of requests, from 0 to 1."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise argparse.ArgumentTypeError(f"a ratio is from 0 to 1, not {ratio}")
+    return ratio
+
+
 @dataclass
 class _Server:
     """One server of the run and what it is sent."""
@@ -145,6 +157,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="local.inline_max_ms of this checkout's servers, not --base's (0, the default: off)",
+    )
+    parser.add_argument(
+        "--sample-ratio",
+        type=_ratio,
+        default=0.01,
+        help="the share of requests tracing samples, with feature tracing (0.01; 1: what "
+        "tracing every request costs)",
     )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
     parser.add_argument(
@@ -200,6 +219,7 @@ def _config(
     work: Path,
     traces: str,
     *,
+    sample_ratio: float = 0.01,
     autoscaling: bool = False,
 ) -> tuple[str, dict[str, str]]:
     """The YAML of a Fermion server and the headers its requests carry."""
@@ -223,7 +243,8 @@ def _config(
     if "priorities" in features:
         lines += ["batching: {priority_levels: 2}"]
     if "tracing" in features:
-        lines += [f"tracing: {{exporter: otlp-http, endpoint: '{traces}', sample_ratio: 0.01}}"]
+        ratio = f"sample_ratio: {sample_ratio}"
+        lines += [f"tracing: {{exporter: otlp-http, endpoint: '{traces}', {ratio}}}"]
     if "shadow" in features and len(versions) > 1:
         # The newest answers; 1% is mirrored to the one before.
         lines += [
@@ -235,7 +256,9 @@ def _config(
     return "\n".join(lines) + "\n", headers
 
 
-def _features_note(features: frozenset[str], versions: list[int]) -> str:
+def _features_note(
+    features: frozenset[str], versions: list[int], sample_ratio: float = 0.01
+) -> str:
     if not features:
         return "fermion serve's defaults (auth, tracing, priorities, route off)"
     notes = {
@@ -247,7 +270,7 @@ def _features_note(features: frozenset[str], versions: list[int]) -> str:
             if len(versions) > 1
             else "no shadow (one version)"
         ),
-        "tracing": "tracing OTLP/HTTP 1% sampled",
+        "tracing": f"tracing OTLP/HTTP {sample_ratio * 100:g}% sampled",
     }
     return ", ".join(notes[f] for f in FEATURES if f in features) + "; metrics on"
 
@@ -617,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "json": json_payload(model.input_name, sample),
         "binary": binary_payload(model.input_name, model.output_name, sample),
     }
-    note = _features_note(args.features, versions)
+    note = _features_note(args.features, versions, args.sample_ratio)
     if args.inline_max_ms:
         note += f"; local.inline_max_ms {args.inline_max_ms:g} (opt-in)"
     print(
@@ -647,7 +670,15 @@ def main(argv: list[str] | None = None) -> int:
         files = {k: work / f"body.{k}" for k in payloads}
         for kind, path in files.items():
             path.write_bytes(payloads[kind].body)
-        config = _config(args.features, model.name, versions, "local", work, traces)
+        config = _config(
+            args.features,
+            model.name,
+            versions,
+            "local",
+            work,
+            traces,
+            sample_ratio=args.sample_ratio,
+        )
         servers = [] if args.no_bare else [_Server(_bare(args, work), ["json"])]
         for name, cli in clis:
             process = _fermion(name, cli, args, config[0], work, [])
@@ -665,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ray",
                     work,
                     traces,
+                    sample_ratio=args.sample_ratio,
                     autoscaling=args.ray_autoscaling,
                 )
                 pairs = [s for s in servers if s.process.name in dict(clis)]
