@@ -541,6 +541,9 @@ class TracingConfig(_Strict):
     #: Share of new traces recorded (requests with a sampled parent always are).
     sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     service_name: str = "fermion"
+    #: otlp-http/otlp-grpc: encode and post from a child process, off the gateway's GIL
+    #: (``serving/observability/export_process.py``); false: a thread of the gateway.
+    export_process: bool = False
 
 
 class MetricsConfig(_Strict):

@@ -234,8 +234,24 @@ def _exporter(config: TracingConfig) -> SpanExporter:
 
         return ConsoleSpanExporter()
     if config.exporter == "otlp-grpc":
-        return grpc_span_exporter(config.endpoint or _GRPC_DEFAULT, config.headers)
-    return span_exporter(config.endpoint or _HTTP_DEFAULT, config.headers)
+        return grpc_span_exporter(_endpoint(config), config.headers)
+    return span_exporter(_endpoint(config), config.headers)
+
+
+def _endpoint(config: TracingConfig) -> str:
+    """The OTLP endpoint ``config`` exports to (its own, else the local collector's)."""
+    if config.endpoint:
+        return config.endpoint
+    return _GRPC_DEFAULT if config.exporter == "otlp-grpc" else _HTTP_DEFAULT
+
+
+def _env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment, else ``default``."""
+    try:
+        value = int(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
 
 
 def _root_sampler(config: TracingConfig) -> Sampler:
@@ -289,6 +305,18 @@ def configure(
     processor: SpanProcessor
     if exporter is not None or config.exporter == "console":
         processor = SimpleSpanProcessor(exporter or _exporter(config))
+    elif config.export_process:
+        # Here, not at the top: importing this module loads no SDK.
+        from serving.observability.export_process import ProcessSpanProcessor
+
+        processor = ProcessSpanProcessor(
+            config.exporter,
+            _endpoint(config),
+            config.headers,
+            config.service_name,
+            batch=_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", EXPORT_BATCH),
+            delay_s=_env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+        )
     else:
         # The exporter encodes a batch holding the GIL: the SDK's 512 spans stall the
         # event loop for ~20 ms at a time; EXPORT_BATCH spans, a few ms (more often).

@@ -26,6 +26,7 @@ __all__ = [
     "finished_spans",
     "otlp_collector",
     "otlp_grpc_collector",
+    "service_names",
     "span_names",
 ]
 
@@ -53,6 +54,17 @@ def span_names(received: list[ExportTraceServiceRequest]) -> list[str]:
         for ss in rs.scope_spans
         for span in ss.spans
     ]
+
+
+def service_names(received: list[ExportTraceServiceRequest]) -> set[str]:
+    """The ``service.name`` of every resource in ``received``."""
+    return {
+        attr.value.string_value
+        for message in received
+        for rs in message.resource_spans
+        for attr in rs.resource.attributes
+        if attr.key == "service.name"
+    }
 
 
 @dataclass

@@ -22,7 +22,7 @@ from serving.http.middleware.access_log import ACCESS_LOGGER
 from serving.inference.batcher import DynamicBatcher
 from serving.observability import tracing
 from tests.helpers.inprocess import digits_body, serve_in_process
-from tests.helpers.otlp_collector import otlp_collector, otlp_grpc_collector
+from tests.helpers.otlp_collector import otlp_collector, otlp_grpc_collector, service_names
 from tests.helpers.spies import spy
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -267,14 +267,7 @@ async def test_otlp_http_export_to_a_loopback_receiver(demo_store: ModelStore) -
     ours = {s.name for s in spans if s.trace_id.hex() == TRACE_ID}
     assert {"POST /v2/models/{model}/infer", "fermion.route", "fermion.queue"} <= ours
     assert {"fermion.batch", "fermion.execute"} <= ours
-    services = {
-        attr.value.string_value
-        for message in collector.received
-        for rs in message.resource_spans
-        for attr in rs.resource.attributes
-        if attr.key == "service.name"
-    }
-    assert services == {"fermion-test"}
+    assert service_names(collector.received) == {"fermion-test"}
     assert {headers.get("x-tenant", "") for headers in collector.headers} == {"blue"}
 
 

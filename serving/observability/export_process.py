@@ -1,0 +1,415 @@
+"""OTLP export from a child process, off the gateway's GIL (``tracing.export_process``).
+
+In the gateway's process the exporter's thread encodes and posts every batch holding
+the GIL that the event loop needs: about 15 µs a span, 77 µs for a sampled request's
+five spans, which at c=1 arrives in bursts of about a millisecond every 64 spans
+(README, Tail latency, sixteenth round). Here the gateway keeps only a span's fields,
+as a tuple of plain values (``span_record``); a writer thread ``marshal``s 64 of them
+at a time into a pipe, and a child process (``python -m
+serving.observability.export_process``) rebuilds the SDK's ``ReadableSpan`` from them
+(``readable_span``) and hands them to the same exporter the gateway would have used:
+``otlp_wire``'s encoding, the SDK's client, its retries and backoff.
+
+Nothing here blocks the event loop. A full pipe (a collector that stopped answering,
+a child still starting) holds frames in a bounded queue; past it a frame is dropped
+and its spans counted (``dropped``). A child that died is started again, at most once
+a second. ``shutdown`` writes what is left, closes the pipe (the child exports what it
+has, then exits) and waits for the child at most the time it is given, then stops it.
+
+Every span of a process shares its resource: the child builds it as the gateway did,
+from the service name and the same environment (``OTEL_RESOURCE_ATTRIBUTES``), and the
+records carry no resource.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import marshal
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace.span import TraceState
+
+from serving.observability.otlp_export import grpc_span_exporter, span_exporter
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import Span
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["ProcessSpanProcessor", "readable_span", "span_record"]
+
+log = logging.getLogger("fermion.tracing")
+
+#: A frame: its length (4 bytes, little-endian), then a ``marshal``led list of records.
+_LENGTH: Final = struct.Struct("<I")
+#: Frames held while the pipe is full; past them a frame is dropped.
+_MAX_FRAMES: Final = 64
+#: The pipe's buffer asked for (Linux's F_SETPIPE_SZ; the default is 64 KiB).
+_PIPE_BYTES: Final = 1 << 20
+_F_SETPIPE_SZ: Final = 1031
+#: The environment variable that carries the child's settings (JSON).
+_SETTINGS: Final = "FERMION_TRACE_EXPORT"
+#: The child's niceness, above the gateway's: on a host with few cores, its posts wait
+#: for the event loop and the inference threads, not the other way round.
+_NICE: Final = 10
+#: A child that died is started again at most this often.
+_RESTART_S: Final = 1.0
+
+#: The record's fields, in order (``span_record``).
+Record = tuple[Any, ...]
+
+
+def _context(context: SpanContext) -> tuple[Any, ...]:
+    return (
+        context.trace_id,
+        context.span_id,
+        context.is_remote,
+        int(context.trace_flags),
+        tuple(context.trace_state.items()),
+    )
+
+
+def _span_context(fields: Sequence[Any]) -> SpanContext:
+    trace_id, span_id, remote, flags, state = fields
+    return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)))
+
+
+def _dropped(value: object) -> int:
+    return int(getattr(value, "dropped", 0))
+
+
+def span_record(span: ReadableSpan) -> Record:
+    """``span``'s fields as plain values (ints, strs, tuples, dicts) that ``marshal``
+    writes, everything an OTLP exporter reads but the resource."""
+    context = span.get_span_context()
+    assert context is not None
+    parent = span.parent
+    status = span.status
+    scope = span.instrumentation_scope
+    return (
+        span.name,
+        _context(context),
+        None if parent is None else _context(parent),
+        span.kind.value,
+        span.start_time,
+        span.end_time,
+        dict(span.attributes or {}),
+        span.dropped_attributes,
+        [
+            (event.name, event.timestamp, dict(event.attributes or {}), event.dropped_attributes)
+            for event in span.events
+        ],
+        span.dropped_events,
+        [
+            (_context(link.context), dict(link.attributes or {}), link.dropped_attributes)
+            for link in span.links
+        ],
+        span.dropped_links,
+        (status.status_code.value, status.description),
+        None if scope is None else (scope.name, scope.version, scope.schema_url),
+    )
+
+
+def readable_span(record: Record, resource: Resource) -> ReadableSpan:
+    """The ``ReadableSpan`` that ``span_record`` took ``record`` from, with ``resource``."""
+    from opentelemetry.attributes import BoundedAttributes
+
+    (
+        name,
+        context,
+        parent,
+        kind,
+        start,
+        end,
+        attributes,
+        dropped_attributes,
+        events,
+        dropped_events,
+        links,
+        dropped_links,
+        (code, description),
+        scope,
+    ) = record
+
+    def bounded(values: Mapping[str, Any], dropped: int) -> Mapping[str, Any]:
+        if not dropped:
+            return values
+        kept = BoundedAttributes(None, values, immutable=False)
+        kept.dropped = dropped
+        return kept
+
+    def counted(items: list[Any], dropped: int) -> Sequence[Any]:
+        if not dropped:
+            return tuple(items)
+        kept = BoundedList.from_seq(None, items)
+        kept.dropped = dropped
+        return kept
+
+    return ReadableSpan(
+        name=name,
+        context=_span_context(context),
+        parent=None if parent is None else _span_context(parent),
+        resource=resource,
+        attributes=bounded(attributes, dropped_attributes),
+        events=counted(
+            [Event(n, bounded(a, d), timestamp=t) for n, t, a, d in events], dropped_events
+        ),
+        links=counted([Link(_span_context(c), bounded(a, d)) for c, a, d in links], dropped_links),
+        kind=SpanKind(kind),
+        status=Status(StatusCode(code), description),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=None if scope is None else InstrumentationScope(*scope),
+    )
+
+
+class ProcessSpanProcessor(SpanProcessor):
+    """Sends finished, sampled spans to a child process that exports them, ``batch`` at a
+    time, and what has waited ``delay_s`` whatever its number."""
+
+    def __init__(
+        self,
+        exporter: str,
+        endpoint: str,
+        headers: Mapping[str, str],
+        service_name: str,
+        *,
+        batch: int,
+        delay_s: float = 5.0,
+        max_frames: int = _MAX_FRAMES,
+    ) -> None:
+        # In the child's environment, not its command line: headers hold credentials,
+        # and any user of the host can read another's command line.
+        self._env = {
+            **os.environ,
+            _SETTINGS: json.dumps(
+                {
+                    "exporter": exporter,
+                    "endpoint": endpoint,
+                    "headers": dict(headers),
+                    "service_name": service_name,
+                }
+            ),
+        }
+        self._batch = max(1, batch)
+        self._delay_s = delay_s
+        self._max_frames = max(1, max_frames)
+        self._cond = threading.Condition()
+        self._records: list[Record] = []
+        self._frames: deque[list[Record]] = deque()
+        self._writing = False
+        self._closing = False
+        #: Spans not exported: their frame was dropped, or the child died with them.
+        self.dropped = 0
+        self._child: subprocess.Popen[bytes] | None = None
+        self._started = 0.0
+        self._start_child()
+        self._writer = threading.Thread(
+            target=self._write_frames, name="fermion-trace-writer", daemon=True
+        )
+        self._writer.start()
+
+    @property
+    def child_pid(self) -> int | None:
+        """The export process's id (None while none runs)."""
+        return None if self._child is None else self._child.pid
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        record = span_record(span)
+        with self._cond:
+            if self._closing:
+                self.dropped += 1
+                return
+            self._records.append(record)
+            if len(self._records) >= self._batch:
+                self._seal()
+
+    def _seal(self) -> None:
+        """Move the records into a frame for the writer (held: ``_cond``)."""
+        if not self._records:
+            return
+        if len(self._frames) >= self._max_frames:
+            self.dropped += len(self._records)
+            self._records = []
+            return
+        self._frames.append(self._records)
+        self._records = []
+        self._cond.notify()
+
+    def _write_frames(self) -> None:
+        while True:
+            with self._cond:
+                if not self._frames and not self._closing:
+                    self._cond.wait(self._delay_s)
+                if not self._frames:
+                    self._seal()  # what waited a whole delay, or the last of it
+                if not self._frames:
+                    if self._closing:
+                        return
+                    continue
+                records = self._frames.popleft()
+                self._writing = True
+            try:
+                self._write(records)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def _write(self, records: list[Record]) -> None:
+        data = marshal.dumps(records)
+        frame = _LENGTH.pack(len(data)) + data
+        child = self._child
+        if child is None or child.poll() is not None:
+            child = self._restart()
+        if child is None or child.stdin is None:
+            self._lost(len(records), "the export process is not running")
+            return
+        try:
+            fd = child.stdin.fileno()
+            view = memoryview(frame)
+            while view:  # blocks while the pipe is full, without the GIL
+                view = view[os.write(fd, view) :]
+        except (OSError, ValueError) as e:  # (a closed pipe: the child died, or shutdown)
+            self._lost(len(records), f"the export process took no more ({e})")
+
+    def _lost(self, spans: int, why: str) -> None:
+        with self._cond:
+            self.dropped += spans
+        log.warning("tracing: %d span(s) not exported: %s", spans, why)
+
+    def _restart(self) -> subprocess.Popen[bytes] | None:
+        if self._closing or time.monotonic() - self._started < _RESTART_S:
+            return None
+        self._stop_child(0.0)
+        self._start_child()
+        return self._child
+
+    def _start_child(self) -> None:
+        self._started = time.monotonic()
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", __name__], stdin=subprocess.PIPE, bufsize=0, env=self._env
+            )
+        except OSError as e:
+            log.error("tracing: could not start the export process: %s", e)
+            self._child = None
+            return
+        assert child.stdin is not None
+        if sys.platform == "linux":  # a bigger pipe holds more while a post waits
+            import fcntl
+
+            # (Above /proc/sys/fs/pipe-max-size the default stays.)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(child.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        self._child = child
+
+    def _stop_child(self, wait_s: float) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if child.stdin is not None:
+            # The child exports what it has, then exits. (Unbuffered: closing has nothing
+            # to flush into a full pipe.)
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+        try:
+            child.wait(max(wait_s, 0.0))
+        except subprocess.TimeoutExpired:
+            child.kill()  # (a write still blocked on its pipe then fails)
+            child.wait()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        """Hand every finished span to the export process (not: wait for its export)."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._cond:
+            self._seal()
+            self._cond.notify_all()
+            while self._frames or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def shutdown(self, timeout_millis: int = 30_000) -> None:
+        """Write what is left, then give the child the rest of ``timeout_millis`` to
+        export it and exit; stop it after that."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._seal()
+            self._cond.notify_all()
+        self._writer.join(max(deadline - time.monotonic(), 0.0))
+        self._stop_child(deadline - time.monotonic())
+
+
+# --------------------------------------------------------------------------- the child
+
+
+def _exporter(kind: str, endpoint: str, headers: dict[str, str]) -> SpanExporter:
+    if kind == "otlp-grpc":
+        return grpc_span_exporter(endpoint, headers)
+    return span_exporter(endpoint, headers)
+
+
+def _read(stream: Any, size: int) -> bytes | None:
+    """``size`` bytes of ``stream``, or None at its end."""
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+def main() -> int:
+    """The child: export every frame read from stdin until it ends."""
+    # Ctrl+C in a terminal reaches the whole process group: the gateway's stop closes
+    # the pipe, and the child exports what it has before it exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # the gateway's threads first, when cores are short
+        os.nice(_NICE)
+    from opentelemetry.sdk.resources import Resource
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    settings = json.loads(os.environ[_SETTINGS])
+    # As ``tracing.configure`` builds it: OTEL_RESOURCE_ATTRIBUTES merged in.
+    resource = Resource.create({"service.name": settings["service_name"]})
+    exporter = _exporter(settings["exporter"], settings["endpoint"], settings["headers"])
+    stdin = sys.stdin.buffer
+    try:
+        while (head := _read(stdin, _LENGTH.size)) is not None:
+            (size,) = _LENGTH.unpack(head)
+            data = _read(stdin, size)
+            if data is None:
+                break
+            spans = [readable_span(r, resource) for r in marshal.loads(data)]
+            exporter.export(spans)  # (its failures are the exporter's to log)
+    finally:
+        exporter.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
