@@ -165,6 +165,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the share of requests tracing samples, with feature tracing (0.01; 1: what "
         "tracing every request costs)",
     )
+    parser.add_argument(
+        "--export-process",
+        action="store_true",
+        help="this checkout's servers export traces from a child process "
+        "(tracing.export_process), not --base's",
+    )
     parser.add_argument("--no-bare", action="store_true", help="leave the bare endpoint out")
     parser.add_argument(
         "--host-lateness",
@@ -285,6 +291,8 @@ def _fermion(
     path = work / f"{name}.yaml"
     if args.inline_max_ms and name.startswith("fermion"):  # not the base: its own defaults
         config += f"local: {{inline_max_ms: {args.inline_max_ms}}}\n"
+    if args.export_process and name.startswith("fermion"):  # (a base may not know the key)
+        config = config.replace("tracing: {", "tracing: {export_process: true, ", 1)
     path.write_text(config)
     argv = [*wrapper, "serve"] if wrapper else [cli, "serve"]
     argv += ["--store", str(args.store), "--config", str(path), "--grpc-port", "off"]
@@ -643,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     note = _features_note(args.features, versions, args.sample_ratio)
     if args.inline_max_ms:
         note += f"; local.inline_max_ms {args.inline_max_ms:g} (opt-in)"
+    if args.export_process and "tracing" in args.features:
+        note += "; tracing.export_process (this checkout's servers)"
     print(
         f"model {model.name} v{model.version}; {args.passes} passes of {args.duration} s "
         f"cells, wrk -t1, concurrency {args.concurrency}\nfermion: {note}",
