@@ -15,6 +15,7 @@ a child still starting) holds frames in a bounded queue; past it a frame is drop
 and its spans counted (``dropped``). A child that died is started again, at most once
 a second. ``shutdown`` writes what is left, closes the pipe (the child exports what it
 has, then exits) and waits for the child at most the time it is given, then stops it.
+A child whose gateway is gone exits within a second, whatever it still holds.
 
 Every span of a process shares its resource: the child builds it as the gateway did,
 from the service name and the same environment (``OTEL_RESOURCE_ATTRIBUTES``), and the
@@ -204,6 +205,7 @@ class ProcessSpanProcessor(SpanProcessor):
                     "endpoint": endpoint,
                     "headers": dict(headers),
                     "service_name": service_name,
+                    "gateway": os.getpid(),
                 }
             ),
         }
@@ -383,17 +385,28 @@ def _read(stream: Any, size: int) -> bytes | None:
     return data if len(data) == size else None
 
 
+def _exit_with(gateway: int) -> None:
+    """End this process within a second of the end of ``gateway``, its parent (which
+    may have ended already): this process then has another parent."""
+    while os.getppid() == gateway:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def main() -> int:
     """The child: export every frame read from stdin until it ends."""
     # Ctrl+C in a terminal reaches the whole process group: the gateway's stop closes
     # the pipe, and the child exports what it has before it exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = json.loads(os.environ[_SETTINGS])
+    # A gateway that died without its shutdown (killed, or its stop past its grace):
+    # the child goes with it, rather than posting on for a gateway that is gone.
+    threading.Thread(target=_exit_with, args=(settings["gateway"],), daemon=True).start()
     with contextlib.suppress(OSError):  # the gateway's threads first, when cores are short
         os.nice(_NICE)
     from opentelemetry.sdk.resources import Resource
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    settings = json.loads(os.environ[_SETTINGS])
     # As ``tracing.configure`` builds it: OTEL_RESOURCE_ATTRIBUTES merged in.
     resource = Resource.create({"service.name": settings["service_name"]})
     exporter = _exporter(settings["exporter"], settings["endpoint"], settings["headers"])

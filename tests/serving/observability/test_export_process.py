@@ -7,6 +7,8 @@ import marshal
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -179,3 +181,31 @@ async def test_the_gateway_exports_through_the_child(demo_store: ModelStore) -> 
     names = set(span_names(collector.received))
     assert {"POST /v2/models/{model}/infer", "fermion.route", "fermion.queue"} <= names
     assert tracing.current_tracer() is None
+
+
+def test_the_child_ends_with_a_gateway_that_died_without_its_shutdown() -> None:
+    # A process that starts the exporter, sends it a span for a collector that never
+    # answers (the child is then busy posting), and dies without a shutdown.
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(1)
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}/v1/traces"
+        script = (
+            "import os, sys\n"
+            "from serving.observability.export_process import ProcessSpanProcessor\n"
+            "from tests.helpers.otlp_collector import finished_spans\n"
+            f"p = ProcessSpanProcessor('otlp-http', {url!r}, {{}}, 'gone', batch=1)\n"
+            "p.on_end(finished_spans(1)[0])\n"
+            "assert p.force_flush(10_000)\n"
+            "print(p.child_pid, flush=True)\n"
+            "os._exit(0)\n"
+        )
+        # (Its stdout: the child inherits it, so read the line, not the end.)
+        with subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+        ) as gateway:
+            assert gateway.stdout is not None
+            child = int(gateway.stdout.readline())
+            assert gateway.wait(timeout=60) == 0
+        # Its post waits out a 10 s timeout; the child goes well before that.
+        _wait(lambda: _gone(child), seconds=5)
