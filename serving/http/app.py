@@ -308,6 +308,7 @@ def create_app(
             capture,
             repository,
             heap,
+            tracing.EXPORT_METRICS,
         ):
             if collector is not None:
                 metrics.register(collector)

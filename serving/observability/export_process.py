@@ -356,7 +356,7 @@ class ProcessSpanProcessor(SpanProcessor):
                 self._cond.wait(left)
         return True
 
-    def shutdown(self, timeout_millis: int = 30_000) -> None:
+    def shutdown(self, timeout_millis: int = 10_000) -> None:
         """Write what is left, then give the child the rest of ``timeout_millis`` to
         export it and exit; stop it after that."""
         deadline = time.monotonic() + timeout_millis / 1000

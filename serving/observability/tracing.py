@@ -13,7 +13,7 @@ import os
 import random
 import threading
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -21,6 +21,7 @@ from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_TRACE_ID, Link, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from serving.config import TracingConfig
 from serving.observability.otlp_export import grpc_span_exporter, span_exporter
@@ -31,8 +32,11 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.sampling import Sampler
 
+    from serving.observability.export_process import ProcessSpanProcessor
+
 __all__ = [
     "EXPORT_BATCH",
+    "EXPORT_METRICS",
     "PROPAGATOR",
     "SHUTDOWN_WAIT_S",
     "configure",
@@ -140,6 +144,8 @@ def resolve(config: TracingConfig, environ: Mapping[str, str] | None = None) -> 
 class _State:
     tracer: Tracer | None = None
     provider: TracerProvider | None = None
+    #: The processor that feeds the export process, while one exports (export_process).
+    exporting: ProcessSpanProcessor | None = None
     #: A root is sampled when the low 64 bits of its trace id are below this (the SDK's
     #: rule for ratio samplers; 0 for always_off, 2**64 for always_on).
     root_bound: int = 0
@@ -303,13 +309,14 @@ def configure(
         shutdown_on_exit=False,  # shutdown() below bounds the wait; an atexit hook would not
     )
     processor: SpanProcessor
+    exporting: ProcessSpanProcessor | None = None
     if exporter is not None or config.exporter == "console":
         processor = SimpleSpanProcessor(exporter or _exporter(config))
     elif config.export_process:
         # Here, not at the top: importing this module loads no SDK.
         from serving.observability.export_process import ProcessSpanProcessor
 
-        processor = ProcessSpanProcessor(
+        exporting = ProcessSpanProcessor(
             config.exporter,
             _endpoint(config),
             config.headers,
@@ -317,6 +324,7 @@ def configure(
             batch=_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", EXPORT_BATCH),
             delay_s=_env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
         )
+        processor = exporting
     else:
         # The exporter encodes a batch holding the GIL: the SDK's 512 spans stall the
         # event loop for ~20 ms at a time; EXPORT_BATCH spans, a few ms (more often).
@@ -335,6 +343,7 @@ def configure(
             limits=SpanLimits(),
         )
     _State.provider = provider
+    _State.exporting = exporting
     _State.root_bound = _root_bound(root)
     _State.tracer = tracer
     return provider
@@ -365,6 +374,7 @@ def shutdown() -> None:
     """
     provider, _State.provider, _State.tracer = _State.provider, None, None
     _State.root_bound = 0
+    _State.exporting = None
     if provider is None:
         return
     flushing = threading.Thread(target=provider.shutdown, name="fermion-trace-flush", daemon=True)
@@ -412,3 +422,23 @@ def start_batch_spans(
     links = [Link(s.get_span_context()) for s in requests if s.get_span_context().is_valid]
     batch = start_child(tracer, requests[0], "fermion.batch", attributes, links)
     return batch, start_child(tracer, batch, "fermion.execute", attributes)
+
+
+class ExportMetrics:
+    """``fermion_trace_spans_dropped_total`` while spans are exported from a child
+    process (``tracing.export_process``): finished, sampled spans it could not take (a
+    full pipe behind a collector that stopped answering, a child that died)."""
+
+    def collect(self) -> Iterator[Metric]:
+        exporting = _State.exporting
+        if exporting is None:
+            return
+        yield CounterMetricFamily(
+            "fermion_trace_spans_dropped",
+            "Finished spans the trace export process could not take (tracing.export_process).",
+            value=exporting.dropped,
+        )
+
+
+#: The one collector of the tracer's metrics (what ``configure`` set up, as of a scrape).
+EXPORT_METRICS = ExportMetrics()

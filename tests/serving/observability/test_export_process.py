@@ -31,6 +31,7 @@ from tests.helpers.otlp_collector import (
     service_names,
     span_names,
 )
+from tests.helpers.prom import metric_value
 from tests.serving.observability.test_otlp_wire import _every_kind_of_span
 from tests.serving.observability.test_spans import _calls, _sdk, _view
 
@@ -177,6 +178,8 @@ async def test_the_gateway_exports_through_the_child(demo_store: ModelStore) -> 
         async with serve_in_process(config, demo_store) as gw:
             r = await gw.client.post("/v2/models/digits/infer", json=digits_body())
             assert r.status_code == 200
+            metrics = (await gw.client.get("/metrics")).text
+            assert metric_value(metrics, "fermion_trace_spans_dropped_total") == 0.0
         _wait(lambda: "fermion.execute" in span_names(collector.received))
     names = set(span_names(collector.received))
     assert {"POST /v2/models/{model}/infer", "fermion.route", "fermion.queue"} <= names
@@ -209,3 +212,26 @@ def test_the_child_ends_with_a_gateway_that_died_without_its_shutdown() -> None:
             assert gateway.wait(timeout=60) == 0
         # Its post waits out a 10 s timeout; the child goes well before that.
         _wait(lambda: _gone(child), seconds=5)
+
+
+def test_the_spans_the_export_process_could_not_take_are_a_metric(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def dropped() -> float | None:
+        families = list(tracing.EXPORT_METRICS.collect())
+        return families[0].samples[0].value if families else None
+
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    with socket.socket() as hole:  # a collector that never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(1)
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}/v1/traces"
+        tracing.configure(TracingConfig(exporter="otlp-http", endpoint=url, export_process=True))
+        tracer = tracing.current_tracer()
+        assert tracer is not None
+        assert dropped() == 0.0
+        for _ in range(200):  # 20 MB: more than the pipe and the queue of frames hold
+            tracer.start_span("big", attributes={"fermion.payload": "x" * 100_000}).end()
+        _wait(lambda: (dropped() or 0.0) > 0)
+        tracing.shutdown()
+    assert dropped() is None  # no export process, no family
