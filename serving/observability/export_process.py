@@ -45,13 +45,12 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from serving.observability.otlp_export import grpc_span_exporter, span_exporter
+from serving.observability.otlp_export import otlp_exporter
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Span
-    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["ProcessSpanProcessor", "readable_span", "span_record"]
 
@@ -89,10 +88,6 @@ def _context(context: SpanContext) -> tuple[Any, ...]:
 def _span_context(fields: Sequence[Any]) -> SpanContext:
     trace_id, span_id, remote, flags, state = fields
     return SpanContext(trace_id, span_id, remote, TraceFlags(flags), TraceState(list(state)))
-
-
-def _dropped(value: object) -> int:
-    return int(getattr(value, "dropped", 0))
 
 
 def span_record(span: ReadableSpan) -> Record:
@@ -373,12 +368,6 @@ class ProcessSpanProcessor(SpanProcessor):
 # --------------------------------------------------------------------------- the child
 
 
-def _exporter(kind: str, endpoint: str, headers: dict[str, str]) -> SpanExporter:
-    if kind == "otlp-grpc":
-        return grpc_span_exporter(endpoint, headers)
-    return span_exporter(endpoint, headers)
-
-
 def _read(stream: Any, size: int) -> bytes | None:
     """``size`` bytes of ``stream``, or None at its end."""
     data = stream.read(size)
@@ -409,7 +398,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # As ``tracing.configure`` builds it: OTEL_RESOURCE_ATTRIBUTES merged in.
     resource = Resource.create({"service.name": settings["service_name"]})
-    exporter = _exporter(settings["exporter"], settings["endpoint"], settings["headers"])
+    exporter = otlp_exporter(settings["exporter"], settings["endpoint"], settings["headers"])
     stdin = sys.stdin.buffer
     try:
         while (head := _read(stdin, _LENGTH.size)) is not None:

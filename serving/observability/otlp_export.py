@@ -40,7 +40,13 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["export_session", "export_transport", "grpc_span_exporter", "span_exporter"]
+__all__ = [
+    "export_session",
+    "export_transport",
+    "grpc_span_exporter",
+    "otlp_exporter",
+    "span_exporter",
+]
 
 log = logging.getLogger("fermion.tracing")
 
@@ -60,12 +66,13 @@ def _environment_applies(endpoint: str) -> bool:
     return tls and any(os.environ.get(name) for name in _CA_BUNDLES)
 
 
-def export_session(endpoint: str) -> requests.Session | None:
+def export_session(endpoint: str, *, environment: bool | None = None) -> requests.Session | None:
     """A session for the OTLP/HTTP exporter's posts to ``endpoint`` that skips
     ``requests``' per-post environment lookups, or None (the exporter's own) when the
     environment gives that endpoint a proxy, a CA bundle or netrc credentials, which
-    the lookups would then apply."""
-    if _environment_applies(endpoint):
+    the lookups would then apply. ``environment``: whether it does, where the caller
+    has asked already (None: ask)."""
+    if _environment_applies(endpoint) if environment is None else environment:
         return None
     import requests
 
@@ -74,12 +81,14 @@ def export_session(endpoint: str) -> requests.Session | None:
     return session
 
 
-def export_transport(endpoint: str) -> BaseHTTPTransport | None:
+def export_transport(endpoint: str, *, environment: bool | None = None) -> BaseHTTPTransport | None:
     """A ``PlainTransport`` for the OTLP/HTTP exporter's posts to ``endpoint``, or None
     where ``requests`` must post: an https endpoint (certificates, client keys), an
     environment that gives the endpoint a proxy or netrc credentials, or an SDK without
-    the transport interface."""
-    if urlsplit(endpoint).scheme.lower() != "http" or _environment_applies(endpoint):
+    the transport interface. ``environment``: as for ``export_session``."""
+    if urlsplit(endpoint).scheme.lower() != "http":
+        return None
+    if _environment_applies(endpoint) if environment is None else environment:
         return None
     try:
         from serving.observability.otlp_transport import PlainTransport
@@ -114,13 +123,22 @@ def span_exporter(endpoint: str, headers: Mapping[str, str]) -> SpanExporter:
                 return SpanExportResult.SUCCESS
             return SpanExportResult.FAILURE
 
-    transport = export_transport(endpoint)
+    environment = _environment_applies(endpoint)  # (netrc is read: once is enough)
+    transport = export_transport(endpoint, environment=environment)
     if transport is not None:
         try:
             return _WireExporter(endpoint=endpoint, headers=dict(headers), _transport=transport)
         except TypeError:  # an SDK whose exporter takes no transport
             transport.close()
-    return _WireExporter(endpoint=endpoint, headers=dict(headers), session=export_session(endpoint))
+    session = export_session(endpoint, environment=environment)
+    return _WireExporter(endpoint=endpoint, headers=dict(headers), session=session)
+
+
+def otlp_exporter(kind: str, endpoint: str, headers: Mapping[str, str]) -> SpanExporter:
+    """The exporter of ``tracing.exporter`` ``kind`` (``otlp-grpc``, else OTLP/HTTP)."""
+    if kind == "otlp-grpc":
+        return grpc_span_exporter(endpoint, headers)
+    return span_exporter(endpoint, headers)
 
 
 def grpc_span_exporter(endpoint: str, headers: Mapping[str, str]) -> SpanExporter:

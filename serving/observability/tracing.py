@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from serving.config import TracingConfig
-from serving.observability.otlp_export import grpc_span_exporter, span_exporter
+from serving.observability.otlp_export import otlp_exporter
 from serving.observability.spans import SlotTracer
 
 if TYPE_CHECKING:
@@ -239,9 +239,7 @@ def _exporter(config: TracingConfig) -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    if config.exporter == "otlp-grpc":
-        return grpc_span_exporter(_endpoint(config), config.headers)
-    return span_exporter(_endpoint(config), config.headers)
+    return otlp_exporter(config.exporter, _endpoint(config), config.headers)
 
 
 def _endpoint(config: TracingConfig) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
 
+from serving.observability import otlp_export
 from serving.observability.otlp_export import export_transport, span_exporter
 from serving.observability.otlp_transport import PlainTransport
 from tests.helpers.otlp_collector import finished_spans, otlp_collector, span_names
@@ -203,3 +204,16 @@ def test_a_proxy_the_collector_is_exempt_from_keeps_the_plain_transport(
     monkeypatch.setenv("http_proxy", "http://proxy:3128")
     monkeypatch.setenv("no_proxy", "collector.internal")
     assert isinstance(export_transport("http://collector.internal:4318/v1/traces"), PlainTransport)
+
+
+@pytest.mark.usefixtures("clean_environment")
+@pytest.mark.parametrize("proxy", [None, "http://proxy:3128"], ids=["plain", "behind a proxy"])
+def test_the_exporter_asks_the_environment_once(
+    monkeypatch: pytest.MonkeyPatch, proxy: str | None
+) -> None:
+    if proxy is not None:  # requests must post: the transport, then the session, decline
+        monkeypatch.setenv("http_proxy", proxy)
+    asked = spy(monkeypatch, otlp_export, "_environment_applies")
+    endpoint = "http://collector.internal:4318/v1/traces"
+    span_exporter(endpoint, {}).shutdown()
+    assert asked == [endpoint]
