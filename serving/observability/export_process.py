@@ -35,22 +35,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
 from serving.observability.otlp_export import otlp_exporter
+from serving.observability.span_batches import BatchingSpanProcessor
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import Span
 
 __all__ = ["ProcessSpanProcessor", "readable_span", "span_record"]
 
@@ -175,7 +173,7 @@ def readable_span(record: Record, resource: Resource) -> ReadableSpan:
     )
 
 
-class ProcessSpanProcessor(SpanProcessor):
+class ProcessSpanProcessor(BatchingSpanProcessor):
     """Sends finished, sampled spans to a child process that exports them, ``batch`` at a
     time, and what has waited ``delay_s`` whatever its number."""
 
@@ -190,6 +188,9 @@ class ProcessSpanProcessor(SpanProcessor):
         delay_s: float = 5.0,
         max_frames: int = _MAX_FRAMES,
     ) -> None:
+        super().__init__(
+            batch=batch, delay_s=delay_s, max_frames=max_frames, thread="fermion-trace-writer"
+        )
         # In the child's environment, not its command line: headers hold credentials,
         # and any user of the host can read another's command line.
         self._env = {
@@ -204,85 +205,30 @@ class ProcessSpanProcessor(SpanProcessor):
                 }
             ),
         }
-        self._batch = max(1, batch)
-        self._delay_s = delay_s
-        self._max_frames = max(1, max_frames)
-        self._cond = threading.Condition()
-        self._records: list[Record] = []
-        self._frames: deque[list[Record]] = deque()
-        self._writing = False
-        self._closing = False
-        #: Spans not exported: their frame was dropped, or the child died with them.
-        self.dropped = 0
         self._child: subprocess.Popen[bytes] | None = None
         self._started = 0.0
         self._start_child()
-        self._writer = threading.Thread(
-            target=self._write_frames, name="fermion-trace-writer", daemon=True
-        )
-        self._writer.start()
+        self._start_writer()
 
     @property
     def child_pid(self) -> int | None:
         """The export process's id (None while none runs)."""
         return None if self._child is None else self._child.pid
 
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
+    def _item(self, span: ReadableSpan) -> Record:
+        return span_record(span)
 
-    def on_end(self, span: ReadableSpan) -> None:
-        context = span.context
-        if context is None or not context.trace_flags.sampled:
-            return
-        record = span_record(span)
-        with self._cond:
-            if self._closing:
-                self.dropped += 1
-                return
-            self._records.append(record)
-            if len(self._records) >= self._batch:
-                self._seal()
+    def _full(self) -> str:
+        return f"{self._max_frames} batches were already waiting for the export process"
 
-    def _seal(self) -> None:
-        """Move the records into a frame for the writer (held: ``_cond``)."""
-        if not self._records:
-            return
-        if len(self._frames) >= self._max_frames:
-            self.dropped += len(self._records)
-            self._records = []
-            return
-        self._frames.append(self._records)
-        self._records = []
-        self._cond.notify()
-
-    def _write_frames(self) -> None:
-        while True:
-            with self._cond:
-                if not self._frames and not self._closing:
-                    self._cond.wait(self._delay_s)
-                if not self._frames:
-                    self._seal()  # what waited a whole delay, or the last of it
-                if not self._frames:
-                    if self._closing:
-                        return
-                    continue
-                records = self._frames.popleft()
-                self._writing = True
-            try:
-                self._write(records)
-            finally:
-                with self._cond:
-                    self._writing = False
-                    self._cond.notify_all()
-
-    def _write(self, records: list[Record]) -> None:
-        data = marshal.dumps(records)
+    def _send(self, items: list[Record]) -> None:
+        data = marshal.dumps(items)
         frame = _LENGTH.pack(len(data)) + data
         child = self._child
         if child is None or child.poll() is not None:
             child = self._restart()
         if child is None or child.stdin is None:
-            self._lost(len(records), "the export process is not running")
+            self._lost(len(items), "the export process is not running")
             return
         try:
             fd = child.stdin.fileno()
@@ -290,12 +236,7 @@ class ProcessSpanProcessor(SpanProcessor):
             while view:  # blocks while the pipe is full, without the GIL
                 view = view[os.write(fd, view) :]
         except (OSError, ValueError) as e:  # (a closed pipe: the child died, or shutdown)
-            self._lost(len(records), f"the export process took no more ({e})")
-
-    def _lost(self, spans: int, why: str) -> None:
-        with self._cond:
-            self.dropped += spans
-        log.warning("tracing: %d span(s) not exported: %s", spans, why)
+            self._lost(len(items), f"the export process took no more ({e})")
 
     def _restart(self) -> subprocess.Popen[bytes] | None:
         if self._closing or time.monotonic() - self._started < _RESTART_S:
@@ -338,30 +279,8 @@ class ProcessSpanProcessor(SpanProcessor):
             child.kill()  # (a write still blocked on its pipe then fails)
             child.wait()
 
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        """Hand every finished span to the export process (not: wait for its export)."""
-        deadline = time.monotonic() + timeout_millis / 1000
-        with self._cond:
-            self._seal()
-            self._cond.notify_all()
-            while self._frames or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def shutdown(self, timeout_millis: int = 10_000) -> None:
-        """Write what is left, then give the child the rest of ``timeout_millis`` to
-        export it and exit; stop it after that."""
-        deadline = time.monotonic() + timeout_millis / 1000
-        with self._cond:
-            if self._closing:
-                return
-            self._closing = True
-            self._seal()
-            self._cond.notify_all()
-        self._writer.join(max(deadline - time.monotonic(), 0.0))
+    def _close(self, deadline: float) -> None:
+        """Give the child until ``deadline`` to export what it has and exit; then stop it."""
         self._stop_child(deadline - time.monotonic())
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.sdk.trace.sampling import Sampler
 
-    from serving.observability.export_process import ProcessSpanProcessor
+    from serving.observability.span_batches import BatchingSpanProcessor
 
 __all__ = [
     "EXPORT_BATCH",
@@ -144,8 +144,8 @@ def resolve(config: TracingConfig, environ: Mapping[str, str] | None = None) -> 
 class _State:
     tracer: Tracer | None = None
     provider: TracerProvider | None = None
-    #: The processor that feeds the export process, while one exports (export_process).
-    exporting: ProcessSpanProcessor | None = None
+    #: The processor that batches spans for the OTLP exporter (or the export process).
+    exporting: BatchingSpanProcessor | None = None
     #: A root is sampled when the low 64 bits of its trace id are below this (the SDK's
     #: rule for ratio samplers; 0 for always_off, 2**64 for always_on).
     root_bound: int = 0
@@ -293,7 +293,7 @@ def configure(
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
     from opentelemetry.sdk.trace import Tracer as SdkTracer
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
@@ -307,27 +307,35 @@ def configure(
         shutdown_on_exit=False,  # shutdown() below bounds the wait; an atexit hook would not
     )
     processor: SpanProcessor
-    exporting: ProcessSpanProcessor | None = None
+    exporting: BatchingSpanProcessor | None = None
+    batch = _env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", EXPORT_BATCH)
+    delay_s = _env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
+    queue = _env_int("OTEL_BSP_MAX_QUEUE_SIZE", 2048)
     if exporter is not None or config.exporter == "console":
         processor = SimpleSpanProcessor(exporter or _exporter(config))
     elif config.export_process:
         # Here, not at the top: importing this module loads no SDK.
         from serving.observability.export_process import ProcessSpanProcessor
 
-        exporting = ProcessSpanProcessor(
+        processor = exporting = ProcessSpanProcessor(
             config.exporter,
             _endpoint(config),
             config.headers,
             config.service_name,
-            batch=_env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", EXPORT_BATCH),
-            delay_s=_env_int("OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000,
+            batch=batch,
+            delay_s=delay_s,
         )
-        processor = exporting
     else:
+        from serving.observability.span_batches import ThreadSpanProcessor, frames_for
+
         # The exporter encodes a batch holding the GIL: the SDK's 512 spans stall the
         # event loop for ~20 ms at a time; EXPORT_BATCH spans, a few ms (more often).
-        size = None if os.environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") else EXPORT_BATCH
-        processor = BatchSpanProcessor(_exporter(config), max_export_batch_size=size)
+        processor = exporting = ThreadSpanProcessor(
+            _exporter(config),
+            batch=batch,
+            delay_s=delay_s,
+            max_frames=frames_for(queue, batch),
+        )
     provider.add_span_processor(processor)  # its shutdown flushes and stops the processor
     sdk_tracer = provider.get_tracer(_SCOPE)
     tracer: Tracer = sdk_tracer
@@ -423,9 +431,10 @@ def start_batch_spans(
 
 
 class ExportMetrics:
-    """``fermion_trace_spans_dropped_total`` while spans are exported from a child
-    process (``tracing.export_process``): finished, sampled spans it could not take (a
-    full pipe behind a collector that stopped answering, a child that died)."""
+    """``fermion_trace_spans_dropped_total`` while spans are exported over OTLP: finished,
+    sampled spans not exported (a full queue behind a collector that stopped answering,
+    an export the collector refused or that failed after its retries, an export process
+    that died)."""
 
     def collect(self) -> Iterator[Metric]:
         exporting = _State.exporting
@@ -433,7 +442,7 @@ class ExportMetrics:
             return
         yield CounterMetricFamily(
             "fermion_trace_spans_dropped",
-            "Finished spans the trace export process could not take (tracing.export_process).",
+            "Finished, sampled spans not exported: the queue was full, or the export failed.",
             value=exporting.dropped,
         )
 

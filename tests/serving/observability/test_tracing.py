@@ -451,3 +451,50 @@ def test_a_collector_that_never_answers_holds_shutdown_up_at_most_a_second() -> 
     assert tracing.current_tracer() is None
     # Bounded by SHUTDOWN_WAIT_S (1 s), far below the exporter's own 10 s timeout.
     assert waited < tracing.SHUTDOWN_WAIT_S + 2.0, waited
+
+
+def _dropped_spans() -> float | None:
+    families = list(tracing.EXPORT_METRICS.collect())
+    return families[0].samples[0].value if families else None
+
+
+def test_spans_a_stuck_collector_cannot_take_are_counted_not_logged_one_by_one(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every request traced, the collector gone quiet: the queue fills, and every span
+    # after it is dropped. A line per span would flood the log (thousands a second on
+    # a busy gateway) and cost the event loop more than the span; it is counted instead.
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "128")
+    with socket.socket() as hole:  # listening, never accepting
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(1)
+        endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}/v1/traces"
+        tracing.configure(TracingConfig(exporter="otlp-http", endpoint=endpoint))
+        tracer = tracing.current_tracer()
+        assert tracer is not None
+        assert _dropped_spans() == 0.0
+        with caplog.at_level(logging.INFO):
+            for i in range(2000):
+                tracer.start_span(f"span-{i}").end()
+        dropped = _dropped_spans()
+        # Held at most: the queue's 128 spans, the batch being exported, a part batch.
+        assert dropped is not None and 2000 - 128 - 2 * tracing.EXPORT_BATCH < dropped < 2000
+        about_drops = [r for r in caplog.records if "drop" in r.getMessage().lower()]
+        assert 1 <= len(about_drops) <= 2, [r.getMessage() for r in about_drops[:5]]
+        tracing.shutdown()
+    assert _dropped_spans() is None
+
+
+def test_batches_the_collector_refused_are_counted_as_dropped() -> None:
+    with otlp_collector(*[400] * 100) as collector:
+        tracing.configure(TracingConfig(exporter="otlp-http", endpoint=collector.url))
+        tracer = tracing.current_tracer()
+        assert tracer is not None
+        for i in range(tracing.EXPORT_BATCH * 2):
+            tracer.start_span(f"span-{i}").end()
+        deadline = time.monotonic() + 20
+        while (_dropped_spans() or 0.0) < tracing.EXPORT_BATCH * 2:
+            assert time.monotonic() < deadline, _dropped_spans()
+            time.sleep(0.05)
+        # Each batch was posted once: a 400 is not retried.
+        assert len(collector.headers) == 2
