@@ -56,7 +56,7 @@ log = logging.getLogger("fermion.tracing")
 
 #: A frame: its length (4 bytes, little-endian), then a ``marshal``led list of records.
 _LENGTH: Final = struct.Struct("<I")
-#: Frames held while the pipe is full; past them a frame is dropped.
+#: Batches of spans held while the pipe is full; past them a span is dropped.
 _MAX_FRAMES: Final = 64
 #: The pipe's buffer asked for (Linux's F_SETPIPE_SZ; the default is 64 KiB).
 _PIPE_BYTES: Final = 1 << 20
@@ -189,7 +189,10 @@ class ProcessSpanProcessor(BatchingSpanProcessor):
         max_frames: int = _MAX_FRAMES,
     ) -> None:
         super().__init__(
-            batch=batch, delay_s=delay_s, max_frames=max_frames, thread="fermion-trace-writer"
+            batch=batch,
+            delay_s=delay_s,
+            max_queue=max(1, max_frames) * max(1, batch),
+            thread="fermion-trace-writer",
         )
         # In the child's environment, not its command line: headers hold credentials,
         # and any user of the host can read another's command line.
@@ -219,7 +222,7 @@ class ProcessSpanProcessor(BatchingSpanProcessor):
         return span_record(span)
 
     def _full(self) -> str:
-        return f"{self._max_frames} batches were already waiting for the export process"
+        return f"{self._max_queue} spans were already waiting for the export process"
 
     def _send(self, items: list[Record]) -> None:
         data = marshal.dumps(items)

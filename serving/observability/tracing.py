@@ -326,7 +326,7 @@ def configure(
             delay_s=delay_s,
         )
     else:
-        from serving.observability.span_batches import ThreadSpanProcessor, frames_for
+        from serving.observability.span_batches import ThreadSpanProcessor
 
         # The exporter encodes a batch holding the GIL: the SDK's 512 spans stall the
         # event loop for ~20 ms at a time; EXPORT_BATCH spans, a few ms (more often).
@@ -334,7 +334,7 @@ def configure(
             _exporter(config),
             batch=batch,
             delay_s=delay_s,
-            max_frames=frames_for(queue, batch),
+            max_queue=queue,
         )
     provider.add_span_processor(processor)  # its shutdown flushes and stops the processor
     sdk_tracer = provider.get_tracer(_SCOPE)
