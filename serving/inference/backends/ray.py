@@ -52,6 +52,7 @@ from serving.observability import tracing
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
+    from ray.serve.schema import ServeStatus
 
 __all__ = ["AppLeases", "RayBackend", "ReplicaDeployment"]
 
@@ -73,10 +74,12 @@ _DRAIN_QUIET_S = 2.0
 _DRAIN_TIMEOUT_S = 6.0
 #: The detached actor of a namespace that keeps its leases and replicas' channels.
 _LEASES_ACTOR = "fermion-app-leases"
-#: Held while Serve builds a deployment's configuration. Serve pickles its request
-#: router and autoscaling policy "by value" between a process-wide register and
-#: unregister of their module (``ray.cloudpickle``), so two versions loading at once in
-#: two threads can unregister each other's module: one load then fails with "... is not
+#: Held while Serve builds a deployment's configuration, and while it parses one
+#: (``_serve_status``). Serve pickles its request router and autoscaling policy "by
+#: value" between a process-wide register and unregister of their module
+#: (``ray.cloudpickle``), and does so again for each request router config it parses
+#: from the controller's answer to ``serve.status()``. So two threads doing either at
+#: once can unregister each other's module: a load then fails with "... is not
 #: registered for pickle by value" (Ray 2.60). Reentrant: ``_deploy`` holds it across
 #: ``_bind_replica`` and ``serve.run_many``.
 _SERVE_CONFIG_LOCK = threading.RLock()
@@ -210,6 +213,16 @@ def _bind_replica(options: dict[str, Any], *args: Any) -> Any:
 
     with _SERVE_CONFIG_LOCK:
         return serve.deployment(**options)(ReplicaDeployment).bind(*args)
+
+
+def _serve_status() -> ServeStatus:
+    """``serve.status()``, which parses every deployment's configuration: under
+    ``_SERVE_CONFIG_LOCK``, so that a version building its deployment in another thread
+    does not lose its module's pickle-by-value registration to it."""
+    from ray import serve
+
+    with _SERVE_CONFIG_LOCK:
+        return serve.status()
 
 
 def _replica_tracing(config: TracingConfig) -> str | None:
@@ -381,9 +394,7 @@ class RayBackend(Backend):
             log.debug("ray: cannot count replicas: %s", e)
 
     def _count_replicas(self) -> dict[tuple[str, int], int]:
-        from ray import serve
-
-        applications = serve.status().applications
+        applications = _serve_status().applications
         counts: dict[tuple[str, int], int] = {}
         for key, deployment in list(self._deployments.items()):
             status = applications.get(deployment.app)
@@ -583,7 +594,7 @@ class RayBackend(Backend):
         if self._lease("take", deadline, app, self._holder):
             # Its last user is deleting it: deploy anew once it is gone.
             self._wait_gone(app, deadline)
-        current = serve.status().applications.get(app)
+        current = _serve_status().applications.get(app)
         running = current is not None and current.status == "RUNNING"
         # Another gateway of this namespace deployed it: use it as it is.
         shared = running and key not in self._deployments
@@ -642,10 +653,8 @@ class RayBackend(Backend):
         return handle, info
 
     def _wait_running(self, app: str, deadline: float) -> None:
-        from ray import serve
-
         while True:
-            status = serve.status().applications.get(app)
+            status = _serve_status().applications.get(app)
             state = "" if status is None else str(getattr(status.status, "value", status.status))
             if state == "RUNNING":
                 return
@@ -681,9 +690,7 @@ class RayBackend(Backend):
         self._lease("deleted", deadline, app)
 
     def _wait_gone(self, app: str, deadline: float) -> None:
-        from ray import serve
-
-        while app in serve.status().applications and time.monotonic() < deadline:
+        while app in _serve_status().applications and time.monotonic() < deadline:
             time.sleep(_POLL_S)
 
     # -- channels ----------------------------------------------------------------------------

@@ -111,6 +111,15 @@ def test_an_autoscaling_deployment_on_channels_is_sized_by_fermions_policy(
     assert "policy" not in options["autoscaling_config"], "Serve's own policy: no channel"
 
 
+def _build_deployments(options: dict[str, Any], thread: int, errors: list[BaseException]) -> None:
+    """Build 30 deployments, as a version loading in a worker thread does; keep errors."""
+    for i in range(30):
+        try:
+            _bind_replica({**options, "name": f"digits-{thread}-{i}"}, "store", "{}")
+        except Exception as e:
+            errors.append(e)
+
+
 def test_versions_loading_at_once_build_their_deployments_without_a_race(
     demo_store: ModelStore,
 ) -> None:
@@ -123,17 +132,56 @@ def test_versions_loading_at_once_build_their_deployments_without_a_race(
     options = RayBackend(config, demo_store)._deployment_options(manifest, config.ray.deployment)
     errors: list[BaseException] = []
 
-    def build(thread: int) -> None:
-        for i in range(30):
-            try:
-                _bind_replica({**options, "name": f"digits-{thread}-{i}"}, "store", "{}")
-            except Exception as e:
-                errors.append(e)
-
-    threads = [threading.Thread(target=build, args=(n,)) for n in range(4)]
+    threads = [
+        threading.Thread(target=_build_deployments, args=(options, n, errors)) for n in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
+        t.join()
+    assert errors == []
+
+
+def test_reading_serves_status_while_a_version_builds_its_deployment_is_no_race(
+    demo_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # serve.status() parses every deployment's details, and a request router config
+    # parsed from a dict pickles its class by value too: a gateway counting replicas
+    # (or waiting for another version's) while a version builds its deployment made
+    # that build fail in CI with "... is not registered for pickle by value".
+    from ray import serve
+    from ray.serve.schema import DeploymentSchema, ServeStatus
+
+    router = {
+        "request_router_class": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+    }
+
+    def status() -> Any:  # what serve.status() does with the controller's answer
+        DeploymentSchema(name="digits", request_router_config=dict(router))
+        return ServeStatus()  # (no controller here: no application)
+
+    monkeypatch.setattr(serve, "status", status)
+    config = load_config(None, {"ray.deployment": {"autoscaling": {"max_replicas": 2}}})
+    backend = RayBackend(config, demo_store)
+    manifest = demo_store.manifest("digits", 1)
+    options = backend._deployment_options(manifest, config.ray.deployment)
+    errors: list[BaseException] = []
+
+    builders = [
+        threading.Thread(target=_build_deployments, args=(options, n, errors)) for n in range(2)
+    ]
+
+    def count() -> None:  # as long as the builds go on
+        while any(b.is_alive() for b in builders):
+            try:
+                backend._count_replicas()
+            except Exception as e:
+                errors.append(e)
+
+    counters = [threading.Thread(target=count) for _ in range(4)]
+    for t in builders + counters:
+        t.start()
+    for t in builders + counters:
         t.join()
     assert errors == []
 
