@@ -53,9 +53,10 @@ class BatchingSpanProcessor(SpanProcessor):
     """
 
     def __init__(self, *, batch: int, delay_s: float, max_queue: int, thread: str) -> None:
-        self._batch = max(1, batch)
-        self._delay_s = delay_s
         self._max_queue = max(1, max_queue)
+        # (A batch bigger than the queue would never fill: the SDK refuses one.)
+        self._batch = min(max(1, batch), self._max_queue)
+        self._delay_s = delay_s
         self._queue: deque[Any] = deque()
         self._wake = threading.Event()
         #: Flushes asked and not yet done (``force_flush`` waits on ``_cond``).

@@ -149,3 +149,11 @@ def test_spans_ended_by_many_threads_at_once_are_each_sent_once_or_counted() -> 
         assert len(sent) == len(set(sent))
         assert len(sent) + processor.dropped == 500
         assert all(len(batch) <= 7 for batch in recorder.batches)
+
+
+def test_a_batch_bigger_than_the_queue_goes_when_the_queue_is_full() -> None:
+    with _processor(batch=64, max_queue=5) as (processor, recorder):
+        for span in SPANS[:5]:
+            processor.on_end(span)
+        _wait(lambda: recorder.names == [f"request-{i}" for i in range(5)])
+        assert processor.dropped == 0
