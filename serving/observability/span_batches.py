@@ -94,8 +94,9 @@ class BatchingSpanProcessor(SpanProcessor):
         context = span.context
         if context is None or not context.trace_flags.sampled:
             return
-        if self._closing:
-            self._lost(1, "tracing was shut down")
+        if self._closing:  # (a request still ending while the gateway stops: no line)
+            with self._counting:
+                self.dropped += 1
             return
         queue = self._queue
         if len(queue) >= self._max_queue:

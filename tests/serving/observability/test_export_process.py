@@ -222,6 +222,7 @@ def test_the_spans_the_export_process_could_not_take_are_a_metric(
         return families[0].samples[0].value if families else None
 
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
     with socket.socket() as hole:  # a collector that never answers
         hole.bind(("127.0.0.1", 0))
         hole.listen(1)
@@ -230,7 +231,7 @@ def test_the_spans_the_export_process_could_not_take_are_a_metric(
         tracer = tracing.current_tracer()
         assert tracer is not None
         assert dropped() == 0.0
-        for _ in range(200):  # 20 MB: more than the pipe and the queue of frames hold
+        for _ in range(200):  # 20 MB: more than the pipe and the queue (64 spans) hold
             tracer.start_span("big", attributes={"fermion.payload": "x" * 100_000}).end()
         _wait(lambda: (dropped() or 0.0) > 0)
         tracing.shutdown()
