@@ -56,8 +56,6 @@ log = logging.getLogger("fermion.tracing")
 
 #: A frame: its length (4 bytes, little-endian), then a ``marshal``led list of records.
 _LENGTH: Final = struct.Struct("<I")
-#: Batches of spans held while the pipe is full; past them a span is dropped.
-_MAX_FRAMES: Final = 64
 #: The pipe's buffer asked for (Linux's F_SETPIPE_SZ; the default is 64 KiB).
 _PIPE_BYTES: Final = 1 << 20
 _F_SETPIPE_SZ: Final = 1031
@@ -175,7 +173,8 @@ def readable_span(record: Record, resource: Resource) -> ReadableSpan:
 
 class ProcessSpanProcessor(BatchingSpanProcessor):
     """Sends finished, sampled spans to a child process that exports them, ``batch`` at a
-    time, and what has waited ``delay_s`` whatever its number."""
+    time, and what has waited ``delay_s`` whatever its number; at most ``max_queue``
+    spans wait while the pipe is full."""
 
     def __init__(
         self,
@@ -186,13 +185,10 @@ class ProcessSpanProcessor(BatchingSpanProcessor):
         *,
         batch: int,
         delay_s: float = 5.0,
-        max_frames: int = _MAX_FRAMES,
+        max_queue: int,
     ) -> None:
         super().__init__(
-            batch=batch,
-            delay_s=delay_s,
-            max_queue=max(1, max_frames) * max(1, batch),
-            thread="fermion-trace-writer",
+            batch=batch, delay_s=delay_s, max_queue=max_queue, thread="fermion-trace-writer"
         )
         # In the child's environment, not its command line: headers hold credentials,
         # and any user of the host can read another's command line.

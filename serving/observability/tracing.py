@@ -324,7 +324,7 @@ def configure(
             config.service_name,
             batch=batch,
             delay_s=delay_s,
-            max_frames=max(1, queue // batch),
+            max_queue=queue,
         )
     else:
         from serving.observability.span_batches import ThreadSpanProcessor

@@ -93,7 +93,13 @@ def _gone(pid: int) -> bool:
 @contextmanager
 def _processor(url: str, batch: int = 4, delay_s: float = 5.0) -> Iterator[ProcessSpanProcessor]:
     processor = ProcessSpanProcessor(
-        "otlp-http", url, {"x-tenant": "blue"}, "fermion-child", batch=batch, delay_s=delay_s
+        "otlp-http",
+        url,
+        {"x-tenant": "blue"},
+        "fermion-child",
+        batch=batch,
+        delay_s=delay_s,
+        max_queue=64 * batch,
     )
     try:
         yield processor
@@ -157,7 +163,7 @@ def test_a_collector_that_never_answers_costs_dropped_spans_not_a_blocked_caller
         tracer.start_span("big", attributes={"fermion.payload": "x" * 100_000}).end()
         (big,) = exporter.get_finished_spans()
         processor = ProcessSpanProcessor(
-            "otlp-http", url, {}, "fermion-child", batch=1, max_frames=2
+            "otlp-http", url, {}, "fermion-child", batch=1, max_queue=2
         )
         pid = processor.child_pid
         assert pid is not None
@@ -197,7 +203,7 @@ def test_the_child_ends_with_a_gateway_that_died_without_its_shutdown() -> None:
             "import os, sys\n"
             "from serving.observability.export_process import ProcessSpanProcessor\n"
             "from tests.helpers.otlp_collector import finished_spans\n"
-            f"p = ProcessSpanProcessor('otlp-http', {url!r}, {{}}, 'gone', batch=1)\n"
+            f"p = ProcessSpanProcessor('otlp-http', {url!r}, {{}}, 'gone', batch=1, max_queue=64)\n"
             "p.on_end(finished_spans(1)[0])\n"
             "assert p.force_flush(10_000)\n"
             "print(p.child_pid, flush=True)\n"
