@@ -19,7 +19,11 @@ bounds) and tracing (OTLP over HTTP to a sink in this process, 1% of requests
 sampled; ``--sample-ratio`` sets another share). ``--features default`` measures
 ``fermion serve``'s defaults instead, and a comma-separated subset of
 ``auth,deadline,priorities,shadow,tracing`` only those (to find what one feature
-costs).
+costs). ``--base-features`` gives the base another configuration: with no ``--base``
+the base is this checkout's own CLI, so that ``--base-features default`` measures
+what the guarded features cost, in the same passes; a comparison then prints, per
+body and concurrency, the per-pass req/s ratios and each side's server CPU per
+request.
 
 ``--probe DIR`` adds one probed cell per Fermion (JSON, c=64 or
 ``--probe-concurrency``): the gateway runs under ``bench/_probe.py`` (cycle
@@ -29,7 +33,8 @@ beside the run woke over 1 ms late (``bench/_host_lateness.py``): the machine's 
 windows, which decide the c=1 medians on a shared VM.
 
     .venv/bin/python -m bench.tail_bench --store model_store [--passes 3] [--duration 15]
-        [--base ../main/.venv/bin/fermion] [--ray [--ray-autoscaling]] [--probe DIR] [--check]
+        [--base ../main/.venv/bin/fermion] [--base-features default] [--ray [--ray-autoscaling]]
+        [--probe DIR] [--check]
 """
 
 from __future__ import annotations
@@ -153,6 +158,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--base", help="the fermion CLI of another checkout, measured beside (label: base)"
     )
     parser.add_argument(
+        "--base-features",
+        type=_features,
+        help="the base's features, as --features (default: the same); without --base, the "
+        "base is this checkout's CLI",
+    )
+    parser.add_argument(
         "--inline-max-ms",
         type=float,
         default=0.0,
@@ -211,6 +222,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+    if args.base_features is None:
+        args.base_features = args.features
+    elif args.base is None:
+        args.base = args.fermion
     return args
 
 
@@ -227,8 +242,10 @@ def _config(
     *,
     sample_ratio: float = 0.01,
     autoscaling: bool = False,
+    name: str = "fermion",
 ) -> tuple[str, dict[str, str]]:
-    """The YAML of a Fermion server and the headers its requests carry."""
+    """The YAML of a Fermion server (``name``: fermion or base) and the headers its
+    requests carry."""
     lines = [f"backend: {backend}"]
     if backend == "ray" and autoscaling:
         scaling = "{min_replicas: 1, max_replicas: 2, upscale_delay_s: 600}"
@@ -239,9 +256,9 @@ def _config(
     if "auth" in features:
         from serving.auth import create_key
 
-        # One keys file per backend: a key written for the ray phase must not replace the
-        # one the local gateways, still serving beside it, were started with.
-        keys = work / f"keys-{backend}.json"
+        # One keys file per server and backend: a key written for the ray phase, or for the
+        # base, must not replace the one a gateway still serving was started with.
+        keys = work / f"keys-{name}-{backend}.json"
         headers[_API_KEY_HEADER] = create_key(keys, "bench", ["infer:*", "read"], replace=True)
         lines += [f"auth: {{keys_file: {keys}}}"]
     if "deadline" in features:
@@ -260,6 +277,33 @@ def _config(
             f"    shadow: {{version: {versions[-2]}, percent: 1}}",
         ]
     return "\n".join(lines) + "\n", headers
+
+
+def _configs(
+    args: argparse.Namespace,
+    clis: list[tuple[str, str]],
+    model: str,
+    versions: list[int],
+    backend: str,
+    work: Path,
+    traces: str,
+) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each Fermion's ``_config`` on ``backend``: fermion's with --features, base's with
+    --base-features."""
+    return {
+        name: _config(
+            args.features if name == "fermion" else args.base_features,
+            model,
+            versions,
+            backend,
+            work,
+            traces,
+            sample_ratio=args.sample_ratio,
+            autoscaling=backend == "ray" and args.ray_autoscaling,
+            name=name,
+        )
+        for name, _ in clis
+    }
 
 
 def _features_note(
@@ -460,6 +504,35 @@ def _median_ratios(passes: list[list[Cell]], prefix: str) -> dict[str, float]:
     return {k: statistics.median([p[k] for p in per_pass if k in p]) for k in keys}
 
 
+def _against_base(passes: list[list[Cell]]) -> list[str]:
+    """Per body and concurrency: fermion's req/s over base's in each pass (their median
+    and range), and each side's median server CPU per request."""
+    rows: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    for cells in passes:
+        by = _by(cells)
+        for (label, conc), cell in by.items():
+            if not label.startswith("fermion-"):
+                continue
+            other = by.get(("base" + label.removeprefix("fermion"), conc))
+            if other is None or cell.result is None or other.result is None:
+                continue
+            mine, theirs = cell.result.rps, other.result.rps
+            rows.setdefault((label.removeprefix("fermion-"), conc), []).append(
+                (mine / theirs, cell.server_cpu / mine * 1e6, other.server_cpu / theirs * 1e6)
+            )
+    head = f"{'cell':<12} {'c':>3} {'req/s ratio':>11} {'range':>11} {'CPU us/req':>15}"
+    lines = [head, "-" * len(head)]
+    for (body, conc), got in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ratios = [g[0] for g in got]
+        cpu = [statistics.median(g[i] for g in got) for i in (1, 2)]
+        lines.append(
+            f"{body:<12} {conc:>3} {statistics.median(ratios):>10.2f}x "
+            f"{min(ratios):>5.2f}-{max(ratios):<5.2f} {cpu[0]:>7.0f} / {cpu[1]:<6.0f}"
+        )
+    lines.append("req/s ratio: fermion / base within a pass; CPU: the server's, fermion / base")
+    return lines
+
+
 def _ray_only(ratios: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in ratios.items() if k.startswith("fermion-ray-")}
 
@@ -598,7 +671,7 @@ def _sample(model: ModelVersion) -> tuple[np.ndarray[Any, Any], int]:
 def _probe_cells(
     args: argparse.Namespace,
     clis: list[tuple[str, str]],
-    config: tuple[str, dict[str, str]],
+    configs: dict[str, tuple[str, dict[str, str]]],
     model: ModelVersion,
     payloads: dict[str, Payload],
     files: dict[str, Path],
@@ -611,8 +684,9 @@ def _probe_cells(
     lines = []
     for name, cli in clis:
         out = args.probe / f"{name}.json"
-        process = _fermion(f"{name}-probed", cli, args, config[0], work, _probe_wrapper(cli, out))
-        server = _Server(process, ["json"], config[1])
+        config, headers = configs[name]
+        process = _fermion(f"{name}-probed", cli, args, config, work, _probe_wrapper(cli, out))
+        server = _Server(process, ["json"], headers)
         with _running([server]):
             _prepare(server, model, payloads, _sample(model)[1])
             wait_quiet(args.wait_quiet, OTHER_CPU_MAX)
@@ -658,6 +732,10 @@ def main(argv: list[str] | None = None) -> int:
         f"cells, wrk -t1, concurrency {args.concurrency}\nfermion: {note}",
         flush=True,
     )
+    base_note = None
+    if args.base and args.base_features != args.features:
+        base_note = _features_note(args.base_features, versions, args.sample_ratio)
+        print(f"base: {base_note}", flush=True)
     clis = [("fermion", args.fermion)] + ([("base", args.base)] if args.base else [])
     report: list[str] = []
     record: dict[str, Any] = {
@@ -667,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in vars(args).items()
         },
         "features": note,
+        "base_features": base_note,
         "cores": os.cpu_count(),
     }
     with (
@@ -680,41 +759,24 @@ def main(argv: list[str] | None = None) -> int:
         files = {k: work / f"body.{k}" for k in payloads}
         for kind, path in files.items():
             path.write_bytes(payloads[kind].body)
-        config = _config(
-            args.features,
-            model.name,
-            versions,
-            "local",
-            work,
-            traces,
-            sample_ratio=args.sample_ratio,
-        )
+        configs = _configs(args, clis, model.name, versions, "local", work, traces)
         servers = [] if args.no_bare else [_Server(_bare(args, work), ["json"])]
         for name, cli in clis:
-            process = _fermion(name, cli, args, config[0], work, [])
-            servers.append(_Server(process, ["json", "binary"], config[1]))
+            process = _fermion(name, cli, args, configs[name][0], work, [])
+            servers.append(_Server(process, ["json", "binary"], configs[name][1]))
         ray_passes: list[list[Cell]] = []
         with _running(servers):
             for server in servers:
                 _prepare(server, model, payloads, expected)
             passes = _passes(servers, model, payloads, files, args, wrk)
             if args.ray:
-                ray_config = _config(
-                    args.features,
-                    model.name,
-                    versions,
-                    "ray",
-                    work,
-                    traces,
-                    sample_ratio=args.sample_ratio,
-                    autoscaling=args.ray_autoscaling,
-                )
+                ray_configs = _configs(args, clis, model.name, versions, "ray", work, traces)
                 pairs = [s for s in servers if s.process.name in dict(clis)]
                 rays = [
                     _Server(
-                        _fermion(f"{name}-ray", cli, args, ray_config[0], work, []),
+                        _fermion(f"{name}-ray", cli, args, ray_configs[name][0], work, []),
                         ["json"],
-                        ray_config[1],
+                        ray_configs[name][1],
                     )
                     for name, cli in clis
                 ]
@@ -728,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.host_lateness:
             _note_lateness(Lateness.read(work / "lateness.bin"), [*passes, *ray_passes])
         if args.probe is not None:
-            report += _probe_cells(args, clis, config, model, payloads, files, work, wrk)
+            report += _probe_cells(args, clis, configs, model, payloads, files, work, wrk)
         record["span_exports_received"] = SpanSink.received
     mine = _median_ratios(passes, "fermion") | _ray_only(_median_ratios(ray_passes, "fermion"))
     base = None
@@ -740,6 +802,9 @@ def main(argv: list[str] | None = None) -> int:
     if ray_passes:
         print("\nray phase (Fermion local beside Fermion on backend ray):")
         print("\n".join(_table(ray_passes)))
+    if args.base:
+        print("\nfermion against base, pass by pass:")
+        print("\n".join(_against_base([*passes, *ray_passes])))
     if args.host_lateness:
         print()
         print("\n".join(_lateness_lines(passes)))
