@@ -34,6 +34,7 @@ from tests.helpers.otlp_collector import (
 from tests.helpers.prom import metric_value
 from tests.serving.observability.test_otlp_wire import _every_kind_of_span
 from tests.serving.observability.test_spans import _calls, _sdk, _view
+from tests.serving.observability.test_tracing import _dropped_spans
 
 
 def _through_the_pipe(spans: tuple[ReadableSpan, ...]) -> list[ReadableSpan]:
@@ -223,10 +224,6 @@ def test_the_child_ends_with_a_gateway_that_died_without_its_shutdown() -> None:
 def test_the_spans_the_export_process_could_not_take_are_a_metric(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def dropped() -> float | None:
-        families = list(tracing.EXPORT_METRICS.collect())
-        return families[0].samples[0].value if families else None
-
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
     with socket.socket() as hole:  # a collector that never answers
@@ -236,9 +233,9 @@ def test_the_spans_the_export_process_could_not_take_are_a_metric(
         tracing.configure(TracingConfig(exporter="otlp-http", endpoint=url, export_process=True))
         tracer = tracing.current_tracer()
         assert tracer is not None
-        assert dropped() == 0.0
+        assert _dropped_spans() == 0.0
         for _ in range(200):  # 20 MB: more than the pipe and the queue (64 spans) hold
             tracer.start_span("big", attributes={"fermion.payload": "x" * 100_000}).end()
-        _wait(lambda: (dropped() or 0.0) > 0)
+        _wait(lambda: (_dropped_spans() or 0.0) > 0)
         tracing.shutdown()
-    assert dropped() is None  # no export process, no family
+    assert _dropped_spans() is None  # no export process, no family
