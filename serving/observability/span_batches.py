@@ -44,9 +44,10 @@ class BatchingSpanProcessor(SpanProcessor):
     waited ``delay_s`` whatever its number, from one thread (named ``thread``); at most
     ``max_queue`` spans wait.
 
-    The caller's side takes no lock (the loop's thread must never wait for the writer,
-    which may have lost the GIL while holding one): a span is appended to a deque, and
-    the writer woken when a batch is there, as the SDK's processor does. A subclass
+    Queuing a span takes no lock (the loop's thread must never wait for the writer,
+    which may have lost the GIL while holding one): it is appended to a deque, and the
+    writer woken when a batch is there, as the SDK's processor does. Only a span
+    dropped takes ``_counting``, held only to count and read the clock. A subclass
     sets up its sink, then calls ``_start_writer``; it defines ``_item`` (what is kept
     of a span), ``_send`` (which calls ``_lost`` for what it could not send) and
     ``_close`` (after the last batch, within a deadline).
@@ -174,7 +175,7 @@ class BatchingSpanProcessor(SpanProcessor):
 
 
 class ThreadSpanProcessor(BatchingSpanProcessor):
-    """Exports each frame with ``exporter`` on the writer thread: an export that
+    """Exports each batch with ``exporter`` on the writer thread: an export that
     failed (its retries spent, or refused) counts its spans as dropped."""
 
     def __init__(
