@@ -388,6 +388,10 @@ class RolloutBounds(_Strict):
     #: Requests the candidate (and, below 100%, the baseline) need before an interval is
     #: judged; with fewer the step waits another interval.
     min_requests: int = Field(default=20, ge=1)
+    #: Intervals in a row over the p99 bound before the candidate is rolled back: a pause
+    #: of the host catches whatever requests are in flight and breaches one interval, a
+    #: slow version breaches every one. Error and shadow breaches roll back at once.
+    p99_breaches: int = Field(default=2, ge=1, le=100)
 
 
 #: The largest split weight: shares are weight / sum, which must stay finite and exact.

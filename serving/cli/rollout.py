@@ -102,6 +102,8 @@ def _print_state(s: dict[str, Any]) -> None:
             f"  {h['phase']:6} {h['percent']:>5g}%  {h['verdict']:6}  "
             f"candidate {_figures(h['candidate'])}; baseline {_figures(h['baseline'])}"
         )
+        if h["verdict"] == "hold":
+            line += f"; held: {h['reason']}"
         if h.get("shadow"):
             sh = h["shadow"]
             line += (

@@ -5,8 +5,11 @@ optional shadow phase (the candidate gets a mirrored copy of baseline traffic an
 its outputs are compared), then one step per share of traffic. Each interval the
 candidate's figures (error rate, p99 latency; agreement in the shadow phase) are
 compared with the baseline's, as the gateway recorded them, against the bounds.
-A breach rolls the candidate back to 0% with the reason. The state is written to
-a JSON file after every change, and a running rollout resumes after a restart.
+A breach rolls the candidate back to 0% with the reason. A p99 breach first holds
+the step and judges fresh intervals (``p99_breaches`` in a row roll back): a pause
+of the host slows whichever requests are in flight, at times the candidate's alone.
+The state is written to a JSON file after every change, and a running rollout
+resumes after a restart.
 
 With a shared control store, the state lives in the store and one gateway drives
 each rollout: the holder of its lease, whose every write carries the lease's fencing
@@ -52,6 +55,11 @@ log = logging.getLogger("fermion.rollout")
 
 _T = TypeVar("_T")
 
+#: An interval's figures: the baseline's, the candidate's, the shadow comparisons.
+_Figures = tuple[LatencyFigures, LatencyFigures, ShadowFigures]
+#: Reads (and resets) the figures since its last call.
+_Taker = Callable[[], Awaitable[_Figures]]
+
 
 class _FencedOut(Exception):
     """Another gateway holds this rollout's lease now: stop driving, change nothing."""
@@ -90,7 +98,8 @@ class StepRecord(BaseModel):
     baseline: dict[str, float | int | None]
     candidate: dict[str, float | int | None]
     shadow: dict[str, float | int | None] | None = None
-    verdict: Literal["pass", "breach"]
+    #: "hold": over the p99 bound, judged again before it counts (``p99_breaches``).
+    verdict: Literal["pass", "hold", "breach"]
     reason: str = ""
     at: float
 
@@ -135,15 +144,9 @@ def judge(
             f"error rate {candidate.error_rate:.2%} over the bound {limit:.2%} "
             f"(baseline {baseline_error_rate:.2%} + {bounds.max_error_rate_increase:.2%})"
         )
-    p99 = candidate.p99_ms
-    if p99 is not None and baseline_p99_ms is not None:
-        p99_limit = baseline_p99_ms * bounds.max_p99_ratio + bounds.p99_slack_ms
-        if p99 > p99_limit:
-            return (
-                f"p99 latency {p99:.1f} ms over the bound {p99_limit:.1f} ms "
-                f"(baseline {baseline_p99_ms:.1f} ms x {bounds.max_p99_ratio:g} "
-                f"+ {bounds.p99_slack_ms:g} ms)"
-            )
+    slow = _latency_breach(bounds, baseline_p99_ms, candidate)
+    if slow:
+        return slow
     if shadow is not None:
         if shadow.error_rate > bounds.max_error_rate_increase:
             return (
@@ -163,6 +166,23 @@ def judge(
         if bounds.max_abs_diff is not None and diff is not None and diff > bounds.max_abs_diff:
             return f"max abs difference {diff:g} over the bound {bounds.max_abs_diff:g}"
     return ""
+
+
+def _latency_breach(
+    bounds: RolloutBounds, baseline_p99_ms: float | None, candidate: LatencyFigures
+) -> str:
+    """Why the candidate's p99 breaches ``bounds`` ("" when it does not, or can't be told)."""
+    p99 = candidate.p99_ms
+    if p99 is None or baseline_p99_ms is None:
+        return ""
+    p99_limit = baseline_p99_ms * bounds.max_p99_ratio + bounds.p99_slack_ms
+    if p99 <= p99_limit:
+        return ""
+    return (
+        f"p99 latency {p99:.1f} ms over the bound {p99_limit:.1f} ms "
+        f"(baseline {baseline_p99_ms:.1f} ms x {bounds.max_p99_ratio:g} "
+        f"+ {bounds.p99_slack_ms:g} ms)"
+    )
 
 
 class RolloutController:
@@ -506,9 +526,66 @@ class RolloutController:
         await self._touch(state, hold=hold)
 
     async def _interval(self, state: RolloutState, phase: Literal["shadow", "step"]) -> bool:
-        """Wait for an interval with enough candidate traffic and judge it; False on a breach."""
+        """Judge intervals of this step until one passes (True) or the candidate is rolled
+        back (False).
+
+        Over the p99 bound the step holds and a fresh interval is judged, up to
+        ``p99_breaches`` in a row: a pause of the host (or of this gateway) catches
+        whichever requests are in flight, and can fall on the candidate's alone. Any other
+        breach rolls back at once.
+        """
         take = self._figures_taker(state)
         await self._fleet(take)
+        bounds = state.bounds
+        slow_in_a_row = 0
+        while True:
+            base, cand, shadow = await self._gather(state, phase, take)
+            if base.requests >= bounds.min_requests:
+                state.reference_error_rate, state.reference_p99_ms = base.error_rate, base.p99_ms
+            ref_errors = state.reference_error_rate or 0.0
+            if phase == "shadow":
+                reason, slow = judge(bounds, ref_errors, None, LatencyFigures(), shadow), ""
+            else:  # judged without a baseline p99, judge weighs the error rate alone
+                reason = judge(bounds, ref_errors, None, cand)
+                slow = "" if reason else _latency_breach(bounds, state.reference_p99_ms, cand)
+                reason = reason or slow
+            slow_in_a_row = slow_in_a_row + 1 if slow else 0
+            verdict: Literal["pass", "hold", "breach"] = "breach"
+            if not reason:
+                verdict = "pass"
+            elif slow and slow_in_a_row < bounds.p99_breaches:
+                verdict = "hold"
+            state.history.append(
+                StepRecord(
+                    phase=phase,
+                    percent=state.percent,
+                    baseline=base.summary(),
+                    candidate=cand.summary(),
+                    shadow=shadow.summary() if phase == "shadow" else None,
+                    verdict=verdict,
+                    reason=reason,
+                    at=time.time(),
+                )
+            )
+            if verdict == "breach":
+                await self._roll_back(state, reason)
+                return False
+            await self._touch(state)
+            if verdict == "pass":
+                return True
+            log.warning(
+                "rollout of %s holds at %g%% (%d of %d p99 breaches in a row): %s",
+                state.model,
+                state.percent,
+                slow_in_a_row,
+                bounds.p99_breaches,
+                reason,
+            )
+
+    async def _gather(
+        self, state: RolloutState, phase: Literal["shadow", "step"], take: _Taker
+    ) -> _Figures:
+        """The figures of one interval, extended until they hold enough requests to judge."""
         base, cand, shadow = LatencyFigures(), LatencyFigures(), ShadowFigures()
         bounds = state.bounds
         while True:
@@ -525,35 +602,9 @@ class RolloutController:
                     base.requests >= bounds.min_requests or state.percent >= 100
                 )
             if enough:
-                break
-        if base.requests >= bounds.min_requests:
-            state.reference_error_rate, state.reference_p99_ms = base.error_rate, base.p99_ms
-        ref_errors = state.reference_error_rate or 0.0
-        if phase == "shadow":
-            reason = judge(bounds, ref_errors, None, LatencyFigures(), shadow)
-        else:
-            reason = judge(bounds, ref_errors, state.reference_p99_ms, cand)
-        state.history.append(
-            StepRecord(
-                phase=phase,
-                percent=state.percent,
-                baseline=base.summary(),
-                candidate=cand.summary(),
-                shadow=shadow.summary() if phase == "shadow" else None,
-                verdict="breach" if reason else "pass",
-                reason=reason,
-                at=time.time(),
-            )
-        )
-        if reason:
-            await self._roll_back(state, reason)
-            return False
-        await self._touch(state)
-        return True
+                return base, cand, shadow
 
-    def _figures_taker(
-        self, state: RolloutState
-    ) -> Callable[[], Awaitable[tuple[LatencyFigures, LatencyFigures, ShadowFigures]]]:
+    def _figures_taker(self, state: RolloutState) -> _Taker:
         """Reads (and resets) the interval's figures: this gateway's, or the fleet's."""
         model, baseline, candidate = state.model, state.baseline, state.candidate
         store = self._store
@@ -562,7 +613,7 @@ class RolloutController:
             cand_w = self._routes.window(model, candidate)
             shadow_w = self._routes.shadow.window(model, baseline, candidate)
 
-            async def take_local() -> tuple[LatencyFigures, LatencyFigures, ShadowFigures]:
+            async def take_local() -> _Figures:
                 return base_w.take(), cand_w.take(), shadow_w.take()
 
             return take_local
@@ -572,7 +623,7 @@ class RolloutController:
             shadow_key(model, baseline, candidate),
         ]
 
-        async def take_fleet() -> tuple[LatencyFigures, LatencyFigures, ShadowFigures]:
+        async def take_fleet() -> _Figures:
             figures = await store.take_figures(names)
             return (
                 decode_latency(figures[names[0]]),

@@ -18,7 +18,13 @@ import pytest
 
 from model_store.store import ModelStore
 from serving.config import load_config
-from tests.helpers.ab_models import FAIL_AT, MODEL, build_ab_store, expected_logits
+from tests.helpers.ab_models import (
+    FAIL_AT,
+    MODEL,
+    build_ab_store,
+    expected_logits,
+    step_verdicts,
+)
 from tests.helpers.servers import REPO_ROOT, RunningServer, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -282,8 +288,8 @@ def test_canary_rolls_back_a_faulty_version_promotes_a_healthy_one_and_survives_
 
     with _Load(url, _x, threads=3):
         healthy = _rollout(url, "--to", "2", "--steps", "50,100", "--interval", "500ms")
-    assert healthy["status"] == "promoted", healthy
-    assert [h["verdict"] for h in healthy["history"]] == ["pass", "pass"]
+    assert healthy["status"] == "promoted", (healthy["reason"], healthy["history"])
+    assert step_verdicts(healthy["history"]) == ["pass", "pass"]
     shown = _cli(url, "rollout", "status", MODEL)
     assert shown.returncode == 0 and "PROMOTED" in shown.stdout, shown.stdout
 

@@ -36,6 +36,7 @@ __all__ = [
     "build_ab_store",
     "expected_logits",
     "serve_in_process",
+    "step_verdicts",
     "v2_body",
 ]
 
@@ -58,6 +59,17 @@ def expected_logits(version: int, x: np.ndarray) -> np.ndarray:
     weights = W2 if version == 2 else W1
     out: np.ndarray = x.astype(np.float32) @ weights
     return out
+
+
+def step_verdicts(history: list[dict[str, Any]]) -> list[str]:
+    """The verdict of each judged step of a rollout's ``history``, holds left out.
+
+    A hold is a p99 breach the controller judges again (``p99_breaches``): a stall of this
+    busy host can breach one interval of a healthy candidate. Any other hold is an error.
+    """
+    holds = [h for h in history if h["verdict"] == "hold"]
+    assert all(h["reason"].startswith("p99 latency") for h in holds), holds
+    return [h["verdict"] for h in history if h["verdict"] != "hold"]
 
 
 def v2_body(rows: int = 1, **parameters: Any) -> dict[str, Any]:

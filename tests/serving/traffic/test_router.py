@@ -157,6 +157,7 @@ def test_route_picks_by_parameter() -> None:
         ),
         ("routes: {d: {split: {1: 1}, shadow: {version: 2, percent: 120}}}", "routes.d.shadow"),
         ("routes: {d: {split: {1: 1}, rollout: {max_p99_ratio: 0.5}}}", "rollout.max_p99_ratio"),
+        ("routes: {d: {split: {1: 1}, rollout: {p99_breaches: 0}}}", "rollout.p99_breaches"),
         ("routes: {'../x': {split: {1: 1}}}", "routes"),
     ],
 )
