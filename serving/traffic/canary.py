@@ -138,15 +138,11 @@ def judge(
     shadow: ShadowFigures | None = None,
 ) -> str:
     """Why the candidate breaches ``bounds`` against the baseline ("" when it does not)."""
-    limit = baseline_error_rate + bounds.max_error_rate_increase
-    if candidate.error_rate > limit:
-        return (
-            f"error rate {candidate.error_rate:.2%} over the bound {limit:.2%} "
-            f"(baseline {baseline_error_rate:.2%} + {bounds.max_error_rate_increase:.2%})"
-        )
-    slow = _latency_breach(bounds, baseline_p99_ms, candidate)
-    if slow:
-        return slow
+    breach = _error_breach(bounds, baseline_error_rate, candidate) or _latency_breach(
+        bounds, baseline_p99_ms, candidate
+    )
+    if breach:
+        return breach
     if shadow is not None:
         if shadow.error_rate > bounds.max_error_rate_increase:
             return (
@@ -166,6 +162,19 @@ def judge(
         if bounds.max_abs_diff is not None and diff is not None and diff > bounds.max_abs_diff:
             return f"max abs difference {diff:g} over the bound {bounds.max_abs_diff:g}"
     return ""
+
+
+def _error_breach(
+    bounds: RolloutBounds, baseline_error_rate: float, candidate: LatencyFigures
+) -> str:
+    """Why the candidate's error rate breaches ``bounds`` ("" when it does not)."""
+    limit = baseline_error_rate + bounds.max_error_rate_increase
+    if candidate.error_rate <= limit:
+        return ""
+    return (
+        f"error rate {candidate.error_rate:.2%} over the bound {limit:.2%} "
+        f"(baseline {baseline_error_rate:.2%} + {bounds.max_error_rate_increase:.2%})"
+    )
 
 
 def _latency_breach(
@@ -545,8 +554,8 @@ class RolloutController:
             ref_errors = state.reference_error_rate or 0.0
             if phase == "shadow":
                 reason, slow = judge(bounds, ref_errors, None, LatencyFigures(), shadow), ""
-            else:  # judged without a baseline p99, judge weighs the error rate alone
-                reason = judge(bounds, ref_errors, None, cand)
+            else:
+                reason = _error_breach(bounds, ref_errors, cand)
                 slow = "" if reason else _latency_breach(bounds, state.reference_p99_ms, cand)
                 reason = reason or slow
             slow_in_a_row = slow_in_a_row + 1 if slow else 0
